@@ -1,0 +1,74 @@
+"""Choose the array module `xp` (NumPy or CuPy) once per process.
+
+Only this module and the kernel loader import cupy. Code that must run on both
+takes the module from its inputs with `array_module(a)`.
+"""
+import os
+
+import numpy as np
+
+from .errors import UserError
+
+xp = np
+device_name = "cpu"
+
+
+def array_module(a):
+    """NumPy or CuPy, whichever owns `a` (like cupy.get_array_module, without importing cupy)."""
+    return xp if type(a).__module__.startswith("cupy") else np
+
+
+def is_device_array(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def gpu_available() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def select(device: str = "cpu", local_rank: int = 0):
+    """Set the process-wide `xp` for device 'cpu', 'gpu' or 'auto'; returns it.
+
+    On the GPU each rank binds device `local_rank % visible_gpus`, so several ranks
+    on one node spread over its GPUs (and share them when there are more ranks).
+    """
+    global xp, device_name
+    if device not in ("auto", "cpu", "gpu"):
+        raise UserError(f"device must be one of auto, cpu, gpu (got {device!r})")
+    if device == "auto":
+        device = "gpu" if gpu_available() else "cpu"
+    if device == "cpu":
+        xp, device_name = np, "cpu"
+        return xp
+    if not gpu_available():
+        raise UserError("device 'gpu' was asked for but CuPy or a CUDA device is missing; "
+                        "install llmpi[gpu] or use --device cpu")
+    import cupy
+    n = cupy.cuda.runtime.getDeviceCount()
+    dev = local_rank % n
+    cupy.cuda.Device(dev).use()
+    props = cupy.cuda.runtime.getDeviceProperties(dev)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    xp, device_name = cupy, f"gpu:{dev} ({name})"
+    return xp
+
+
+def to_host(a):
+    """A NumPy copy (or the array itself) of a NumPy or CuPy array."""
+    if is_device_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def synchronize():
+    """Wait for the current CuPy stream; needed before MPI touches device memory."""
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()
+
+
+def threads_hint() -> str:
+    return os.environ.get("OMP_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS") or "default"

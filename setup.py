@@ -1,0 +1,44 @@
+"""llmpi: a GPT trained data-parallel under MPI, every pass written by hand."""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class build_py_with_kernels(build_py):
+    """Copy the top-level kernels/*.cu into the built package as llmpi/_kernels,
+    so an installed (non-editable) llmpi finds its CUDA sources next to itself."""
+
+    def run(self):
+        super().run()
+        dest = os.path.join(self.build_lib, "llmpi", "_kernels")
+        os.makedirs(dest, exist_ok=True)
+        for src in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "*.cu")):
+            shutil.copy(src, dest)
+
+setup(
+    name="llmpi",
+    version="0.1.0",
+    description="Teaching-and-research code for distributed training of language models on MPI",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llmpi", "llmpi.*"]),
+    cmdclass={"build_py": build_py_with_kernels},
+    install_requires=[
+        "numpy>=1.23",
+        "h5py>=3.7",
+        "mpi4py>=3.1",
+        "tomli>=2.0; python_version<'3.11'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-mpi>=0.6"],
+        "mpich": ["mpich"],
+        "gpu": ["cupy-cuda12x"],
+        "plot": ["matplotlib"],
+        "bench": ["torch"],
+    },
+    entry_points={"console_scripts": ["llmpi-train=llmpi.train:main"]},
+)
