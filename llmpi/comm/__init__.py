@@ -1,0 +1,1 @@
+"""Communication: never imports model code; every function takes (buffer, comm)."""
