@@ -1,0 +1,248 @@
+"""Job configuration: dataclasses (one comment per field), TOML job files, --set overrides.
+
+A job file has sections [model] [data] [optim] [schedule] [train] [parallel]; each maps
+onto one dataclass below. Unknown sections or keys and invalid values raise UserError
+naming the key and what is allowed. No config file is ever executed.
+"""
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field, fields
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+from .errors import UserError
+
+JOBS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
+PACKAGED_JOBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_jobs")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0        # 0: take it from the data file
+    block_size: int = 64       # context length T
+    n_layer: int = 2           # transformer blocks
+    n_head: int = 4            # attention heads; must divide n_embd
+    n_embd: int = 64           # channels C
+    dtype: str = "float32"     # float32 | float64 (gradient checks) | bf16 (GPU compute, fp32 master)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""             # prepared .h5 file; "" = the built-in stdlib corpus (prepared on first use)
+    sharding: str = "random"   # random | contiguous | strided | hashed (see llmpi.data.Sampler)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"        # adamw | sgd
+    lr: float = 1e-3           # peak learning rate
+    beta1: float = 0.9         # AdamW first-moment decay
+    beta2: float = 0.99        # AdamW second-moment decay
+    eps: float = 1e-8          # AdamW denominator guard
+    weight_decay: float = 0.1  # decoupled; only on 2-D weights (embeddings included, as GPT-2/nanoGPT)
+    momentum: float = 0.9      # SGD momentum
+    nesterov: bool = False     # SGD Nesterov momentum
+    grad_clip: float = 1.0     # global grad-norm clip; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_iters: int = 20     # linear warmup steps
+    decay_iters: int = 0       # cosine decay ends here; 0 = train.max_iters
+    min_lr: float = 1e-4       # floor of the cosine decay
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8        # global batch B in sequences, summed over ranks and micro-batches
+    micro_batch: int = 0       # sequences per forward/backward on a rank; 0 = the whole per-rank share
+    max_iters: int = 200       # optimizer steps (sync) / update budget (async)
+    log_interval: int = 10     # print a progress line every N steps
+    eval_interval: int = 100   # val loss every M steps (and at the end); 0 = only at the end
+    eval_iters: int = 10       # val batches per evaluation
+    ckpt_interval: int = 0     # checkpoint every K steps (always at the end); 0 = only at the end
+    seed: int = 1337           # model init and sampling
+    out_dir: str = "runs"      # run directories live here
+    run_name: str = ""         # "" = the job file's name
+    device: str = "cpu"        # cpu | gpu | auto
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "sync"         # sync | async
+    allreduce: str = "mpi"     # mpi | ring | nccl
+    bucket_mb: float = 0.0     # all-reduce in buckets of this many MiB; 0 = one call on the flat buffer
+    overlap: bool = False      # start bucket reductions during backward (non-blocking)
+    balance: str = "none"      # none | static | dynamic (llmpi.allocate)
+    balance_interval: int = 20 # dynamic: re-allocate every K steps
+    server: str = "sharded"    # async: sharded windows over all ranks | rank0 parameter server
+    max_staleness: int = -1    # async: re-pull when the pull is more than s versions old; -1 = unbounded
+    slowdown: str = ""         # straggler simulation "RANK=FACTOR[,RANK=FACTOR]"
+
+
+@dataclass
+class Job:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "float64", "bf16"),
+    "data.sharding": ("random", "contiguous", "strided", "hashed"),
+    "optim.name": ("adamw", "sgd"),
+    "train.device": ("cpu", "gpu", "auto"),
+    "parallel.mode": ("sync", "async"),
+    "parallel.allreduce": ("mpi", "ring", "nccl"),
+    "parallel.balance": ("none", "static", "dynamic"),
+    "parallel.server": ("sharded", "rank0"),
+}
+
+
+def _coerce(key, value, typ):
+    """Convert a TOML or --set value to the field's type, or explain why not."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{key} must be true or false (got {value!r})")
+    if typ is int:
+        if isinstance(value, bool):
+            raise UserError(f"{key} must be an integer (got {value!r})")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise UserError(f"{key} must be an integer (got {value!r})") from None
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(str(value))
+        except ValueError:
+            raise UserError(f"{key} must be a number (got {value!r})") from None
+    return str(value)
+
+
+def _section(job, name):
+    if not hasattr(job, name) or name.startswith("_"):
+        allowed = ", ".join(f.name for f in fields(Job))
+        raise UserError(f"unknown config section [{name}]; sections are: {allowed}")
+    return getattr(job, name)
+
+
+def set_value(job: Job, dotted: str, value):
+    """Set `section.key` on a Job, with type coercion and a clear error."""
+    if dotted.count(".") != 1:
+        raise UserError(f"config key {dotted!r} must look like section.key, e.g. optim.lr")
+    sec_name, key = dotted.split(".")
+    sec = _section(job, sec_name)
+    types = {f.name: f.type for f in fields(sec)}
+    if key not in types:
+        allowed = ", ".join(types)
+        raise UserError(f"unknown config key {dotted!r}; keys in [{sec_name}] are: {allowed}")
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(types[key], types[key])
+    setattr(sec, key, _coerce(dotted, value, typ))
+
+
+def find_job_file(name: str) -> str:
+    """A path as given, or a name looked up in jobs/ (repo checkout or installed package)."""
+    candidates = [name]
+    base = name if name.endswith(".toml") else name + ".toml"
+    candidates += [os.path.join(JOBS_DIR, base), os.path.join(PACKAGED_JOBS_DIR, base)]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise UserError(f"job file {name!r} not found (looked in the current directory and jobs/)")
+
+
+def load_job(path: str = None, overrides=()) -> Job:
+    """Defaults <- TOML file <- `section.key=value` overrides; then validate."""
+    job = Job()
+    if path:
+        path = find_job_file(path)
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise UserError(f"job file {path} is not valid TOML: {err}") from None
+        for sec_name, table in doc.items():
+            if not isinstance(table, dict):
+                raise UserError(f"{path}: top-level key {sec_name!r} must be a [section]")
+            _section(job, sec_name)
+            for key, value in table.items():
+                set_value(job, f"{sec_name}.{key}", value)
+        if not job.train.run_name:
+            job.train.run_name = os.path.splitext(os.path.basename(path))[0]
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like section.key=value")
+        k, v = item.split("=", 1)
+        set_value(job, k.strip(), v.strip())
+    if not job.train.run_name:
+        job.train.run_name = "default"
+    validate(job)
+    return job
+
+
+def validate(job: Job):
+    for dotted, allowed in CHOICES.items():
+        sec, key = dotted.split(".")
+        v = getattr(getattr(job, sec), key)
+        if v not in allowed:
+            raise UserError(f"{dotted} = {v!r} is not allowed; choose one of: {', '.join(allowed)}")
+    m, t = job.model, job.train
+    positive = {"model.block_size": m.block_size, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
+                "model.n_embd": m.n_embd, "train.batch_size": t.batch_size, "train.max_iters": t.max_iters,
+                "train.log_interval": t.log_interval, "train.eval_iters": t.eval_iters,
+                "parallel.balance_interval": job.parallel.balance_interval}
+    for k, v in positive.items():
+        if v <= 0:
+            raise UserError(f"{k} must be positive (got {v})")
+    nonneg = {"model.vocab_size": m.vocab_size, "train.micro_batch": t.micro_batch,
+              "train.eval_interval": t.eval_interval, "train.ckpt_interval": t.ckpt_interval,
+              "schedule.warmup_iters": job.schedule.warmup_iters, "schedule.decay_iters": job.schedule.decay_iters,
+              "optim.lr": job.optim.lr, "optim.weight_decay": job.optim.weight_decay,
+              "optim.grad_clip": job.optim.grad_clip, "parallel.bucket_mb": job.parallel.bucket_mb}
+    for k, v in nonneg.items():
+        if v < 0:
+            raise UserError(f"{k} must be >= 0 (got {v})")
+    if m.n_embd % m.n_head:
+        raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+
+
+def to_dict(job: Job) -> dict:
+    return dataclasses.asdict(job)
+
+
+def to_toml(job: Job) -> str:
+    """The resolved job as TOML (saved in every run directory and checkpoint)."""
+    lines = []
+    for sec, table in to_dict(job).items():
+        lines.append(f"[{sec}]")
+        for k, v in table.items():
+            if isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, str):
+                lines.append(f'{k} = "{v}"')
+            else:
+                lines.append(f"{k} = {v!r}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_toml_text(text: str) -> Job:
+    job = Job()
+    for sec, table in tomllib.loads(text).items():
+        for k, v in table.items():
+            set_value(job, f"{sec}.{k}", v)
+    return job
