@@ -1,0 +1,103 @@
+"""Run logs: metrics.h5 in the run directory (rank 0 only) and the progress line.
+
+metrics.h5 holds two groups of equal-length 1-D datasets:
+  /steps: step, wall (seconds since start), loss, lr, tokens (global, this step),
+          samples (global, cumulative), comm (seconds communicating, rank 0),
+          staleness (async: staleness of this push; -1 in sync mode)
+  /evals: step, wall, samples, val_loss
+The whole file is rewritten to a temporary name and renamed at each flush, so a
+crash never leaves a half-written log.
+"""
+import os
+import time
+
+import h5py
+import numpy as np
+
+STEP_FIELDS = ("step", "wall", "loss", "lr", "tokens", "samples", "comm", "staleness")
+EVAL_FIELDS = ("step", "wall", "samples", "val_loss")
+
+
+class MetricsLog:
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.steps = {k: [] for k in STEP_FIELDS}
+        self.evals = {k: [] for k in EVAL_FIELDS}
+        self.attrs = {}
+
+    def resume_from(self, up_to_step: int, wall_offset_out: list = None):
+        """Reload an earlier log, dropping rows after the checkpoint's step."""
+        if not (self.enabled and os.path.isfile(self.path)):
+            return 0.0
+        data = read(self.path)
+        for group, store in (("steps", self.steps), ("evals", self.evals)):
+            rows = data[group]
+            keep = rows["step"] <= up_to_step if len(rows.get("step", [])) else []
+            for k in store:
+                if k in rows:
+                    store[k] = list(np.asarray(rows[k])[keep])
+        walls = self.steps["wall"]
+        return float(walls[-1]) if walls else 0.0
+
+    def log_step(self, **row):
+        for k in STEP_FIELDS:
+            self.steps[k].append(row.get(k, -1))
+
+    def log_eval(self, **row):
+        for k in EVAL_FIELDS:
+            self.evals[k].append(row[k])
+
+    def flush(self):
+        if not self.enabled:
+            return
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with h5py.File(tmp, "w") as f:
+            for group, store in (("steps", self.steps), ("evals", self.evals)):
+                g = f.create_group(group)
+                for k, v in store.items():
+                    g.create_dataset(k, data=np.asarray(v, dtype=np.float64))
+            for k, v in self.attrs.items():
+                f.attrs[k] = v
+        os.replace(tmp, self.path)
+
+
+def read(path: str) -> dict:
+    """metrics.h5 as {"steps": {field: array}, "evals": {...}, "attrs": {...}}."""
+    with h5py.File(path, "r") as f:
+        return {
+            "steps": {k: f["steps"][k][()] for k in f["steps"]},
+            "evals": {k: f["evals"][k][()] for k in f["evals"]},
+            "attrs": {k: f.attrs[k] for k in f.attrs},
+        }
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Timing for the rank-0 progress line: tokens/s, ms/step, comm share, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total, self.start_step = total_steps, start_step
+        self.t_start = time.perf_counter()
+        self.window_t, self.window_tokens, self.window_steps, self.window_comm = self.t_start, 0, 0, 0.0
+
+    def add(self, tokens: int, comm_s: float):
+        self.window_tokens += tokens
+        self.window_steps += 1
+        self.window_comm += comm_s
+
+    def line(self, step: int, loss: float, lr: float, extra: str = "") -> str:
+        now = time.perf_counter()
+        dt = max(now - self.window_t, 1e-9)
+        ms = 1000 * dt / max(self.window_steps, 1)
+        tok_s = self.window_tokens / dt
+        comm = 100 * self.window_comm / dt
+        done = step + 1 - self.start_step
+        eta = (now - self.t_start) / max(done, 1) * (self.total - step - 1)
+        self.window_t, self.window_tokens, self.window_steps, self.window_comm = now, 0, 0, 0.0
+        text = (f"step {step + 1:>5}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                f"{ms:.1f} ms/step | comm {comm:.0f}% | eta {format_eta(eta)}")
+        return text + (f" | {extra}" if extra else "")
