@@ -246,3 +246,22 @@ def from_toml_text(text: str) -> Job:
         for k, v in table.items():
             set_value(job, f"{sec}.{k}", v)
     return job
+
+
+def describe() -> str:
+    """Every job key with its default and the comment beside it (for --help)."""
+    import inspect
+    import re
+    comments = {}
+    for cls in (ModelConfig, DataConfig, OptimConfig, ScheduleConfig, TrainConfig, ParallelConfig):
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
+            if m:
+                comments[(cls.__name__, m.group(1))] = m.group(2)
+    out = []
+    for sec in fields(Job):
+        cls = type(getattr(Job(), sec.name))
+        for f in fields(cls):
+            default = getattr(cls(), f.name)
+            out.append(f"  {sec.name}.{f.name} = {default!r}\n      {comments.get((cls.__name__, f.name), '')}")
+    return "\n".join(out)
