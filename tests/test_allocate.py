@@ -227,5 +227,5 @@ def test_exchange_repairs_any_start():
     """The final exchange pass (a safety net for rounding in the closed-form start)
     turns any allocation of B samples into the optimal one."""
     from llmpi.allocate import _exchange
-    assert _exchange([0, 4, 0], [1.0, 1.0, 2.0], [4, 4, 4]) == [2, 1, 1]
+    assert _exchange([0, 4, 0], [1.0, 1.0, 2.0], [4, 4, 4]) == [2, 2, 0]
     assert _exchange([3, 0], [1.0, 1.0], [3, 1]) == [2, 1]
