@@ -1,0 +1,20 @@
+"""Affine layer in the HF GPT-2 Conv1D layout: out = x @ W + b with W (in, out)."""
+
+
+def forward(x, W, b):
+    """x (B, T, IN), W (IN, OUT), b (OUT,) -> out (B, T, OUT); cache x."""
+    lead = x.shape[:-1]
+    out = x.reshape(-1, x.shape[-1]) @ W  # one 2-D GEMM over all B*T rows
+    out += b
+    return out.reshape(*lead, W.shape[1]), (x, W)
+
+
+def backward(dout, cache, dW, db):
+    """dout (B, T, OUT) -> dx (B, T, IN); adds into dW (IN, OUT) and db (OUT,)."""
+    x, W = cache
+    x2 = x.reshape(-1, x.shape[-1])
+    dout2 = dout.reshape(-1, dout.shape[-1])
+    dW += x2.T @ dout2
+    db += dout2.sum(axis=0)
+    dx = dout2 @ W.T
+    return dx.reshape(x.shape)

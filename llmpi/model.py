@@ -1,0 +1,185 @@
+"""GPT-2 on hand-written layers (pre-LN blocks, 4x MLP, tanh GELU, final LN, tied LM head).
+
+Shape legend: B batch, T time (<= block_size), C n_embd, NH n_head, HS = C // NH,
+V vocab_size, L n_layer.
+
+Weight layout (one flat buffer, llmpi.params.FlatParams, in forward order) uses the
+HF GPT-2 names and its Conv1D convention, W is (in, out) and y = x @ W + b, so an
+outside reference can load `state_dict()` directly (nn.Linear wants W.T):
+    wte (V, C), wpe (block_size, C),
+    h.{i}.ln_1.weight (C), h.{i}.ln_1.bias (C),
+    h.{i}.attn.c_attn.weight (C, 3C), h.{i}.attn.c_attn.bias (3C)   [q | k | v along the output],
+    h.{i}.attn.c_proj.weight (C, C), h.{i}.attn.c_proj.bias (C),
+    h.{i}.ln_2.weight (C), h.{i}.ln_2.bias (C),
+    h.{i}.mlp.c_fc.weight (C, 4C), h.{i}.mlp.c_fc.bias (4C),
+    h.{i}.mlp.c_proj.weight (4C, C), h.{i}.mlp.c_proj.bias (C),
+    ln_f.weight (C), ln_f.bias (C).
+The LM head is wte itself: logits = ln_f(x) @ wte.T.
+"""
+import math
+
+import numpy as np
+
+from .backend import to_host
+from .layers import attention, crossentropy, embedding, gelu, layernorm, linear, residual
+from .params import FlatParams
+
+BLOCK_PARAMS = [
+    ("ln_1.weight", lambda C: (C,)), ("ln_1.bias", lambda C: (C,)),
+    ("attn.c_attn.weight", lambda C: (C, 3 * C)), ("attn.c_attn.bias", lambda C: (3 * C,)),
+    ("attn.c_proj.weight", lambda C: (C, C)), ("attn.c_proj.bias", lambda C: (C,)),
+    ("ln_2.weight", lambda C: (C,)), ("ln_2.bias", lambda C: (C,)),
+    ("mlp.c_fc.weight", lambda C: (C, 4 * C)), ("mlp.c_fc.bias", lambda C: (4 * C,)),
+    ("mlp.c_proj.weight", lambda C: (4 * C, C)), ("mlp.c_proj.bias", lambda C: (C,)),
+]
+
+
+def gpt2_layout(cfg):
+    C = cfg.n_embd
+    layout = [("wte", (cfg.vocab_size, C)), ("wpe", (cfg.block_size, C))]
+    for i in range(cfg.n_layer):
+        layout += [(f"h.{i}.{n}", shape(C)) for n, shape in BLOCK_PARAMS]
+    layout += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+    return layout
+
+
+def dtype_of(name):
+    """Compute dtype on the host: bf16 means bf16 GPU compute with fp32 master weights, so fp32 here."""
+    return {"float32": np.float32, "float64": np.float64, "bf16": np.float32}[name]
+
+
+class GPT:
+    def __init__(self, cfg, xp=np, seed=0):
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (take it from the data file)")
+        self.cfg = cfg
+        self.xp = xp
+        self.params = FlatParams(gpt2_layout(cfg), xp, dtype_of(cfg.dtype))
+        self._init_weights(seed)
+
+    def _init_weights(self, seed):
+        """GPT-2 init: N(0, 0.02) weights, N(0, 0.02/sqrt(2L)) residual projections, zero biases, unit LN gains."""
+        p = self.params
+        rng = np.random.default_rng(seed)
+        host = np.zeros(p.size, dtype=np.float64)
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, shape in p.layout:
+            o, n = p.spans[name]
+            if len(shape) >= 2:
+                std = resid_std if name.endswith("c_proj.weight") else 0.02
+                host[o:o + n] = rng.standard_normal(n) * std
+            elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+                host[o:o + n] = 1.0
+        p.load(host)
+
+    def state_dict(self):
+        """Named views into the flat parameter buffer (HF GPT-2 names, Conv1D layout)."""
+        return dict(self.params.views)
+
+    def num_params(self):
+        """All parameters, wte counted once (it is also the LM head), wpe included."""
+        return self.params.size
+
+    def activation_bytes_per_token(self):
+        """Bytes per token per layer kept for backward, from what each layer caches:
+        ln_1 input x (C) + mean, rstd (2) + ln_1 out (C) + qkv (3C) + attention probs (NH*T)
+        + attention out (C) + residual x (C) + ln_2 mean, rstd (2) + ln_2 out (C)
+        + fc out (4C) + gelu out (4C) = (16C + NH*T + 4) * itemsize, T = block_size.
+        """
+        C, NH, T = self.cfg.n_embd, self.cfg.n_head, self.cfg.block_size
+        return (16 * C + NH * T + 4) * self.params.dtype.itemsize
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) int, targets (B, T) int or None -> (logits (B, T, V) or None, loss or None, cache).
+
+        With targets the logits buffer becomes the softmax probabilities kept for
+        backward, so logits are not returned (no second (B, T, V) array).
+        """
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} > block_size {self.cfg.block_size}")
+        v = self.params.views
+        x, emb_c = embedding.forward(v["wte"], v["wpe"], idx)  # (B, T, C)
+        blocks = []
+        for i in range(self.cfg.n_layer):
+            h = f"h.{i}."
+            ln1, c_ln1 = layernorm.forward(x, v[h + "ln_1.weight"], v[h + "ln_1.bias"])
+            qkv, c_qkv = linear.forward(ln1, v[h + "attn.c_attn.weight"], v[h + "attn.c_attn.bias"])  # (B, T, 3C)
+            y, c_att = attention.forward(qkv, self.cfg.n_head)  # (B, T, C)
+            a, c_proj = linear.forward(y, v[h + "attn.c_proj.weight"], v[h + "attn.c_proj.bias"])
+            x, _ = residual.forward(x, a)
+            ln2, c_ln2 = layernorm.forward(x, v[h + "ln_2.weight"], v[h + "ln_2.bias"])
+            fc, c_fc = linear.forward(ln2, v[h + "mlp.c_fc.weight"], v[h + "mlp.c_fc.bias"])  # (B, T, 4C)
+            g, c_gelu = gelu.forward(fc)
+            m, c_mproj = linear.forward(g, v[h + "mlp.c_proj.weight"], v[h + "mlp.c_proj.bias"])
+            x, _ = residual.forward(x, m)
+            blocks.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj))
+        xf, c_lnf = layernorm.forward(x, v["ln_f.weight"], v["ln_f.bias"])  # (B, T, C)
+        logits = (xf.reshape(B * T, -1) @ v["wte"].T).reshape(B, T, -1)  # (B, T, V)
+        cache = {"emb": emb_c, "blocks": blocks, "lnf": c_lnf, "xf": xf}
+        if targets is None:
+            return logits, None, cache
+        loss, cache["ce"] = crossentropy.forward(logits, targets)
+        return None, loss, cache
+
+    def backward(self, cache, loss_scale=1.0, on_block_done=None):
+        """Add into params.grad the gradient of loss_scale * mean token loss (consumes `cache`).
+
+        on_block_done(lo, hi) gets each flat span as soon as its gradients are final:
+        the last block together with ln_f (contiguous at the end), the other blocks in
+        reverse order, and last the embeddings (wte is also the LM head, so it is final
+        only at the very end).
+        """
+        p, v, g = self.params, self.params.views, self.params.grad_views
+        L = self.cfg.n_layer
+        dlogits = crossentropy.backward(cache.pop("ce"), loss_scale)  # (B, T, V)
+        B, T, V = dlogits.shape
+        xf = cache["xf"]
+        d2 = dlogits.reshape(B * T, V)
+        g["wte"] += d2.T @ xf.reshape(B * T, -1)
+        dx = (d2 @ v["wte"]).reshape(B, T, -1)  # (B, T, C)
+        del dlogits, d2
+        dx = layernorm.backward(dx, cache["lnf"], g["ln_f.weight"], g["ln_f.bias"])
+        for i in reversed(range(L)):
+            h = f"h.{i}."
+            c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache["blocks"].pop()
+            dres, dm = residual.backward(dx, None)
+            dg = linear.backward(dm, c_mproj, g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"])
+            dfc = gelu.backward(dg, c_gelu)
+            dln2 = linear.backward(dfc, c_fc, g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"])
+            dres += layernorm.backward(dln2, c_ln2, g[h + "ln_2.weight"], g[h + "ln_2.bias"])
+            dres, da = residual.backward(dres, None)
+            dy = linear.backward(da, c_proj, g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"])
+            dqkv = attention.backward(dy, c_att)
+            dln1 = linear.backward(dqkv, c_qkv, g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"])
+            dres += layernorm.backward(dln1, c_ln1, g[h + "ln_1.weight"], g[h + "ln_1.bias"])
+            dx = dres
+            if on_block_done is not None:
+                lo = p.spans[h + "ln_1.weight"][0]
+                hi = p.size if i == L - 1 else p.spans[f"h.{i + 1}.ln_1.weight"][0]
+                on_block_done(lo, hi)
+        embedding.backward(dx, cache["emb"], g["wte"], g["wpe"])
+        if on_block_done is not None:
+            on_block_done(0, p.spans["h.0.ln_1.weight"][0] if L else p.size)
+
+    def generate(self, idx, n, temperature=1.0, top_k=None, rng=None):
+        """Append n sampled tokens to idx (B, T) int; returns a host int64 array (B, T + n)."""
+        rng = rng if rng is not None else np.random.default_rng()
+        out = np.asarray(to_host(idx), dtype=np.int64)
+        for _ in range(n):
+            ctx = self.xp.asarray(out[:, -self.cfg.block_size:])
+            logits, _, _ = self.forward(ctx)
+            last = to_host(logits[:, -1, :]).astype(np.float64)  # (B, V)
+            if temperature <= 0:
+                nxt = last.argmax(axis=-1)
+            else:
+                last /= temperature
+                if top_k:
+                    kth = np.sort(last, axis=-1)[:, -min(top_k, last.shape[-1])][:, None]
+                    last[last < kth] = -np.inf
+                last -= last.max(axis=-1, keepdims=True)
+                prob = np.exp(last)
+                prob /= prob.sum(axis=-1, keepdims=True)
+                nxt = np.array([rng.choice(prob.shape[-1], p=row) for row in prob])
+            out = np.concatenate([out, nxt[:, None]], axis=1)
+        return out

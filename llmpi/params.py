@@ -1,0 +1,71 @@
+"""One flat parameter buffer and one flat gradient buffer with named views.
+
+Like llm.c's malloc_and_point_parameters: every parameter is a view into `data`
+and every gradient a view into `grad`, so communication and the optimizer work on
+one contiguous array (or contiguous buckets of it). The layout order is the
+forward order, so backward finishes the gradients of later blocks first and each
+block's gradients form one contiguous span.
+"""
+import math
+
+import numpy as np
+
+
+class FlatParams:
+    """`layout` is a list of (name, shape); `xp` is numpy or cupy."""
+
+    def __init__(self, layout, xp=np, dtype=np.float32):
+        self.xp = xp
+        self.dtype = np.dtype(dtype)
+        self.layout = [(name, tuple(int(s) for s in shape)) for name, shape in layout]
+        self.names = [name for name, _ in self.layout]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("duplicate parameter names in layout")
+        self.spans = {}
+        offset = 0
+        for name, shape in self.layout:
+            size = math.prod(shape)
+            self.spans[name] = (offset, size)
+            offset += size
+        self.size = offset
+        self.data = xp.zeros(offset, dtype=self.dtype)
+        self.grad = xp.zeros(offset, dtype=self.dtype)
+        self.views = self._point(self.data)
+        self.grad_views = self._point(self.grad)
+
+    def _point(self, flat):
+        return {name: flat[o:o + n].reshape(shape)
+                for (name, shape), (o, n) in zip(self.layout, self.spans.values())}
+
+    def shape(self, name):
+        return self.views[name].shape
+
+    def zero_grad(self):
+        self.grad.fill(0)
+
+    def decay_mask(self):
+        """1.0 on every element of a weight with ndim >= 2 (matrices and embeddings), else 0.0.
+
+        Biases and LayerNorm gains/shifts are not decayed, as in GPT-2/nanoGPT.
+        """
+        mask = np.zeros(self.size, dtype=self.dtype)
+        for name, shape in self.layout:
+            if len(shape) >= 2:
+                o, n = self.spans[name]
+                mask[o:o + n] = 1.0
+        return self.xp.asarray(mask)
+
+    def span_of(self, names):
+        """(lo, hi) flat range covering `names`, which must be contiguous in the layout."""
+        los = [self.spans[n][0] for n in names]
+        his = [self.spans[n][0] + self.spans[n][1] for n in names]
+        lo, hi = min(los), max(his)
+        if sum(self.spans[n][1] for n in names) != hi - lo:
+            raise ValueError("parameters are not contiguous in the layout")
+        return lo, hi
+
+    def load(self, flat):
+        """Copy a flat host or device array into `data`."""
+        if flat.shape != self.data.shape:
+            raise ValueError(f"flat parameter size {flat.shape} != {self.data.shape}")
+        self.data[...] = self.xp.asarray(flat, dtype=self.dtype)
