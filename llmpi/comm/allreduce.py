@@ -61,6 +61,7 @@ def allreduce_sum(buf, comm, algorithm="mpi", segment_bytes=DEFAULT_SEGMENT_BYTE
     """buf <- sum over ranks of buf, in place, on every rank of comm."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+    _check(buf)
     if comm.Get_size() == 1 or buf.size == 0:
         return buf
     if backend.is_device_array(buf):
@@ -70,7 +71,6 @@ def allreduce_sum(buf, comm, algorithm="mpi", segment_bytes=DEFAULT_SEGMENT_BYTE
             allreduce_sum(host, comm, algorithm, segment_bytes)
             buf.set(host)
             return buf
-    _check(buf)
     if algorithm == "auto":
         algorithm = "rd" if buf.nbytes < AUTO_THRESHOLD_BYTES else "ring"
     if algorithm == "mpi":
