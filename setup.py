@@ -34,7 +34,7 @@ setup(
         "tomli>=2.0; python_version<'3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-mpi>=0.6"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2"],
         "mpich": ["mpich"],
         "gpu": ["cupy-cuda12x"],
         "plot": ["matplotlib"],
