@@ -1,0 +1,151 @@
+"""`python -m llmpi info [--json]`: what this installation and this MPI launch look like.
+
+The first thing to run on a new cluster or when a bug report comes in: library
+versions, the MPI library and whether it takes GPU buffers, the world, thread
+settings and where the CUDA kernels are. Every rank takes part (the node count
+needs a collective); only rank 0 prints.
+"""
+import argparse
+import ctypes
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import llmpi
+
+from . import backend
+from .comm.util import rprint
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+CUPY_DISTS = ("cupy", "cupy-cuda12x", "cupy-cuda11x", "cupy-cuda13x", "cupy-rocm-5-0")
+
+
+def _loaded_libmpi():
+    """Path of the MPI library mpi4py loaded (Linux: from /proc/self/maps), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libmpi" in line and "/" in line}
+    except OSError:
+        return None
+    core = sorted(p for p in paths if os.path.basename(p).startswith("libmpi."))
+    return core[0] if core else None
+
+
+def cuda_aware_mpi() -> str:
+    """'yes' / 'no' / 'unknown (why)'. mpi4py does not wrap the MPIX query, but both
+    Open MPI (mpi-ext.h) and MPICH >= 4 export MPIX_Query_cuda_support(), so ask
+    the loaded library directly. MPICH answers for this run: GPU support is switched
+    on at run time with MPIR_CVAR_ENABLE_GPU=1."""
+    path = _loaded_libmpi()
+    if path is None:
+        return "unknown (could not locate the loaded MPI library)"
+    try:
+        query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+    except OSError as err:
+        return f"unknown ({err})"
+    if query is None:
+        return f"unknown ({os.path.basename(path)} has no MPIX_Query_cuda_support)"
+    query.restype = ctypes.c_int
+    answer = "yes" if query() else "no"
+    if "MPICH" in MPI.Get_library_version():
+        answer += f" (MPIR_CVAR_ENABLE_GPU={os.environ.get('MPIR_CVAR_ENABLE_GPU', 'unset')})"
+    return answer
+
+
+def _version(dist_names):
+    for name in dist_names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cupy_info() -> dict:
+    """CuPy and CUDA versions through backend (the one place that imports cupy)."""
+    version = _version(CUPY_DISTS)
+    if version is None:
+        return {"cupy": "not installed", "cuda": "not installed"}
+    if not backend.gpu_available():
+        return {"cupy": version, "cuda": "no CUDA device visible"}
+    backend.select("gpu")
+    rt = backend.xp.cuda.runtime
+    v, d = rt.runtimeGetVersion(), rt.driverGetVersion()
+    return {"cupy": version,
+            "cuda": f"runtime {v // 1000}.{v % 1000 // 10}, driver {d // 1000}.{d % 1000 // 10}, "
+                    f"{rt.getDeviceCount()} device(s), this rank: {backend.device_name}"}
+
+
+def blas_name() -> str:
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas['name']} {blas.get('version', '')}".strip()
+    except Exception:  # older NumPy has no dict form; the name is only a hint
+        return "unknown"
+
+
+def kernel_dir() -> str:
+    """Where the CUDA sources are: next to the installed package, else the repo's kernels/."""
+    here = os.path.dirname(os.path.abspath(llmpi.__file__))
+    for d in (os.path.join(here, "_kernels"), os.path.join(os.path.dirname(here), "kernels")):
+        if os.path.isdir(d):
+            n = len([f for f in os.listdir(d) if f.endswith(".cu")])
+            return f"{d} ({n} .cu files)"
+    return "not found"
+
+
+def node_count(comm) -> int:
+    """Nodes in the job: ranks that are rank 0 of their shared-memory group."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    leader = np.array([1 if node.Get_rank() == 0 else 0], dtype=np.int64)
+    node.Free()
+    total = np.zeros(1, dtype=np.int64)
+    comm.Allreduce(leader, total, op=MPI.SUM)
+    return int(total[0])
+
+
+def collect(comm=None) -> dict:
+    """Every rank must call this (collective); the dict is the same on every rank
+    except the CUDA line, which names this rank's device."""
+    comm = comm or MPI.COMM_WORLD
+    try:
+        import h5py
+        h5 = f"{h5py.version.version} (HDF5 {h5py.version.hdf5_version})"
+    except ImportError:
+        h5 = "not installed"
+    import mpi4py
+    info = {
+        "llmpi": f"{llmpi.__version__} ({os.path.dirname(os.path.abspath(llmpi.__file__))})",
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "numpy": f"{np.__version__} (BLAS: {blas_name()})",
+        "h5py": h5,
+        "mpi4py": mpi4py.__version__,
+        "mpi library": " ".join(MPI.Get_library_version().splitlines()[0].split()),
+        "mpi standard": "{}.{}".format(*MPI.Get_version()),
+        "world size": f"{comm.Get_size()} rank(s) on {node_count(comm)} node(s)",
+        "cuda-aware mpi": cuda_aware_mpi(),
+    }
+    info.update(cupy_info())
+    info["kernels"] = kernel_dir()
+    for var in THREAD_VARS:
+        info[var] = os.environ.get(var, "unset")
+    return info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m llmpi info",
+                                description="Print versions, the MPI world and thread settings (rank 0).")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of aligned lines")
+    args = p.parse_args(argv)
+    info = collect()
+    if args.json:
+        rprint(json.dumps(info))
+    else:
+        width = max(len(k) for k in info)
+        rprint("\n".join(f"{k:<{width}}  {v}" for k, v in info.items()))
+    return 0
