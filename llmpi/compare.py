@@ -1,0 +1,131 @@
+"""`python -m llmpi.compare runs/A runs/B ... [--target-loss X] [--plot out.png]`.
+
+Puts runs side by side from their metrics.h5: final val loss, samples and updates,
+wall time, updates/s, the time and samples needed to reach a target val loss,
+staleness (async runs) and the share of time spent communicating. The figure shows
+loss vs samples, loss vs wall time, and the staleness histogram.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from . import metrics
+from .errors import UserError
+
+
+def load_run(run_dir):
+    path = os.path.join(run_dir, "metrics.h5")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} has no metrics.h5; is it a run directory (runs/NAME)?")
+    try:
+        m = metrics.read(path)
+    except (OSError, KeyError) as err:
+        raise UserError(f"{path} is not a readable llmpi metrics file ({err})") from None
+    m["name"] = os.path.basename(os.path.normpath(run_dir))
+    return m
+
+
+def summarize(m, target=None):
+    s, e = m["steps"], m["evals"]
+    world = int(m["attrs"].get("world_size", 1))
+    mode = str(m["attrs"].get("mode", "sync"))
+    wall = float(s["wall"][-1]) if len(s["wall"]) else 0.0
+    stale = s["staleness"][s["staleness"] >= 0] if len(s.get("staleness", [])) else np.array([])
+    # Sync logs rank 0's comm time per step; async logs every worker's pushes.
+    comm_total = float(np.sum(s["comm"])) / (world if mode == "async" else 1)
+    row = {
+        "run": m["name"], "mode": mode, "ranks": world,
+        "final_val_loss": float(e["val_loss"][-1]) if len(e["val_loss"]) else float("nan"),
+        "samples": int(s["samples"][-1]) if len(s["samples"]) else 0,
+        "updates": int(len(s["step"])),
+        "wall_s": wall,
+        "updates_per_s": len(s["step"]) / wall if wall else 0.0,
+        "staleness_mean": float(stale.mean()) if stale.size else None,
+        "staleness_p95": float(np.percentile(stale, 95)) if stale.size else None,
+        "staleness_max": int(stale.max()) if stale.size else None,
+        "comm_share": comm_total / wall if wall else 0.0,
+        "time_to_target_s": None, "samples_to_target": None,
+    }
+    if target is not None and len(e["val_loss"]):
+        hit = np.nonzero(e["val_loss"] <= target)[0]
+        if hit.size:
+            row["time_to_target_s"] = float(e["wall"][hit[0]])
+            row["samples_to_target"] = int(e["samples"][hit[0]])
+    return row
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows, target):
+    head = (f"{'run':<24} {'mode':<5} {'P':>2} {'val loss':>8} {'samples':>9} {'updates':>7} {'wall s':>8} "
+            f"{'upd/s':>7} {'t->tgt s':>8} {'smp->tgt':>9} {'stale mean/p95/max':>18} {'comm':>5}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        stale = "-" if r["staleness_mean"] is None else \
+            f"{r['staleness_mean']:.1f}/{r['staleness_p95']:.0f}/{r['staleness_max']}"
+        lines.append(f"{r['run'][:24]:<24} {r['mode']:<5} {r['ranks']:>2} {r['final_val_loss']:>8.4f} "
+                     f"{r['samples']:>9} {r['updates']:>7} {r['wall_s']:>8.1f} {r['updates_per_s']:>7.1f} "
+                     f"{_fmt(r['time_to_target_s'], '.1f'):>8} {_fmt(r['samples_to_target'], 'd'):>9} "
+                     f"{stale:>18} {100 * r['comm_share']:>4.0f}%")
+    if target is not None:
+        lines.append(f"target val loss: {target}")
+    return "\n".join(lines)
+
+
+def plot(runs, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'llmpi[plot]'") from None
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    for m in runs:
+        s, e = m["steps"], m["evals"]
+        label = m["name"]
+        ax[0].plot(s["samples"], s["loss"], alpha=0.35, lw=0.8)
+        ax[0].plot(e["samples"], e["val_loss"], marker="o", ms=3, label=f"{label} (val)",
+                   color=ax[0].lines[-1].get_color())
+        ax[1].plot(e["wall"], e["val_loss"], marker="o", ms=3, label=label)
+        stale = s["staleness"][s["staleness"] >= 0]
+        if stale.size:
+            ax[2].hist(stale, bins=np.arange(stale.max() + 2) - 0.5, alpha=0.6, label=label)
+    ax[0].set(xlabel="samples", ylabel="loss (train faint, val marked)", title="loss vs samples")
+    ax[1].set(xlabel="wall time (s)", ylabel="val loss", title="loss vs wall time")
+    ax[2].set(xlabel="staleness (updates)", ylabel="pushes", title="staleness (async runs)")
+    for a in ax:
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m llmpi.compare", description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
+    p.add_argument("--target-loss", type=float, default=None, help="val loss for time/samples-to-target")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="write the figure here")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON object last")
+    args = p.parse_args(argv)
+    runs = [load_run(r) for r in args.runs]
+    rows = [summarize(m, args.target_loss) for m in runs]
+    print(table(rows, args.target_loss))
+    if args.plot:
+        plot(runs, args.plot)
+        print(f"figure: {args.plot}")
+    if args.json:
+        print(json.dumps({"runs": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    from .comm.util import run_main
+    sys.exit(run_main(main, prog="llmpi.compare") or 0)
