@@ -1,0 +1,162 @@
+"""Asynchronous data-parallel training on MPI one-sided communication.
+
+The flat parameter vector lives in RMA windows (sharded over all ranks, or on rank 0
+with `parallel.server = "rank0"`). Every worker loops without barriers or collectives:
+
+  pull   Get the whole vector under shared locks (passive target);
+  work   forward/backward on its own batch, local optimizer (moments stay on the worker);
+  push   take a ticket from the global version counter (Fetch_and_op SUM) and add its
+         update with Accumulate(SUM), element-wise atomic by the MPI standard.
+
+Staleness of a push = its ticket - the version read at its pull = the number of other
+updates applied in between. The run ends when the shared budget of updates,
+train.max_iters x world_size, is spent: tickets at or past the budget are not applied,
+so exactly that many updates land. Only then do the ranks meet again (barrier), assemble,
+evaluate and checkpoint the final parameters.
+
+Learning rate: each push uses lr / world_size, so P pushes of batch B/P move the weights
+as far as one synchronous step of batch B (the per-sample learning rate matches sync).
+"""
+import time
+
+import numpy as np
+
+from . import backend, data as data_mod
+from .comm import util
+from .comm.rma import ShardedWindow, VersionCounter
+from .metrics import Progress
+from .optim import clip_grad_norm
+
+STALE_RETRIES = 3  # bounded staleness: recompute at most this often before pushing anyway
+
+
+def local_gradient(run, step, count):
+    """Forward/backward on this rank's own `count` samples; returns the mean loss."""
+    job, model, xp = run.job, run.model, run.xp
+    model.params.zero_grad()
+    loss_sum = 0.0
+    micro = job.train.micro_batch or count
+    starts_all = run.sampler.starts(step, job.train.batch_size, run.balancer.offsets[run.rank], count)
+    for lo in range(0, count, micro):
+        starts = starts_all[lo:lo + micro]
+        x, y = data_mod.get_batch(run.tokens.train, starts, job.model.block_size, xp)
+        _, loss, cache = model.forward(x, y)
+        model.backward(cache, loss_scale=len(starts) / count)
+        loss_sum += float(loss) * len(starts)
+    if job.optim.grad_clip > 0:
+        clip_grad_norm(model.params.grad, job.optim.grad_clip)
+    return loss_sum / count
+
+
+def train_async(run):
+    from .train import schedule_lr
+    job, comm, params = run.job, run.comm, run.model.params
+    P, B, T = run.world, job.train.batch_size, job.model.block_size
+    budget = job.train.max_iters * P
+    host = np.empty(params.data.size, dtype=backend.to_host(params.data[:1]).dtype)
+    window = ShardedWindow(comm, params.data.size, host.dtype, server=job.parallel.server)
+    version = VersionCounter(comm)
+    stop_flag = VersionCounter(comm)
+    start_version = int(run.resume_state["attrs"].get("version", 0)) if run.resume_state else 0
+    if run.is_root:
+        window.put_all(backend.to_host(params.data))
+        if start_version:
+            version.fetch_add(start_version)
+    comm.Barrier()  # the windows hold the initial parameters before anyone pulls
+
+    count = run.balancer.counts[run.rank]
+    rows = []  # (ticket, wall, loss, lr, staleness) of this rank's applied pushes
+    progress = Progress(job.train.max_iters, start_version // P)
+    t_origin = time.perf_counter() - run.wall_offset
+    local_step, next_eval = 0, _next_multiple(start_version, job.train.eval_interval * P)
+    while True:
+        window.get(host)
+        params.data[...] = backend.xp.asarray(host)
+        v_pull = version.read()
+        if v_pull >= budget or stop_flag.read() or run.stop.requested:
+            break
+        run.check_fault(local_step)
+        t0 = time.perf_counter()
+        # Each rank draws its own stream of batches: (seed, rank, local step).
+        loss = local_gradient(run, local_step * P + run.rank, count)
+        for _ in range(STALE_RETRIES if job.parallel.max_staleness >= 0 else 0):
+            if version.read() - v_pull <= job.parallel.max_staleness:
+                break
+            window.get(host)
+            params.data[...] = backend.xp.asarray(host)
+            v_pull = version.read()
+            loss = local_gradient(run, local_step * P + run.rank, count)
+        if run.slowdown > 1.0:
+            time.sleep((run.slowdown - 1.0) * (time.perf_counter() - t0))
+        lr = schedule_lr(job, v_pull // P) / P
+        delta = run.optimizer.delta(lr)
+        t_c = time.perf_counter()
+        ticket = version.fetch_add(1)
+        if ticket >= budget:
+            break
+        window.accumulate(backend.to_host(delta))
+        comm_s = time.perf_counter() - t_c
+        wall = time.perf_counter() - t_origin
+        rows.append((ticket, wall, loss, lr * P, ticket - v_pull, comm_s))
+        local_step += 1
+        progress.add(count * T * P, comm_s)
+        if run.is_root and local_step % job.train.log_interval == 0:
+            util.rprint(progress.line(ticket // P, loss, lr * P, f"version {ticket + 1}/{budget} "
+                                      f"staleness {ticket - v_pull}"))
+        if run.is_root and job.train.eval_interval and ticket >= next_eval:
+            # Rank 0 evaluates its freshly pulled copy; no other rank waits for this.
+            next_eval = _next_multiple(ticket + 1, job.train.eval_interval * P)
+            _eval_and_log(run, ticket + 1, wall, (ticket + 1) * B // P)
+    if run.stop.requested:
+        stop_flag.fetch_add(1)
+    comm.Barrier()  # every push has completed at its target once all ranks are here
+    window.get(host)
+    params.data[...] = backend.xp.asarray(host)
+    final_version = min(version.read(), budget)
+    stopped_early = final_version < budget
+    _gather_metrics(run, rows, P, B)
+    wall = time.perf_counter() - t_origin
+    val = run.evaluate(final_version)
+    run.metrics.log_eval(step=final_version, wall=wall, samples=final_version * B // P, val_loss=val)
+    util.rprint(f"eval: version {final_version} | val loss {val:.4f}")
+    run.save(final_version // P, extra_per_rank={"optim": _host_state(run.optimizer)},
+             attrs={"version": final_version})
+    for w in (window, version, stop_flag):
+        w.free()
+    if stopped_early:
+        util.rprint(f"stop requested by signal: checkpointed at version {final_version}, exiting")
+    return 0
+
+
+def _next_multiple(v, k):
+    return (v // k + 1) * k if k else float("inf")
+
+
+def _host_state(optimizer):
+    return {k: backend.to_host(v) for k, v in optimizer.state_dict().items()}
+
+
+def _eval_and_log(run, version, wall, samples):
+    j = run.job
+    n = max(1, j.train.micro_batch or -(-j.train.batch_size // run.world))
+    total = 0.0
+    for i in range(j.train.eval_iters):
+        starts = run.val_sampler.val_starts(version * j.train.eval_iters + i, n)
+        x, y = data_mod.get_batch(run.tokens.val, starts, j.model.block_size, run.xp)
+        total += float(run.model.forward(x, y)[1])
+    val = total / j.train.eval_iters
+    run.metrics.log_eval(step=version, wall=wall, samples=samples, val_loss=val)
+    util.rprint(f"eval: version {version} | val loss {val:.4f}")
+
+
+def _gather_metrics(run, rows, P, B):
+    """Every rank's pushes, ordered by ticket, into rank 0's metrics log."""
+    everything = run.comm.gather(rows, root=0)
+    if not run.is_root:
+        return
+    merged = sorted(r for part in everything for r in part)
+    for ticket, wall, loss, lr, stale, comm_s in merged:
+        run.metrics.log_step(step=ticket + 1, wall=wall, loss=loss, lr=lr, tokens=B // P * run.job.model.block_size,
+                             samples=(ticket + 1) * B // P, comm=comm_s, staleness=stale)
+    run.metrics.attrs["mode"] = "async"
+    run.metrics.attrs["world_size"] = P
