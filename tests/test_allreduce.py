@@ -65,7 +65,8 @@ def test_matches_mpi_and_bitwise_identical(algorithm, dtype):
     assert agreed(not failures, comm), f"rank {comm.Get_rank()} failed (P, n): {failures}"
 
 
-@pytest.mark.parametrize("algorithm", ALGS + ["mpi"])
+# Explicit ids: pytest-mpi treats a test whose keywords include a bare "mpi" as marked.
+@pytest.mark.parametrize("algorithm", ALGS + ["mpi"], ids=lambda a: f"alg_{a}")
 def test_integer_valued_sums_are_exact(algorithm):
     comm = world()
     ok = True
@@ -96,7 +97,7 @@ def test_segmented_path(algorithm):
     assert agreed(not failures, comm), failures
 
 
-@pytest.mark.parametrize("algorithm", ["mpi", "ring", "auto"])
+@pytest.mark.parametrize("algorithm", ["mpi", "ring", "auto"], ids=lambda a: f"alg_{a}")
 @pytest.mark.parametrize("bucket_bytes", [0, 4000])
 def test_allreducer_buckets_and_overlap_equal_one_shot(algorithm, bucket_bytes):
     comm = world()
