@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 
 from .errors import UserError
-from .tokenizers import TOKENIZERS, ByteTokenizer, CharTokenizer, codepoints, make_tokenizer, token_dtype
+from .tokenizers import (MAX_CODEPOINT, TOKENIZERS, ByteTokenizer, CharTokenizer, codepoints, make_tokenizer,
+                         mark_seen, token_dtype)
 
 FORMAT_VERSION = 1
 DEFAULT_CORPUS_CAP = 8 << 20     # bytes of stdlib source in the default corpus: prepares in about a second
@@ -140,6 +141,7 @@ class _SplitWriter:
         self.dsets = [self._create(f, "train", n_train, dtype), self._create(f, "val", n_val, dtype)]
         self.n_train, self.n_total, self.pos = n_train, n_train + n_val, 0
         self.dtype, self.sha = dtype, hashlib.sha256()
+        self.pending, self.n_pending = [], 0
 
     @staticmethod
     def _create(f, name, n, dtype):
@@ -147,7 +149,15 @@ class _SplitWriter:
         return f.create_dataset(name, shape=(n,), dtype=dtype, chunks=chunks)
 
     def write(self, ids):
-        ids = ids.astype(self.dtype, copy=False)
+        """Buffer small pieces (one per small file) so HDF5 sees few large writes."""
+        self.pending.append(ids)
+        self.n_pending += len(ids)
+        if self.n_pending >= READ_BYTES:
+            self.flush()
+
+    def flush(self):
+        ids = np.concatenate(self.pending).astype(self.dtype, copy=False) if self.pending else np.zeros(0)
+        self.pending, self.n_pending = [], 0
         if self.pos + len(ids) > self.n_total:
             raise UserError("an input file grew while it was being read; prepare again")
         self.sha.update(ids.tobytes())
@@ -177,13 +187,13 @@ def prepare(inputs=None, tokenizer="byte", val_fraction=0.1, out=None, progress=
         raise UserError(f"{out}: the corpus is empty ({source or 'no files'}); give --input files that contain text")
     if tokenizer == "char":
         bar = _Progress(total, progress, "scan")
-        uniq, n_total = np.zeros(0, "<u4"), 0
+        seen, n_total = np.zeros(MAX_CODEPOINT + 1, dtype=bool), 0
         for nbytes, cps in _iter_codepoints(files):
-            uniq = np.union1d(uniq, np.unique(cps)).astype("<u4")
+            mark_seen(seen, cps)
             n_total += len(cps)
             bar.update(nbytes, len(cps))
         bar.close()
-        tok = CharTokenizer.from_codepoints(uniq, out)
+        tok = CharTokenizer.from_seen(seen, out)
         pieces = ((n, tok.encode_codepoints(cps)) for n, cps in _iter_codepoints(files))
     else:
         tok, n_total = ByteTokenizer(), total
@@ -203,6 +213,7 @@ def prepare(inputs=None, tokenizer="byte", val_fraction=0.1, out=None, progress=
             for nbytes, ids in pieces:
                 writer.write(ids)
                 bar.update(nbytes, len(ids))
+            writer.flush()
             bar.close()
             if writer.pos != n_total:
                 raise UserError(f"an input file shrank while it was being read ({source}); prepare again")

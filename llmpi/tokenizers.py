@@ -10,6 +10,7 @@ import numpy as np
 from .errors import UserError
 
 TOKENIZERS = ("byte", "char")
+MAX_CODEPOINT = 0x10FFFF
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -23,6 +24,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def codepoints(text: str) -> np.ndarray:
     """Unicode code points of `text` as uint32, without a Python-level loop."""
     return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+
+
+def mark_seen(seen: np.ndarray, cps: np.ndarray):
+    """Set seen[c] for every code point c: an O(n) vocabulary scan (np.unique would sort)."""
+    seen[cps] = True
 
 
 class ByteTokenizer:
@@ -54,20 +60,23 @@ class CharTokenizer:
         self.vocab = chars
         self.vocab_size = len(chars)
         self.source = source
-        self._table = codepoints(chars)  # sorted, so searchsorted maps code point -> id
+        self._table = codepoints(chars)
+        self._lut = None
         if self.vocab_size and np.any(np.diff(self._table.astype(np.int64)) <= 0):
             raise UserError(f"{source}: the char vocabulary is not sorted and unique; re-run llmpi.data prepare")
 
     @classmethod
-    def from_codepoints(cls, cps: np.ndarray, source: str = "the corpus"):
-        return cls(np.unique(cps).astype("<u4").tobytes().decode("utf-32-le"), source)
+    def from_seen(cls, seen: np.ndarray, source: str = "the corpus"):
+        """From a bool mask over code points (see `mark_seen`)."""
+        return cls(np.flatnonzero(seen).astype("<u4").tobytes().decode("utf-32-le"), source)
 
     def encode_codepoints(self, cps: np.ndarray) -> np.ndarray:
-        ids = np.searchsorted(self._table, cps)
-        ids_ok = np.minimum(ids, max(self.vocab_size - 1, 0))
-        bad = (ids >= self.vocab_size) | (self._table[ids_ok] != cps) if self.vocab_size else np.ones(len(cps), bool)
-        if np.any(bad):
-            c = chr(int(cps[np.argmax(bad)]))
+        if self._lut is None:  # code point -> id (-1 = unseen): one O(n) gather per encode
+            self._lut = np.full(MAX_CODEPOINT + 1, -1, dtype=np.int32)
+            self._lut[self._table] = np.arange(self.vocab_size, dtype=np.int32)
+        ids = self._lut[cps]
+        if ids.size and ids.min() < 0:
+            c = chr(int(cps[np.argmax(ids < 0)]))
             raise UserError(f"character {c!r} (U+{ord(c):04X}) is not in the {self.vocab_size}-character "
                             f"vocabulary of {self.source}; use only characters of the training corpus "
                             "or prepare the data with --tokenizer byte")

@@ -234,7 +234,7 @@ def test_missing_empty_short_vocab_unseen(tmp_path, good):
 def test_no_partial_file_on_interrupt(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(data._SplitWriter, "write", boom)
+    monkeypatch.setattr(data._SplitWriter, "flush", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare([write(tmp_path / "a.txt", TEXT)], "byte", 0.1, str(tmp_path / "k.h5"), progress=False)
     assert os.listdir(tmp_path) == ["a.txt"]
