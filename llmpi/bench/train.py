@@ -1,0 +1,210 @@
+"""`python -m llmpi.bench train`: training throughput of llmpi vs a PyTorch CPU GPT of the same shape.
+
+Each side runs in its own subprocess (so peak RSS is its own, from getrusage in the
+child) with the same BLAS/OpenMP thread count, the same batch and AdamW. The step
+is zero_grad + forward + backward + clip + AdamW step on random tokens. llmpi's
+step is then broken down by layer type by timing its layer functions.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from .common import emit_json, machine
+
+# nanoGPT's shakespeare_char "baby GPT" shape scaled to a quick CPU run
+CONFIGS = {
+    "baby": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, batch=12),
+    "tiny": dict(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, batch=8),
+    "small": dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, batch=8),
+}
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+WARMUP = 3
+
+
+def _batches(shape, steps, seed=0):
+    r = np.random.default_rng(seed)
+    V, B, T = shape["vocab_size"], shape["batch"], shape["block_size"]
+    return [(r.integers(0, V, (B, T)), r.integers(0, V, (B, T))) for _ in range(steps)]
+
+
+def _timed(step, batches):
+    for x, y in batches[:WARMUP]:
+        step(x, y)
+    t0 = time.perf_counter()
+    for x, y in batches[WARMUP:]:
+        step(x, y)
+    return (time.perf_counter() - t0) / (len(batches) - WARMUP)
+
+
+def _llmpi_child(shape, steps):
+    from llmpi import model as model_mod
+    from llmpi.config import ModelConfig
+    from llmpi.layers import attention, crossentropy, embedding, gelu, layernorm, linear, residual
+    from llmpi.optim import AdamW, clip_grad_norm
+
+    cfg = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
+    m = model_mod.GPT(cfg, seed=0)
+    opt = AdamW(m.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+    def step(x, y):
+        m.params.zero_grad()
+        _, loss, cache = m.forward(x, y)
+        m.backward(cache)
+        clip_grad_norm(m.params.grad, 1.0)
+        opt.step()
+
+    batches = _batches(shape, steps + WARMUP)
+    step_s = _timed(step, batches)
+    # breakdown: wrap each layer's forward/backward with a timer, then time a few more steps
+    acc = defaultdict(float)
+    mods = dict(attention=attention, crossentropy=crossentropy, embedding=embedding, gelu=gelu,
+                layernorm=layernorm, linear=linear, residual=residual)
+
+    def wrap(key, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            acc[key] += time.perf_counter() - t0
+            return out
+        return timed
+
+    for name, mod in mods.items():
+        for d in ("forward", "backward"):
+            setattr(mod, d, wrap(f"{name}.{d}", getattr(mod, d)))
+    orig_step = opt.step
+    opt.step = wrap("adamw.step", orig_step)
+    n = max(3, min(steps, 10))
+    t_all = _timed(step, batches[:WARMUP + n])
+    acc = {k: v / (n + WARMUP) for k, v in acc.items()}
+    acc["other (lm head, clip, python)"] = max(t_all - sum(acc.values()), 0.0)
+    return step_s, dict(sorted(acc.items(), key=lambda kv: -kv[1]))
+
+
+def _torch_child(shape, steps, threads):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    V, T, L, NH, C = (shape[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x):
+            B = x.shape[0]
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, -1, NH, C // NH).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.c_proj(y.transpose(1, 2).reshape(B, -1, C))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class TorchGPT(nn.Module):  # nanoGPT's model, eager
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
+            self.h = nn.ModuleList(Block() for _ in range(L))
+            self.ln_f = nn.LayerNorm(C)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for b in self.h:
+                x = b(x)
+            logits = self.ln_f(x) @ self.wte.weight.T
+            return F.cross_entropy(logits.view(-1, V), targets.view(-1))
+
+    torch.manual_seed(0)
+    model = TorchGPT()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99))
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in _batches(shape, steps + WARMUP)]
+    return _timed(step, batches)
+
+
+def child(args):
+    shape = CONFIGS[args.config]
+    if args.child == "llmpi":
+        step_s, breakdown = _llmpi_child(shape, args.steps)
+    else:
+        step_s, breakdown = _torch_child(shape, args.steps, args.threads), {}
+    tokens = shape["batch"] * shape["block_size"]
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps(dict(step_s=step_s, tokens_per_s=tokens / step_s, peak_rss_mb=rss_mb, breakdown=breakdown)))
+    return 0
+
+
+def _run_child(which, args):
+    env = dict(os.environ, **{v: str(args.threads) for v in THREAD_VARS})
+    cmd = [sys.executable, "-m", "llmpi.bench.train", "--child", which, "--threads", str(args.threads),
+           "--steps", str(args.steps), "--config", args.config]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{which} benchmark child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _torch_available():
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m llmpi.bench train", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON line last")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads for both sides")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warmup steps)")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="baby", help="model shape")
+    ap.add_argument("--child", choices=("llmpi", "torch"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args)
+    shape = CONFIGS[args.config]
+    print(f"llmpi.bench train: config {args.config} {shape}, {args.threads} thread(s), {args.steps} steps")
+    print(f"machine: {machine()}")
+    ours = _run_child("llmpi", args)
+    result = {"config": args.config, "threads": args.threads, "steps": args.steps,
+              "llmpi_tokens_per_s": ours["tokens_per_s"], "llmpi_step_ms": ours["step_s"] * 1e3,
+              "llmpi_peak_rss_mb": ours["peak_rss_mb"],
+              "llmpi_breakdown_ms": {k: v * 1e3 for k, v in ours["breakdown"].items()}}
+    print(f"llmpi : {ours['tokens_per_s']:10.0f} tok/s  {ours['step_s'] * 1e3:8.2f} ms/step  "
+          f"peak RSS {ours['peak_rss_mb']:.0f} MiB")
+    if _torch_available():
+        ref = _run_child("torch", args)
+        result.update(torch_tokens_per_s=ref["tokens_per_s"], torch_step_ms=ref["step_s"] * 1e3,
+                      torch_peak_rss_mb=ref["peak_rss_mb"], ratio=ours["tokens_per_s"] / ref["tokens_per_s"])
+        print(f"torch : {ref['tokens_per_s']:10.0f} tok/s  {ref['step_s'] * 1e3:8.2f} ms/step  "
+              f"peak RSS {ref['peak_rss_mb']:.0f} MiB")
+        print(f"ratio llmpi/torch: {result['ratio']:.2f}x")
+    else:
+        result.update(torch_tokens_per_s=None, ratio=None)
+        print("torch : not installed, reference skipped (pip install torch)")
+    print("llmpi step by layer (ms per step, timers on):")
+    for k, v in result["llmpi_breakdown_ms"].items():
+        print(f"  {k:32s} {v:8.2f}")
+    emit_json(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

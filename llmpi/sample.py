@@ -1,0 +1,54 @@
+"""`python -m llmpi.sample runs/NAME`: generate text from the newest checkpoint of a run."""
+import argparse
+import dataclasses
+import sys
+
+import numpy as np
+
+from .comm.util import run_main
+from .errors import UserError
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m llmpi.sample", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", help="run directory holding ckpt_*.h5, e.g. runs/default")
+    ap.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    ap.add_argument("--tokens", type=int, default=200, help="tokens to generate")
+    ap.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
+    ap.add_argument("--seed", type=int, default=1337, help="sampling seed")
+    args = ap.parse_args(argv)
+    if args.tokens < 0 or args.temperature < 0 or args.top_k < 0:
+        raise UserError("--tokens, --temperature and --top-k must be >= 0")
+
+    from . import checkpoint, data
+    from .model import GPT
+
+    ckpt = checkpoint.load_latest(args.run_dir)
+    job = ckpt["config"]
+    tokens = data.TokenFile(job.data.path or data.default_data_path())
+    tok = tokens.tokenizer
+    cfg = job.model
+    if cfg.vocab_size == 0:  # the run took it from the data file
+        cfg = dataclasses.replace(cfg, vocab_size=tokens.vocab_size)
+    model = GPT(cfg, np, seed=0)
+    if ckpt["params"].size != model.params.size:
+        raise UserError(f"checkpoint in {args.run_dir} holds {ckpt['params'].size} parameters but its "
+                        f"model config needs {model.params.size}; the checkpoint does not match its config")
+    model.params.load(ckpt["params"])
+
+    try:
+        ids = np.asarray(tok.encode(args.prompt or "\n"), dtype=np.int64)
+    except (KeyError, ValueError) as err:
+        raise UserError(f"the prompt has characters outside the tokenizer's vocabulary ({err})") from None
+    if ids.size == 0:
+        ids = np.zeros(1, dtype=np.int64)
+    out = model.generate(ids[None, :], args.tokens, temperature=args.temperature,
+                         top_k=args.top_k or None, rng=np.random.default_rng(args.seed))
+    print(f"# {args.run_dir} step {ckpt['step']}", file=sys.stderr)
+    print(tok.decode(out[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, prog="llmpi.sample") or 0)
