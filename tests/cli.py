@@ -2,8 +2,9 @@
 
 Under `mpiexec -n 4 pytest --with-mpi` the test process is itself an MPI rank: its
 PMI/Hydra variables would make a child `mpiexec` or Python join the parent's job,
-so they are removed from the child's environment. Subprocess tests run on rank 0
-only (the others skip), so four ranks do not launch four copies of every job.
+so they are removed from the child's environment. Tests that launch their own jobs
+run in the single-process pass (`python -m pytest`) and skip under mpiexec, where
+the idle ranks would spin in MPI while rank 0's children compete for the cores.
 """
 import os
 import shutil
@@ -16,14 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "OMPI_", "MPIR_CVAR_")
 
 
-def world_rank():
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_rank()
-
-
-rank0_only = pytest.mark.skipif(
-    "PMI_RANK" in os.environ and os.environ.get("PMI_RANK") != "0",
-    reason="subprocess test: runs on rank 0 only under mpiexec")
+single_process_only = pytest.mark.skipif(
+    any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")),
+    reason="launches its own mpiexec jobs: runs in the single-process pytest pass")
 
 
 def clean_env(**extra):

@@ -10,6 +10,7 @@ Rules this module enforces:
 """
 import os
 import sys
+import time
 import traceback
 
 from ..errors import EXIT_USER_ERROR, UserError
@@ -62,6 +63,7 @@ def abort_on_exception(exc_type, exc, tb):
     sys.stderr.flush()
     MPI = _mpi()
     if MPI.COMM_WORLD.Get_size() > 1:
+        time.sleep(0.5)  # let the launcher forward our stderr before Abort tears the job down
         MPI.COMM_WORLD.Abort(1)
     os._exit(1)
 

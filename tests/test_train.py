@@ -1,0 +1,149 @@
+"""The training command end to end: multi-rank equivalence, resume, signals, failures.
+
+Jobs run as a user runs them (`mpiexec -n N python -m llmpi.train ...`) in a temporary
+directory, on a small byte-level corpus made from llmpi's own sources.
+"""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cli import REPO, clean_env, mpiexec, run, single_process_only
+from llmpi import metrics
+
+pytestmark = single_process_only
+
+TINY = ["--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+        "--set", "model.block_size=16", "--set", "train.batch_size=8", "--set", "train.max_iters=12",
+        "--set", "train.log_interval=4", "--set", "train.eval_interval=6", "--set", "train.eval_iters=2",
+        "--set", "schedule.warmup_iters=3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A prepared byte-level file from llmpi's sources (~200 KB), shared by the module."""
+    d = tmp_path_factory.mktemp("corpus")
+    out = str(d / "tiny.h5")
+    run(["-m", "llmpi.data", "prepare", "--input", os.path.join(REPO, "llmpi"), "--out", out], check=True)
+    return out
+
+
+def train(tmp_path, corpus, *extra, np=1, name="run", timeout=120, env=None, check=True):
+    args = ["-m", "llmpi.train", *TINY, "--set", f"data.path={corpus}", "--run-name", name, *extra]
+    return run(args, np=np, cwd=str(tmp_path), timeout=timeout, env=env, check=check)
+
+
+def steps(tmp_path, name):
+    return metrics.read(os.path.join(str(tmp_path), "runs", name, "metrics.h5"))["steps"]
+
+
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"], ids=["MPI_Allreduce", "ring"])
+def test_n_ranks_match_one_process_on_the_same_samples(tmp_path, corpus, algorithm):
+    train(tmp_path, corpus, name="one")
+    train(tmp_path, corpus, "--set", f"parallel.allreduce={algorithm}", np=3, name="three")
+    a, b = steps(tmp_path, "one")["loss"], steps(tmp_path, "three")["loss"]
+    assert len(a) == len(b) == 12
+    np.testing.assert_allclose(a, b, rtol=2e-5)
+
+
+def test_micro_batches_and_overlap_match_plain_steps(tmp_path, corpus):
+    train(tmp_path, corpus, np=2, name="plain")
+    train(tmp_path, corpus, "--set", "train.micro_batch=1", "--set", "parallel.overlap=true",
+          "--set", "parallel.bucket_mb=0.001", np=2, name="micro")
+    np.testing.assert_allclose(steps(tmp_path, "plain")["loss"], steps(tmp_path, "micro")["loss"], rtol=2e-5)
+
+
+def test_resume_is_bitwise_identical(tmp_path, corpus):
+    train(tmp_path, corpus, "--set", "train.ckpt_interval=5", np=2, name="whole")
+    crashed = train(tmp_path, corpus, "--set", "train.ckpt_interval=5", np=2, name="cut", check=False,
+                    env=clean_env(LLMPI_FAULT="1:7"))
+    assert crashed.returncode != 0
+    assert os.path.exists(os.path.join(str(tmp_path), "runs", "cut", "ckpt_0000005.h5"))
+    train(tmp_path, corpus, "--set", "train.ckpt_interval=5", "--resume", np=2, name="cut")
+    whole, cut = steps(tmp_path, "whole"), steps(tmp_path, "cut")
+    np.testing.assert_array_equal(whole["step"], cut["step"])
+    assert whole["loss"].tobytes() == cut["loss"].tobytes()
+
+
+def test_crash_on_one_rank_ends_the_job_with_one_traceback(tmp_path, corpus):
+    t0 = time.time()
+    proc = train(tmp_path, corpus, np=4, name="crash", check=False, timeout=90,
+                 env=clean_env(LLMPI_FAULT="2:3"))
+    assert proc.returncode != 0
+    assert time.time() - t0 < 60
+    assert proc.stderr.count("[rank 2] uncaught exception") == 1
+    assert "injected failure on rank 2 at step 3" in proc.stderr
+
+
+def test_sigusr1_checkpoints_and_exits_zero(tmp_path, corpus):
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-u", "-m", "llmpi.train", *TINY, "--set", f"data.path={corpus}",
+           "--set", "train.max_iters=100000", "--set", "train.log_interval=5", "--run-name", "sig"]
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step"):
+                break
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "stop requested by signal" in out
+    ckpts = glob.glob(os.path.join(str(tmp_path), "runs", "sig", "ckpt_*.h5"))
+    assert len(ckpts) == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("parallel.allreduce=tree", "parallel.allreduce = 'tree' is not allowed; choose one of: mpi, ring, nccl"),
+    ("model.n_head=3", "must be divisible by model.n_head"),
+])
+def test_bad_config_is_one_line_and_exit_2_on_every_rank(tmp_path, corpus, override, message):
+    proc = train(tmp_path, corpus, "--set", override, np=3, check=False, timeout=60)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("llmpi.train: error: ") and message in lines[0], proc.stderr
+
+
+def test_missing_data_file_and_refused_checkpoint(tmp_path, corpus):
+    proc = train(tmp_path, "/nonexistent/x.h5", np=2, check=False)
+    assert proc.returncode == 2 and "/nonexistent/x.h5" in proc.stderr and "Traceback" not in proc.stderr
+    train(tmp_path, corpus, name="m")
+    proc = train(tmp_path, corpus, "--set", "model.n_embd=48", "--resume", name="m", check=False)
+    assert proc.returncode == 2 and "model.n_embd (checkpoint 32, job 48)" in proc.stderr
+    proc = train(tmp_path, corpus, name="m", check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_corrupt_checkpoint_is_refused_cleanly(tmp_path, corpus):
+    train(tmp_path, corpus, name="c")
+    (path,) = glob.glob(os.path.join(str(tmp_path), "runs", "c", "ckpt_*.h5"))
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    proc = train(tmp_path, corpus, "--resume", name="c", np=2, check=False)
+    assert proc.returncode == 2 and "not a readable HDF5 file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("np_", [1, 2, 3, 4])
+def test_async_terminates_at_every_world_size(tmp_path, corpus, np_):
+    train(tmp_path, corpus, "--set", "parallel.mode=async", np=np_, name="a", timeout=90)
+    s = steps(tmp_path, "a")
+    assert len(s["step"]) == 12 * np_  # exactly the update budget lands
+    np.testing.assert_array_equal(np.sort(s["step"]), np.arange(1, 12 * np_ + 1))
+
+
+def test_async_with_one_rank_equals_sgd_step_for_step(tmp_path, corpus):
+    sgd = ["--set", "optim.name=sgd", "--set", "optim.momentum=0", "--set", "optim.weight_decay=0",
+           "--set", "optim.lr=0.5", "--set", "train.eval_interval=0"]
+    train(tmp_path, corpus, *sgd, name="sync")
+    train(tmp_path, corpus, *sgd, "--set", "parallel.mode=async", name="async")
+    a, b = steps(tmp_path, "sync"), steps(tmp_path, "async")
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    assert (b["staleness"] == 0).all()
