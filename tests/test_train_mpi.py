@@ -1,0 +1,74 @@
+"""The synchronous loop in-process on the MPI world of the test run (any size, 1 included).
+
+Assertions come after the collectives and check the same gathered values on every
+rank, so a failure cannot leave some ranks waiting.
+"""
+import types
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from llmpi import config, data
+from llmpi.model import GPT
+from llmpi.optim import clip_grad_norm
+from llmpi.train import Run, make_optimizer, schedule_lr, train_sync
+
+COMM = MPI.COMM_WORLD
+
+
+@pytest.fixture(scope="module")
+def shared_dir(tmp_path_factory):
+    """One directory for all ranks (rank 0's), holding a small prepared corpus."""
+    path = str(tmp_path_factory.mktemp("shared")) if COMM.rank == 0 else None
+    path = COMM.bcast(path, root=0)
+    if COMM.rank == 0:
+        data.prepare([data.__file__, config.__file__], "byte", 0.1, f"{path}/c.h5", progress=False)
+    COMM.Barrier()
+    return path
+
+
+def make_run(shared_dir, name, *overrides):
+    job = config.load_job(None, [
+        "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16",
+        "train.batch_size=10", "train.log_interval=100", "train.eval_iters=1", "schedule.warmup_iters=2",
+        f"data.path={shared_dir}/c.h5", f"train.out_dir={shared_dir}/runs", f"train.run_name={name}",
+        *overrides])
+    return Run(job, types.SimpleNamespace(resume=False, overwrite=True), COMM)
+
+
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"], ids=["MPI_Allreduce", "ring"])
+def test_parameters_are_bitwise_identical_on_every_rank(shared_dir, algorithm):
+    run = make_run(shared_dir, f"ident-{algorithm}", "train.max_iters=5", f"parallel.allreduce={algorithm}")
+    train_sync(run)
+    digests = COMM.allgather(run.model.params.data.tobytes())
+    assert all(d == digests[0] for d in digests)
+
+
+def test_uneven_shares_give_the_single_process_update(shared_dir):
+    """Ranks take different numbers of samples; the weighted sum equals one process."""
+    P = COMM.size
+    run = make_run(shared_dir, "uneven", "train.max_iters=1", "train.eval_interval=0")
+    counts = [1 + r for r in range(P)]
+    counts[-1] += 10 - sum(counts)
+    if counts[-1] < 0:
+        pytest.skip("world too large for a batch of 10")
+    run.balancer.counts = counts
+    reference = GPT(run.job.model, seed=run.job.train.seed)
+    initial = reference.params.data.copy()
+    train_sync(run)
+
+    job = run.job
+    starts = data.Sampler(len(run.tokens.train), job.model.block_size, job.train.seed).starts(0, 10)
+    x, y = data.get_batch(run.tokens.train, starts, job.model.block_size)
+    _, _, cache = reference.forward(x, y)
+    reference.params.zero_grad()
+    reference.backward(cache)
+    clip_grad_norm(reference.params.grad, job.optim.grad_clip)
+    make_optimizer(job.optim, reference.params).step(schedule_lr(job, 0))
+
+    moved = np.abs(reference.params.data - initial).max()
+    error = np.abs(run.model.params.data - reference.params.data).max()
+    errors = COMM.allgather(float(error))
+    assert moved > 1e-4
+    assert max(errors) < 1e-5 * max(1.0, moved), errors
