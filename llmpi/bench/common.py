@@ -43,3 +43,38 @@ def memcpy_bandwidth(nbytes=64 << 20, repeats=5) -> float:
 def emit_json(obj: dict, enabled: bool):
     if enabled:
         print(json.dumps(obj, sort_keys=True), flush=True)
+
+
+LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "OMPI_")
+
+
+def run_training(np_, args, out_dir, threads=1, extra_env=None, timeout=3600):
+    """Launch `mpiexec -n np_ python -m llmpi.train ARGS` as a user would; returns metrics.h5.
+
+    Launcher variables of an enclosing MPI job are dropped so the child is its own job."""
+    import shutil
+    import subprocess
+    import sys
+
+    from .. import metrics
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    env.update(extra_env or {})
+    name = next(a.split("=", 1)[1] for a in args if a.startswith("train.run_name="))
+    cmd = [sys.executable, "-m", "llmpi.train", *[x for a in args for x in ("--set", a)],
+           "--set", f"train.out_dir={out_dir}", "--overwrite"]
+    if np_ > 1:
+        mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+        cmd = [mpiexec, "-n", str(np_), *cmd]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return metrics.read(os.path.join(out_dir, name, "metrics.h5"))
+
+
+def step_seconds(m, skip=5):
+    """Median seconds per step from a metrics log, skipping warm-up steps."""
+    wall = np.asarray(m["steps"]["wall"])
+    return float(np.median(np.diff(wall[skip:])))
