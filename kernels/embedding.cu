@@ -1,0 +1,43 @@
+// Token + position embedding (GPT-2 wte/wpe) and its deterministic backward.
+// Shapes: idx (B,T) int32, wte (V,C), wpe (maxT,C), out/dout (B,T,C); BT = B*T.
+
+// out[b,t,:] = wte[idx[b,t],:] + wpe[t,:]; one thread per output element.
+extern "C" __global__ void embedding_forward(float* out, const int* idx, const float* wte,
+                                             const float* wpe, int BT, int T, int C) {
+    long long n = (long long)BT * C;
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        int bt = (int)(i / C);
+        int c = (int)(i % C);
+        out[i] = wte[(long long)idx[bt] * C + c] + wpe[(long long)(bt % T) * C + c];
+    }
+}
+
+// dwte[v,:] += sum of dout rows whose token is v, without float atomics.
+// keys (BT,) int64 are sorted values token*BT + position (unique, so every correct sort
+// gives the same order). One block per sorted entry; only the first entry of each
+// token's run does work: it sums its run in sorted order, so results are bit-reproducible.
+extern "C" __global__ void embedding_backward_wte(float* dwte, const float* dout,
+                                                  const long long* keys, int BT, int C) {
+    int i = blockIdx.x;
+    long long token = keys[i] / BT;
+    if (i > 0 && keys[i - 1] / BT == token) return;
+    int end = i + 1;
+    while (end < BT && keys[end] / BT == token) end++;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = i; j < end; j++) acc += dout[(keys[j] % BT) * C + c];
+        dwte[token * C + c] += acc;
+    }
+}
+
+// dwpe[t,:] += sum over b of dout[b,t,:]; one thread per (t, c), batch summed in order.
+extern "C" __global__ void embedding_backward_wpe(float* dwpe, const float* dout, int B, int T,
+                                                  int C) {
+    int n = T * C;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int b = 0; b < B; b++) acc += dout[(long long)b * n + i];
+        dwpe[i] += acc;
+    }
+}

@@ -1,0 +1,42 @@
+"""The one loader of our CUDA kernels: kernels/*.cu -> cupy.RawModule, compiled once per file.
+
+NVRTC compiles a file the first time one of its kernels is launched on a device;
+CuPy keeps the binary in ~/.cupy/kernel_cache, so later processes skip compilation.
+Besides llmpi/backend.py this is the only module that imports cupy.
+"""
+import functools
+import glob
+import os
+
+from .errors import UserError
+
+OPTIONS = ("-std=c++17",)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_dir() -> str:
+    """llmpi/_kernels in an installed package (setup.py copies them there), else <repo>/kernels."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for d in (os.path.join(here, "_kernels"), os.path.join(os.path.dirname(here), "kernels")):
+        if glob.glob(os.path.join(d, "*.cu")):
+            return d
+    raise UserError(f"CUDA kernel sources not found in {here}/_kernels or the checkout's kernels/; "
+                    "reinstall llmpi")
+
+
+def source(file: str) -> str:
+    with open(os.path.join(kernel_dir(), file), encoding="utf-8") as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=None)
+def module(file: str):
+    """The RawModule of kernels/<file> (e.g. 'layernorm.cu')."""
+    import cupy
+    return cupy.RawModule(code=source(file), options=OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(file: str, name: str):
+    """The RawKernel `name` (an extern "C" entry point) of kernels/<file>."""
+    return module(file).get_function(name)

@@ -1,0 +1,286 @@
+"""CUDA twins of llmpi/layers and llmpi/optim: same arguments, same results, one function per
+kernel entry point (kernels/*.cu). The model can call these instead of the layer functions
+when its arrays live on the GPU.
+
+Every wrapper checks dtype (float32) and C-contiguity, because a RawKernel reads raw
+pointers, and passes sizes as np.int32 and scalars as np.float32: CuPy would otherwise send
+Python ints/floats as 64-bit values into 32-bit parameters.
+Shape legend: B batch, T time, C channels, NH heads, HS head size, V vocab, N = B*T rows.
+"""
+import math
+
+import numpy as np
+
+from . import cuda
+from .backend import array_module
+
+THREADS = 256
+MAX_BLOCKS = 1 << 16  # grid-stride kernels cover any size with at most this many blocks
+ATT_WARPS = 8  # query/key rows per attention block, kernels/attention.cu
+ATT_MAX_HS = 128
+LN_EPS = 1e-5  # llmpi.layers.layernorm.EPS
+NORM_BLOCKS = 1024  # fixed, so the sum of squares has the same bits on every device
+LN_ROWS = 32  # rows per partial sum of the LayerNorm parameter gradients
+
+
+def _f32(*arrays):
+    for a in arrays:
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"CUDA kernels need C-contiguous float32 arrays, got {a.dtype} "
+                             f"{'contiguous' if a.flags.c_contiguous else 'strided'} {a.shape}")
+
+
+def _i32(n):
+    if n >= 2 ** 31:
+        raise ValueError(f"size {n} does not fit the kernels' 32-bit int")
+    return np.int32(n)
+
+
+def _grid(n, threads=THREADS):
+    return (max(1, min(MAX_BLOCKS, -(-n // threads))),)
+
+
+def _launch(file, name, grid, block, *args):
+    cuda.kernel(file, name)(grid, block, args)
+
+
+# ---- embedding ------------------------------------------------------------------------------
+
+def embedding_forward(wte, wpe, idx):
+    """wte (V, C), wpe (maxT, C), idx (B, T) int -> (out (B, T, C), idx32)."""
+    xp = array_module(wte)
+    _f32(wte, wpe)
+    B, T = idx.shape
+    C = wte.shape[1]
+    idx32 = xp.ascontiguousarray(idx, dtype=xp.int32)
+    out = xp.empty((B, T, C), dtype=xp.float32)
+    _launch("embedding.cu", "embedding_forward", _grid(B * T * C), (THREADS,),
+            out, idx32, wte, wpe, _i32(B * T), _i32(T), _i32(C))
+    return out, idx32
+
+
+def embedding_backward(dout, cache, dwte, dwpe):
+    """dout (B, T, C); adds into dwte (V, C) and dwpe (maxT, C), deterministically. Returns None."""
+    xp = array_module(dout)
+    _f32(dout, dwte, dwpe)
+    idx32 = cache
+    B, T, C = dout.shape
+    BT = B * T
+    # sort unique keys token*BT + position: equal tokens end up adjacent in position order
+    keys = idx32.reshape(-1).astype(xp.int64) * BT + xp.arange(BT, dtype=xp.int64)
+    keys = xp.sort(keys)
+    _launch("embedding.cu", "embedding_backward_wte", (BT,), (THREADS,), dwte, dout, keys,
+            _i32(BT), _i32(C))
+    _launch("embedding.cu", "embedding_backward_wpe", _grid(T * C), (THREADS,), dwpe, dout,
+            _i32(B), _i32(T), _i32(C))
+    return None
+
+
+# ---- layernorm ------------------------------------------------------------------------------
+
+def layernorm_forward(x, w, b):
+    """x (B, T, C), w (C,), b (C,) -> out (B, T, C); cache (x, w, mean, rstd), mean/rstd (B, T, 1)."""
+    xp = array_module(x)
+    _f32(x, w, b)
+    C = x.shape[-1]
+    N = x.size // C
+    out = xp.empty_like(x)
+    mean = xp.empty(x.shape[:-1] + (1,), dtype=xp.float32)
+    rstd = xp.empty_like(mean)
+    rows_per_block = THREADS // 32
+    _launch("layernorm.cu", "layernorm_forward", (-(-N // rows_per_block),), (THREADS,),
+            out, mean, rstd, x, w, b, _i32(N), _i32(C), np.float32(LN_EPS))
+    return out, (x, w, mean, rstd)
+
+
+def layernorm_backward(dout, cache, dw, db, dx=None):
+    """dout (B, T, C) -> dx (B, T, C); adds into dw, db (C,). With `dx` given the input
+    gradient is added into it (the residual stream) and it is returned."""
+    xp = array_module(dout)
+    x, w, mean, rstd = cache
+    _f32(dout, x, w, mean, rstd, dw, db)
+    C = x.shape[-1]
+    N = x.size // C
+    accumulate = dx is not None
+    if accumulate:
+        _f32(dx)
+    else:
+        dx = xp.empty_like(x)
+    rows_per_block = THREADS // 32
+    _launch("layernorm.cu", "layernorm_backward_dx", (-(-N // rows_per_block),), (THREADS,),
+            dx, dout, x, w, mean, rstd, _i32(N), _i32(C), np.int32(accumulate))
+    P = -(-N // LN_ROWS)
+    partial = xp.empty((2, P, C), dtype=xp.float32)
+    cblocks = -(-C // THREADS)
+    _launch("layernorm.cu", "layernorm_backward_params_partial", (cblocks, P), (THREADS,),
+            partial, dout, x, mean, rstd, _i32(N), _i32(C), _i32(LN_ROWS))
+    _launch("layernorm.cu", "layernorm_backward_params_finish", (cblocks,), (THREADS,),
+            dw, db, partial, _i32(P), _i32(C))
+    return dx
+
+
+# ---- gelu -----------------------------------------------------------------------------------
+
+def gelu_forward(x):
+    """x (B, T, 4C) -> (out (B, T, 4C), cache x)."""
+    xp = array_module(x)
+    _f32(x)
+    out = xp.empty_like(x)
+    _launch("gelu.cu", "gelu_forward", _grid(x.size), (THREADS,), out, x, _i32(x.size))
+    return out, x
+
+
+def bias_gelu_forward(pre, bias):
+    """pre (B, T, OC) += bias (OC) in place, then -> (gelu(pre), cache pre): c_fc's bias add
+    fused into the activation, for a matmul output that has no bias yet."""
+    xp = array_module(pre)
+    _f32(pre, bias)
+    out = xp.empty_like(pre)
+    _launch("gelu.cu", "bias_gelu_forward", _grid(pre.size), (THREADS,), out, pre, bias,
+            _i32(pre.size), _i32(bias.size))
+    return out, pre
+
+
+def gelu_backward(dout, cache):
+    """dout (B, T, 4C) -> dx (B, T, 4C)."""
+    xp = array_module(dout)
+    x = cache
+    _f32(dout, x)
+    dx = xp.empty_like(x)
+    _launch("gelu.cu", "gelu_backward", _grid(x.size), (THREADS,), dx, x, dout, _i32(x.size))
+    return dx
+
+
+# ---- residual -------------------------------------------------------------------------------
+
+def residual_forward(x, fx):
+    """x, fx (B, T, C) -> (fx + x written into fx, None), as llmpi.layers.residual."""
+    _f32(x, fx)
+    _launch("residual.cu", "residual_forward", _grid(x.size), (THREADS,), fx, fx, x, _i32(x.size))
+    return fx, None
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+def _att_dims(qkv, n_head):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    HS = C // n_head
+    if HS * n_head * 3 != C3 or HS > ATT_MAX_HS:
+        raise ValueError(f"attention kernel needs 3*NH*HS columns with HS <= {ATT_MAX_HS}, "
+                         f"got {C3} columns for {n_head} heads")
+    return B, T, C, HS
+
+
+def attention_forward(qkv, n_head):
+    """qkv (B, T, 3C) -> out (B, T, C); cache (qkv, out, lse (B, NH, T), n_head)."""
+    xp = array_module(qkv)
+    _f32(qkv)
+    B, T, C, HS = _att_dims(qkv, n_head)
+    out = xp.empty((B, T, C), dtype=xp.float32)
+    lse = xp.empty((B, n_head, T), dtype=xp.float32)
+    _launch("attention.cu", "attention_forward", (-(-T // ATT_WARPS), B * n_head),
+            (ATT_WARPS * 32,), out, lse, qkv, _i32(T), _i32(n_head), _i32(HS),
+            np.float32(1.0 / math.sqrt(HS)))
+    return out, (qkv, out, lse, n_head)
+
+
+def attention_backward(dout, cache):
+    """dout (B, T, C) -> dqkv (B, T, 3C)."""
+    xp = array_module(dout)
+    qkv, out, lse, NH = cache
+    _f32(dout, qkv, out, lse)
+    B, T, C, HS = _att_dims(qkv, NH)
+    delta = xp.empty((B, NH, T), dtype=xp.float32)
+    rows = B * T * NH
+    _launch("attention.cu", "attention_backward_delta", (-(-rows // (THREADS // 32)),),
+            (THREADS,), delta, dout, out, _i32(B), _i32(T), _i32(NH), _i32(HS))
+    dqkv = xp.empty_like(qkv)
+    grid = (-(-T // ATT_WARPS), B * NH)
+    args = (dqkv, qkv, dout, lse, delta, _i32(T), _i32(NH), _i32(HS), np.float32(1.0 / math.sqrt(HS)))
+    _launch("attention.cu", "attention_backward_dq", grid, (ATT_WARPS * 32,), *args)
+    _launch("attention.cu", "attention_backward_dkv", grid, (ATT_WARPS * 32,), *args)
+    return dqkv
+
+
+# ---- classifier -----------------------------------------------------------------------------
+
+def crossentropy_forward(logits, targets):
+    """logits (B, T, V), targets (B, T) int -> (mean loss float, cache).
+
+    One fused pass leaves dlogits for loss_scale = 1 in the logits buffer (as the NumPy layer
+    leaves the probabilities there); the caller must not use the logits afterwards."""
+    xp = array_module(logits)
+    _f32(logits)
+    V = logits.shape[-1]
+    N = logits.size // V
+    t32 = xp.ascontiguousarray(targets.reshape(-1), dtype=xp.int32)
+    losses = xp.empty(N, dtype=xp.float32)
+    threads = min(1024, -(-V // 32) * 32)
+    _launch("classifier.cu", "crossentropy_fused", (N,), (threads,), logits, losses, t32,
+            _i32(N), _i32(V), np.float32(1.0 / N), np.int32(1))
+    loss = float(losses.sum(dtype=xp.float64)) / N
+    return loss, logits
+
+
+def crossentropy_losses(logits, targets):
+    """Per-token losses (N,) without touching the logits (evaluation)."""
+    xp = array_module(logits)
+    _f32(logits)
+    V = logits.shape[-1]
+    N = logits.size // V
+    t32 = xp.ascontiguousarray(targets.reshape(-1), dtype=xp.int32)
+    losses = xp.empty(N, dtype=xp.float32)
+    threads = min(1024, -(-V // 32) * 32)
+    _launch("classifier.cu", "crossentropy_fused", (N,), (threads,), logits, losses, t32,
+            _i32(N), _i32(V), np.float32(1.0 / N), np.int32(0))
+    return losses
+
+
+def crossentropy_backward(cache, loss_scale=1.0):
+    """-> dlogits (B, T, V) = loss_scale * (probs - onehot) / N, in place (cache consumed)."""
+    dlogits = cache
+    if loss_scale != 1.0:
+        dlogits *= np.float32(loss_scale)
+    return dlogits
+
+
+# ---- optimizer ------------------------------------------------------------------------------
+
+def adamw_update(p, g, m, v, mask, lr, beta1, beta2, eps, weight_decay, t, grad_scale=1.0,
+                 out=None):
+    """One AdamW step t (1-based) over flat buffers; m, v updated in place.
+
+    out=None: p is updated in place and returned. Otherwise out gets the update u
+    (p_new = p + u, llmpi.optim.AdamW.delta) and p is left as it is."""
+    _f32(p, g, m, v, mask)
+    write_delta = out is not None
+    if write_delta:
+        _f32(out)
+    else:
+        out = p
+    _launch("adamw.cu", "adamw_update", _grid(p.size), (THREADS,), out, p, g, m, v, mask,
+            _i32(p.size), np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(eps),
+            np.float32(weight_decay), np.float32(1.0 - beta1 ** t), np.float32(1.0 - beta2 ** t),
+            np.float32(grad_scale), np.int32(write_delta))
+    return out
+
+
+def sumsq(x):
+    """Sum of squares of a flat float32 buffer as a float64 device scalar (deterministic)."""
+    xp = array_module(x)
+    _f32(x)
+    partial = xp.empty(NORM_BLOCKS, dtype=xp.float64)
+    total = xp.empty(1, dtype=xp.float64)
+    _launch("gradnorm.cu", "sumsq_partial", (NORM_BLOCKS,), (THREADS,), partial, x, _i32(x.size))
+    _launch("gradnorm.cu", "sumsq_finish", (1,), (THREADS,), total, partial, _i32(NORM_BLOCKS))
+    return total[0]
+
+
+def clip_grad_norm(grad, max_norm):
+    """As llmpi.optim.clip_grad_norm: scale grad in place to global norm <= max_norm (0 disables);
+    returns the norm before clipping."""
+    norm = math.sqrt(float(sumsq(grad)))
+    if max_norm > 0 and norm > max_norm:
+        grad *= np.float32(max_norm / (norm + 1e-6))
+    return norm
