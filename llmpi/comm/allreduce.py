@@ -15,9 +15,11 @@ Algorithms (P ranks, n bytes):
 - "auto": "rd" below AUTO_THRESHOLD_BYTES, "ring" from there on (measured with
   `mpiexec -n 4 python -m llmpi.bench allreduce` on a 2-core laptop-class VM).
 
-Device (CuPy) buffers: the stream is synchronised before MPI sees the buffer; unless
-MPI reports CUDA support, the reduction is staged through a host copy.
+Device (CuPy) buffers: the stream is synchronised before MPI sees the buffer; "ring"
+and "rd" (which add with NumPy), and "mpi" unless MPI reports CUDA support, are
+staged through a host copy.
 """
+import os
 import time
 
 import numpy as np
@@ -27,12 +29,34 @@ from .. import backend
 
 ALGORITHMS = ("mpi", "ring", "rd", "auto")
 DEFAULT_SEGMENT_BYTES = 1 << 20
-# Below this many bytes recursive doubling's log2(P) latency beats the ring's 2(P-1)
-# steps; above it the ring's smaller per-rank volume wins (see bench/allreduce.py).
-AUTO_THRESHOLD_BYTES = 64 << 10
-_TAG = 0x52494E  # "RIN": our point-to-point traffic on the caller's communicator
+# Below this many bytes recursive doubling's log2(P) exchanges beat the ring's 2(P-1)
+# steps; above it the ring's smaller volume per rank (2(P-1)/P n vs log2(P) n) wins.
+# Measured at P=4 on 2 shared cores: rd ahead at 256 KiB, even at 1 MiB, ring ahead
+# from 4 MiB. The latency/bandwidth model puts the crossover at about
+# alpha/beta * (2(P-1) - log2 P) / (log2 P - 2(P-1)/P), i.e. it grows with P.
+AUTO_THRESHOLD_BYTES = 1 << 20
+_TAG = 0x4C4C  # our point-to-point traffic; below 32767, the smallest MPI_TAG_UB allowed
 
 _scratch = {}
+# Waiting by Test + sched_yield instead of MPI's busy Wait hands the core to a rank
+# that has work when ranks outnumber cores; with a core per rank it costs nothing.
+YIELD_WHILE_WAITING = True
+
+
+def _wait(req):
+    if YIELD_WHILE_WAITING:
+        while not req.Test():
+            os.sched_yield()
+    else:
+        req.Wait()
+
+
+def _waitall(reqs):
+    if YIELD_WHILE_WAITING:
+        while not MPI.Request.Testall(reqs):
+            os.sched_yield()
+    else:
+        MPI.Request.Waitall(reqs)
 
 
 def _scratch_for(n, dtype):
@@ -66,7 +90,8 @@ def allreduce_sum(buf, comm, algorithm="mpi", segment_bytes=DEFAULT_SEGMENT_BYTE
         return buf
     if backend.is_device_array(buf):
         backend.synchronize()
-        if not _device_direct():
+        # Our ring and rd add with NumPy on host memory, so they always stage.
+        if algorithm != "mpi" or not _device_direct():
             host = backend.to_host(buf)
             allreduce_sum(host, comm, algorithm, segment_bytes)
             buf.set(host)
@@ -113,7 +138,7 @@ def ring_allreduce(buf, comm, segment_bytes=DEFAULT_SEGMENT_BYTES):
         next_segs = segments(nxt) if s < p - 2 else []
         next_recvs = []
         for j, (lo, hi) in enumerate(recv_segs):
-            recvs[j].Wait()
+            _wait(recvs[j])
             np.add(buf[lo:hi], scratch[lo - b[c]:hi - b[c]], out=buf[lo:hi])
             if s < p - 2:
                 sends.append(comm.Isend(buf[lo:hi], right, _TAG))
@@ -124,7 +149,7 @@ def ring_allreduce(buf, comm, segment_bytes=DEFAULT_SEGMENT_BYTES):
         for nlo, nhi in next_segs[len(recv_segs):]:
             next_recvs.append(comm.Irecv(scratch[nlo - b[nxt]:nhi - b[nxt]], left, _TAG))
         recvs, recv_segs = next_recvs, next_segs
-    MPI.Request.Waitall(sends)
+    _waitall(sends)
 
     # All-gather: every chunk is received exactly once, straight into its place, so all
     # receives are posted up front; each arriving segment is forwarded at once.
@@ -134,18 +159,18 @@ def ring_allreduce(buf, comm, segment_bytes=DEFAULT_SEGMENT_BYTES):
     sends = [comm.Isend(buf[lo:hi], right, _TAG) for lo, hi in segments((r + 1) % p)]
     for s in range(p - 1):
         for j, (lo, hi) in enumerate(plan[s]):
-            recvs[s][j].Wait()
+            _wait(recvs[s][j])
             if s < p - 2:
                 sends.append(comm.Isend(buf[lo:hi], right, _TAG))
-    MPI.Request.Waitall(sends)
+    _waitall(sends)
     return buf
 
 
 def _exchange_add(buf, partner, lower_first, comm, scratch, seg):
     """buf <- buf + partner's buf, summed lower rank's data first on both sides."""
-    for lo in range(0, buf.size, seg):
-        hi = min(lo + seg, buf.size)
-        comm.Sendrecv(buf[lo:hi], partner, _TAG, scratch[lo:hi], partner, _TAG)
+    reqs = [comm.Irecv(scratch[lo:lo + seg], partner, _TAG) for lo in range(0, buf.size, seg)]
+    reqs += [comm.Isend(buf[lo:lo + seg], partner, _TAG) for lo in range(0, buf.size, seg)]
+    _waitall(reqs)
     if lower_first:
         np.add(buf, scratch, out=buf)
     else:
@@ -164,13 +189,10 @@ def recursive_doubling_allreduce(buf, comm, segment_bytes=DEFAULT_SEGMENT_BYTES)
     # Fold: even rank 2i < 2*rem hands its data to 2i+1 and sits out until the end.
     if r < 2 * rem:
         if r % 2 == 0:
-            for lo in range(0, buf.size, seg):
-                comm.Send(buf[lo:lo + seg], r + 1, _TAG)
-            for lo in range(0, buf.size, seg):
-                comm.Recv(buf[lo:lo + seg], r + 1, _TAG)
+            _waitall([comm.Isend(buf[lo:lo + seg], r + 1, _TAG) for lo in range(0, buf.size, seg)])
+            _waitall([comm.Irecv(buf[lo:lo + seg], r + 1, _TAG) for lo in range(0, buf.size, seg)])
             return buf
-        for lo in range(0, buf.size, seg):
-            comm.Recv(scratch[lo:lo + seg], r - 1, _TAG)
+        _waitall([comm.Irecv(scratch[lo:lo + seg], r - 1, _TAG) for lo in range(0, buf.size, seg)])
         np.add(scratch, buf, out=buf)
         vr = r // 2
     else:
@@ -182,8 +204,7 @@ def recursive_doubling_allreduce(buf, comm, segment_bytes=DEFAULT_SEGMENT_BYTES)
         _exchange_add(buf, partner, r < partner, comm, scratch, seg)
         mask <<= 1
     if r < 2 * rem:
-        for lo in range(0, buf.size, seg):
-            comm.Send(buf[lo:lo + seg], r - 1, _TAG)
+        _waitall([comm.Isend(buf[lo:lo + seg], r - 1, _TAG) for lo in range(0, buf.size, seg)])
     return buf
 
 
