@@ -125,7 +125,7 @@ def collect(comm=None) -> dict:
         "numpy": f"{np.__version__} (BLAS: {blas_name()})",
         "h5py": h5,
         "mpi4py": mpi4py.__version__,
-        "mpi library": " ".join(MPI.Get_library_version().splitlines()[0].split()),
+        "mpi library": " ".join(MPI.Get_library_version().replace("\x00", "").splitlines()[0].split()),
         "mpi standard": "{}.{}".format(*MPI.Get_version()),
         "world size": f"{comm.Get_size()} rank(s) on {node_count(comm)} node(s)",
         "cuda-aware mpi": cuda_aware_mpi(),
