@@ -107,13 +107,16 @@ class GPT:
         return self.params.size
 
     def activation_bytes_per_token(self):
-        """Bytes per token per layer kept for backward, from what each layer caches:
+        """Bytes per token kept for backward by all n_layer blocks: n_layer times the per-layer
+        figure, which counts what each layer caches:
         ln_1 input x (C) + mean, rstd (2) + ln_1 out (C) + qkv (3C) + attention probs (NH*T)
         + attention out (C) + residual x (C) + ln_2 mean, rstd (2) + ln_2 out (C)
-        + fc out (4C) + gelu out (4C) = (16C + NH*T + 4) * itemsize, T = block_size.
+        + fc out (4C) + gelu out (4C) = (16C + NH*T + 4) * itemsize per layer, T = block_size.
+        (The head adds (2C + 2 + V) * itemsize per token once; it is left out so that
+        dividing by n_layer gives the per-layer figure exactly.)
         """
         C, NH, T = self.cfg.n_embd, self.cfg.n_head, self.cfg.block_size
-        return (16 * C + NH * T + 4) * self.params.dtype.itemsize
+        return self.cfg.n_layer * (16 * C + NH * T + 4) * self.params.dtype.itemsize
 
     def forward(self, idx, targets=None):
         """idx (B, T) int, targets (B, T) int or None -> (logits (B, T, V) or None, loss or None, cache).

@@ -134,4 +134,4 @@ def test_generate():
 
 def test_activation_bytes_per_token():
     cfg = tiny("float32", n_embd=16, n_head=2, block_size=8)
-    assert GPT(cfg).activation_bytes_per_token() == (16 * 16 + 2 * 8 + 4) * 4
+    assert GPT(cfg).activation_bytes_per_token() == cfg.n_layer * (16 * 16 + 2 * 8 + 4) * 4
