@@ -22,8 +22,9 @@ So: the trainer needs no environment variable; do not set MPIR_CVAR_ASYNC_PROGRE
 on oversubscribed nodes. Not measured here: across nodes, netmod RMA without
 hardware offload may still need target progress; there set the variable before
 MPI_Init (before `import mpi4py.MPI`) and check with this module's main.
-Only `put_all` (initialisation/resume) takes exclusive locks, and so waits for busy
-targets: keep it out of the training loop.
+Exclusive locks would conflict with that epoch, so `put_all` (initialisation,
+resume) writes with Accumulate(MPI_REPLACE), an element-wise atomic put.
+`local` is the owner's shard (a read-only view for checkpoints and debugging).
 """
 import os
 import time
@@ -31,6 +32,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 from mpi4py.util import dtlib
+
+from .. import backend
 
 DEFAULT_SEGMENT_BYTES = 16 << 20  # bounded message size per RMA call
 
@@ -62,7 +65,8 @@ class ShardedWindow:
     """A flat vector of n elements held in RMA windows; see the module doc.
 
     `init` (optional, the same full vector on every rank) fills the windows
-    collectively at construction; otherwise they start at zero.
+    collectively at construction; otherwise they start at zero. Construction and
+    `free` are collective; get/accumulate/put_all are not.
     """
 
     def __init__(self, comm, n, dtype=np.float32, server="sharded", init=None,
@@ -88,7 +92,8 @@ class ShardedWindow:
         self.win.Lock_all(MPI.MODE_NOCHECK)
 
     def _targets(self, vec):
-        """(rank, view of vec, displacement) per message, segmented, skipping empty shards."""
+        """(rank, [(view of vec, target displacement), ...]) per non-empty shard; the
+        views are segments of at most segment_bytes, so messages stay bounded."""
         if vec.shape != (self.n,) or vec.dtype != self.dtype or not vec.flags.c_contiguous:
             raise ValueError(f"expected a contiguous ({self.n},) {self.dtype} array, "
                              f"got {vec.shape} {vec.dtype}")
@@ -97,7 +102,12 @@ class ShardedWindow:
                 yield rank, [(vec[a:min(a + self.seg, hi)], a - lo) for a in range(lo, hi, self.seg)]
 
     def get(self, out):
-        """out <- the whole vector (each element as some accumulate left it)."""
+        """out <- the whole vector (each element as some accumulate left it).
+        A device (CuPy) `out` is filled through a host copy."""
+        if backend.is_device_array(out):
+            host = self.get(np.empty(out.shape, dtype=out.dtype))
+            out.set(host)
+            return out
         for rank, pieces in self._targets(out):
             for view, disp in pieces:
                 self.win.Get([view, self.mpi_type], rank, target=(disp, view.size, self.mpi_type))
@@ -106,6 +116,9 @@ class ShardedWindow:
 
     def accumulate(self, vec):
         """vector += vec, element-wise atomically, concurrently with other ranks."""
+        if backend.is_device_array(vec):
+            backend.synchronize()
+            vec = backend.to_host(vec)
         for rank, pieces in self._targets(vec):
             for view, disp in pieces:
                 self.win.Accumulate([view, self.mpi_type], rank,
@@ -113,16 +126,19 @@ class ShardedWindow:
             self.win.Flush(rank)
 
     def put_all(self, vec):
-        """vector <- vec (initialisation, resume) under exclusive locks; a target busy
-        in compute delays this call (see the module doc), so keep it out of the loop."""
-        self.win.Unlock_all()
-        try:
-            for rank, pieces in self._targets(vec):
-                with _Lock(self.win, rank, exclusive=True):
-                    for view, disp in pieces:
-                        self.win.Put([view, self.mpi_type], rank, target=(disp, view.size, self.mpi_type))
-        finally:
-            self.win.Lock_all(MPI.MODE_NOCHECK)
+        """vector <- vec (initialisation, resume), from any one rank.
+
+        Accumulate with MPI_REPLACE is an element-wise atomic put, so it stays
+        well-defined next to other ranks' accumulates inside the window's shared
+        lock_all epoch, where an exclusive lock would break the MODE_NOCHECK promise."""
+        if backend.is_device_array(vec):
+            backend.synchronize()
+            vec = backend.to_host(vec)
+        for rank, pieces in self._targets(vec):
+            for view, disp in pieces:
+                self.win.Accumulate([view, self.mpi_type], rank,
+                                    target=(disp, view.size, self.mpi_type), op=MPI.REPLACE)
+            self.win.Flush(rank)
 
     def free(self):
         """Collective: release the window (every rank must call it)."""
