@@ -118,10 +118,11 @@ def test_version_counter_exact():
 
 @pytest.mark.mpi(min_size=2)
 def test_busy_target_does_not_stall_origins():
-    """Rank 0 computes 0.5 s without MPI calls; origins' round trips stay short."""
+    """Rank 0 computes 1 s without MPI calls; origins' round trips stay short."""
     comm = world()
-    median, worst = measure_progress(comm, busy_seconds=0.5)
+    median, worst = measure_progress(comm, busy_seconds=1.0)
     res = np.array([median, worst])
     comm.Allreduce(MPI.IN_PLACE, res, op=MPI.MAX)
-    # A stalled origin would wait out the whole busy phase (~0.5 s); allow scheduler noise.
-    assert res[0] < 0.05 and res[1] < 0.3, f"median {res[0]:.4f} s, worst {res[1]:.4f} s"
+    # A stalled origin waits out the busy phase (~1 s, measured with per-op locks);
+    # the bounds leave room for scheduler noise on an oversubscribed machine.
+    assert res[0] < 0.1 and res[1] < 0.6, f"median {res[0]:.4f} s, worst {res[1]:.4f} s"
