@@ -38,12 +38,13 @@ def _timed(step, batches):
     """Median seconds per step after WARMUP steps (the median shrugs off other load on a shared machine)."""
     for x, y in batches[:WARMUP]:
         step(x, y)
-    times = []
+    times, cpu = [], []
     for x, y in batches[WARMUP:]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(x, y)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        cpu.append(time.process_time() - c0)
+    return float(np.median(times)), float(np.median(cpu))
 
 
 def _llmpi_child(shape, steps):
@@ -64,7 +65,7 @@ def _llmpi_child(shape, steps):
         opt.step()
 
     batches = _batches(shape, steps + WARMUP)
-    step_s = _timed(step, batches)
+    step_s, cpu_s = _timed(step, batches)
     # breakdown: wrap each layer's forward/backward with a timer, then time a few more steps
     acc = defaultdict(float)
     mods = dict(attention=attention, crossentropy=crossentropy, embedding=embedding, gelu=gelu,
@@ -90,7 +91,7 @@ def _llmpi_child(shape, steps):
     per_step = (time.perf_counter() - t0) / n
     acc = {k: v / n for k, v in acc.items()}
     acc["other (lm head, clip, python)"] = max(per_step - sum(acc.values()), 0.0)
-    return step_s, dict(sorted(acc.items(), key=lambda kv: -kv[1]))
+    return step_s, cpu_s, dict(sorted(acc.items(), key=lambda kv: -kv[1]))
 
 
 def _torch_child(shape, steps, threads):
@@ -151,12 +152,12 @@ def _torch_child(shape, steps, threads):
 def child(args):
     shape = CONFIGS[args.config]
     if args.child == "llmpi":
-        step_s, breakdown = _llmpi_child(shape, args.steps)
+        step_s, cpu_s, breakdown = _llmpi_child(shape, args.steps)
     else:
-        step_s, breakdown = _torch_child(shape, args.steps, args.threads), {}
+        (step_s, cpu_s), breakdown = _torch_child(shape, args.steps, args.threads), {}
     tokens = shape["batch"] * shape["block_size"]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps(dict(step_s=step_s, tokens_per_s=tokens / step_s, peak_rss_mb=rss_mb, breakdown=breakdown)))
+    print(json.dumps(dict(step_s=step_s, cpu_s=cpu_s, tokens_per_s=tokens / step_s, peak_rss_mb=rss_mb, breakdown=breakdown)))
     return 0
 
 
@@ -190,7 +191,7 @@ def main(argv=None):
     print(f"llmpi.bench train: config {args.config} {shape}, {args.threads} thread(s), {args.steps} steps")
     print(f"machine: {machine()}")
     # alternate the two sides and keep each one's best run, so a burst of outside load hits both alike
-    ours, ref = None, None
+    ours = ref = None
     have_torch = _torch_available()
     for _ in range(args.repeats):
         run = _run_child("llmpi", args)
@@ -200,16 +201,19 @@ def main(argv=None):
             ref = run if ref is None or run["step_s"] < ref["step_s"] else ref
     result = {"config": args.config, "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
               "llmpi_tokens_per_s": ours["tokens_per_s"], "llmpi_step_ms": ours["step_s"] * 1e3,
+              "llmpi_cpu_ms_per_step": ours["cpu_s"] * 1e3,
               "llmpi_peak_rss_mb": ours["peak_rss_mb"],
               "llmpi_breakdown_ms": {k: v * 1e3 for k, v in ours["breakdown"].items()}}
     print(f"llmpi : {ours['tokens_per_s']:10.0f} tok/s  {ours['step_s'] * 1e3:8.2f} ms/step  "
-          f"peak RSS {ours['peak_rss_mb']:.0f} MiB")
+          f"{ours['cpu_s'] * 1e3:8.2f} CPU ms/step  peak RSS {ours['peak_rss_mb']:.0f} MiB")
     if have_torch:
         result.update(torch_tokens_per_s=ref["tokens_per_s"], torch_step_ms=ref["step_s"] * 1e3,
+                      torch_cpu_ms_per_step=ref["cpu_s"] * 1e3, cpu_ratio=ref["cpu_s"] / ours["cpu_s"],
                       torch_peak_rss_mb=ref["peak_rss_mb"], ratio=ours["tokens_per_s"] / ref["tokens_per_s"])
         print(f"torch : {ref['tokens_per_s']:10.0f} tok/s  {ref['step_s'] * 1e3:8.2f} ms/step  "
-              f"peak RSS {ref['peak_rss_mb']:.0f} MiB")
-        print(f"ratio llmpi/torch: {result['ratio']:.2f}x")
+              f"{ref['cpu_s'] * 1e3:8.2f} CPU ms/step  peak RSS {ref['peak_rss_mb']:.0f} MiB")
+        print(f"ratio llmpi/torch: {result['ratio']:.2f}x tokens/s, {result['cpu_ratio']:.2f}x by CPU time "
+              "(CPU time is steadier on a loaded machine)")
     else:
         result.update(torch_tokens_per_s=None, ratio=None)
         print("torch : not installed, reference skipped (pip install torch)")
