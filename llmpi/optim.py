@@ -36,13 +36,15 @@ class AdamW:
         self.m *= b1
         self.m += (1.0 - b1) * g
         self.v *= b2
-        self.v += (1.0 - b2) * (g * g)
+        gg = g * g
+        gg *= 1.0 - b2
+        self.v += gg
         bc1 = 1.0 - b1 ** self.t
         bc2 = 1.0 - b2 ** self.t
-        denom = self.params.xp.sqrt(self.v)
-        denom *= 1.0 / math.sqrt(bc2)
-        denom += self.eps
-        u = self.m / denom
+        u = self.params.xp.sqrt(self.v, out=gg)  # reuse the temporary: fewer passes over memory
+        u *= 1.0 / math.sqrt(bc2)
+        u += self.eps
+        self.params.xp.divide(self.m, u, out=u)
         u *= -lr / bc1
         if self.weight_decay:
             decay = self.mask * p  # decoupled: uses the weights before this step, like torch AdamW

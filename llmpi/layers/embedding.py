@@ -1,4 +1,6 @@
 """Token + position embedding: out[b, t] = wte[idx[b, t]] + wpe[t]."""
+import numpy as np
+
 from ..backend import array_module
 
 
@@ -18,5 +20,12 @@ def backward(dout, cache, dwte, dwpe):
     dout2 = dout.reshape(B * T, C)
     dwpe[:T] += dout.sum(axis=0)
     # scatter-add: repeated tokens must accumulate, which fancy-index += would not do
-    xp.add.at(dwte, idx.reshape(-1), dout2)
+    flat = idx.reshape(-1)
+    if xp is np:  # sum equal-token rows with one sorted reduceat (several times faster than add.at)
+        order = np.argsort(flat, kind="stable")
+        tokens = flat[order]
+        starts = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])
+        dwte[tokens[starts]] += np.add.reduceat(dout2[order], starts, axis=0)
+    else:
+        xp.add.at(dwte, flat, dout2)
     return None
