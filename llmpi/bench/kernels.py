@@ -1,0 +1,210 @@
+"""`python -m llmpi.bench kernels [--json] [--repeats N] [--batch B] [--shape gpt2|small]`: every
+CUDA kernel checked against its reference, then timed, at GPT-2 124M shapes (B=8, T=1024,
+C=768, NH=12, V=50257, AdamW over 124M parameters); `--shape small` is a seconds-long smoke run.
+
+The references are the NumPy layers of llmpi.layers run on CuPy arrays (the same code as on
+the CPU; the embedding scatter-add runs on the host). Times are medians of CUDA-event
+intervals. Memory-bound kernels report GB/s of the bytes they must move at least, as a
+fraction of the measured device-to-device copy bandwidth; attention reports TFLOP/s as a
+fraction of a measured float32 cuBLAS matmul. `ratio` is the geometric mean of the fractions.
+"""
+import argparse
+import math
+import types
+
+import numpy as np
+
+from .common import emit_json
+
+SHAPES = {
+    "gpt2": dict(B=8, T=1024, C=768, NH=12, V=50257, P=124_475_904),
+    "small": dict(B=2, T=65, C=96, NH=2, V=500, P=100_003),
+}
+
+
+def gpu_time(xp, fn, repeats, warmup=2):
+    """Median seconds of fn() between two CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = xp.cuda.Event(), xp.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(xp.cuda.get_elapsed_time(start, end) / 1e3)
+    return float(np.median(times))
+
+
+def copy_bandwidth(xp, repeats):
+    """Bytes/s of a device-to-device copy of 1 GiB, counting bytes read plus bytes written."""
+    src = xp.ones(1 << 28, dtype=xp.float32)
+    dst = xp.empty_like(src)
+    t = gpu_time(xp, lambda: xp.copyto(dst, src), repeats)
+    return 2 * src.nbytes / t
+
+
+def matmul_peak(xp, dtype, repeats, n=8192):
+    """FLOP/s of an n x n x n cupy.matmul in `dtype`, or None when CuPy cannot do it."""
+    try:
+        a = xp.ones((n, n), dtype=dtype) * 0.01
+        b = xp.ones((n, n), dtype=dtype) * 0.01
+        t = gpu_time(xp, lambda: xp.matmul(a, b), max(3, repeats // 4))
+    except (TypeError, ValueError):
+        return None
+    return 2.0 * n ** 3 / t
+
+
+def rel_error(got, ref):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def cases(xp, B, T, C, NH, V, P):
+    """(name, check() -> error, run(), tolerance, bytes moved or None, flops or None)."""
+    from llmpi import gpu_ops as G
+    from llmpi.backend import to_host as host
+    from llmpi.layers import attention, crossentropy, embedding, gelu, layernorm, residual
+    from llmpi.optim import AdamW
+
+    r = xp.random.default_rng(0)
+    rand = lambda *shape: r.standard_normal(shape, dtype=xp.float32)  # noqa: E731
+    N, HS, f4 = B * T, C // NH, 4
+    out = []
+
+    wte, wpe = rand(V, C) * 0.02, rand(T, C) * 0.02
+    idx = xp.asarray(np.random.default_rng(1).integers(0, V, (B, T)))
+    emb, emb_cache = G.embedding_forward(wte, wpe, idx)
+    out.append(("embedding_forward", lambda: rel_error(host(emb), host(embedding.forward(wte, wpe, idx)[0])),
+                lambda: G.embedding_forward(wte, wpe, idx), 1e-6, f4 * (2 * N * C + T * C) + 4 * N, None))
+    demb, dwte, dwpe = rand(B, T, C), xp.zeros((V, C), xp.float32), xp.zeros((T, C), xp.float32)
+
+    def check_emb_bwd():
+        dwte[...] = 0
+        dwpe[...] = 0
+        G.embedding_backward(demb, emb_cache, dwte, dwpe)
+        rw, rp = np.zeros((V, C)), np.zeros((T, C))
+        embedding.backward(host(demb).astype(np.float64), host(idx), rw, rp)
+        return max(rel_error(host(dwte), rw), rel_error(host(dwpe), rp))
+    out.append(("embedding_backward", check_emb_bwd, lambda: G.embedding_backward(demb, emb_cache, dwte, dwpe),
+                1e-5, f4 * 2 * N * C + 2 * f4 * T * C, None))
+
+    x, w, b = rand(B, T, C), rand(C), rand(C)
+    ln, ln_cache = G.layernorm_forward(x, w, b)
+    out.append(("layernorm_forward", lambda: rel_error(host(ln), host(layernorm.forward(x, w, b)[0])),
+                lambda: G.layernorm_forward(x, w, b), 1e-4, f4 * 2 * N * C, None))
+    dln, dw, db = rand(B, T, C), xp.zeros(C, xp.float32), xp.zeros(C, xp.float32)
+
+    def check_ln_bwd():
+        dw[...] = 0
+        db[...] = 0
+        rdw, rdb = xp.zeros_like(dw), xp.zeros_like(db)
+        got = G.layernorm_backward(dln, ln_cache, dw, db)
+        ref = layernorm.backward(dln, layernorm.forward(x, w, b)[1], rdw, rdb)
+        return max(rel_error(host(got), host(ref)), rel_error(host(dw), host(rdw)), rel_error(host(db), host(rdb)))
+    out.append(("layernorm_backward", check_ln_bwd, lambda: G.layernorm_backward(dln, ln_cache, dw, db),
+                1e-3, f4 * 3 * N * C, None))
+
+    h, bias = rand(B, T, 4 * C), rand(4 * C)
+    out.append(("gelu_forward", lambda: rel_error(host(G.gelu_forward(h)[0]), host(gelu.forward(h)[0])),
+                lambda: G.gelu_forward(h), 1e-5, f4 * 2 * h.size, None))
+    pre = h.copy()
+    out.append(("bias_gelu_forward",
+                lambda: rel_error(host(G.bias_gelu_forward(h.copy(), bias)[0]), host(gelu.forward(h + bias)[0])),
+                lambda: G.bias_gelu_forward(pre, bias), 1e-5, f4 * 3 * h.size, None))
+    dh = rand(B, T, 4 * C)
+    out.append(("gelu_backward", lambda: rel_error(host(G.gelu_backward(dh, h)), host(gelu.backward(dh, h))),
+                lambda: G.gelu_backward(dh, h), 1e-5, f4 * 3 * h.size, None))
+
+    fx = rand(B, T, C)
+    out.append(("residual_forward",
+                lambda: rel_error(host(G.residual_forward(x, fx.copy())[0]), host(residual.forward(x, fx.copy())[0])),
+                lambda: G.residual_forward(x, fx), 1e-6, f4 * 3 * N * C, None))
+
+    qkv, dy = rand(B, T, 3 * C), rand(B, T, C)
+    att, att_cache = G.attention_forward(qkv, NH)
+    fwd_flops = 2.0 * B * NH * T * T * HS  # QK^T and PV, half of each under the causal mask
+
+    out.append(("attention_forward", lambda: rel_error(host(att), host(attention.forward(qkv, NH)[0])),
+                lambda: G.attention_forward(qkv, NH), 1e-4, None, fwd_flops))
+    out.append(("attention_backward",
+                lambda: rel_error(host(G.attention_backward(dy, att_cache)),
+                                  host(attention.backward(dy, attention.forward(qkv, NH)[1]))),
+                lambda: G.attention_backward(dy, att_cache), 1e-4, None, 2.5 * fwd_flops))
+
+    logits, targets = rand(B, T, V), xp.asarray(np.random.default_rng(2).integers(0, V, (B, T)))
+
+    def check_ce():
+        lg = logits.copy()
+        loss, cache = G.crossentropy_forward(lg, targets)
+        ref_loss, ref_cache = crossentropy.forward(logits.copy(), targets)
+        err = rel_error(host(G.crossentropy_backward(cache)), host(crossentropy.backward(ref_cache)))
+        return max(err, abs(loss - ref_loss) / ref_loss)
+    work = logits.copy()
+    out.append(("crossentropy_fused", check_ce, lambda: G.crossentropy_forward(work, targets), 1e-4,
+                f4 * 2 * N * V, None))
+
+    n = P
+    p, g = rand(n) * 0.02, rand(n) * 1e-3
+    mask = (r.random(n) < 0.9).astype(xp.float32)
+    m, v = xp.zeros(n, xp.float32), xp.zeros(n, xp.float32)
+
+    def check_adamw():
+        params = types.SimpleNamespace(data=p.copy(), grad=g, xp=xp, decay_mask=lambda: mask)
+        opt = AdamW(params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        u = opt.delta()
+        got = xp.empty_like(p)
+        G.adamw_update(p, g, xp.zeros_like(m), xp.zeros_like(v), mask, 6e-4, 0.9, 0.95, 1e-8, 0.1, 1, out=got)
+        return rel_error(host(got), host(u))
+    out.append(("adamw_update", check_adamw,
+                lambda: G.adamw_update(p, g, m, v, mask, 6e-4, 0.9, 0.95, 1e-8, 0.1, 1), 1e-4, f4 * 8 * n, None))
+    out.append(("grad_sumsq", lambda: abs(float(G.sumsq(g)) / float((g.astype(xp.float64) ** 2).sum()) - 1),
+                lambda: G.sumsq(g), 1e-9, f4 * n, None))
+    return out
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="python -m llmpi.bench kernels")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line")
+    ap.add_argument("--repeats", type=int, default=20, help="timed runs per kernel (median)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2", help="kernel sizes")
+    ap.add_argument("--batch", type=int, default=None, help="batch size B (default: the shape's)")
+    args = ap.parse_args(argv)
+    from llmpi import backend
+    if not backend.gpu_available():
+        print("no GPU")
+        emit_json({"skipped": "no GPU"}, args.json)
+        return 0
+    xp = backend.select("gpu")
+    shape = dict(SHAPES[args.shape])
+    if args.batch:
+        shape["B"] = args.batch
+    copy_bw = copy_bandwidth(xp, args.repeats)
+    mm32 = matmul_peak(xp, xp.float32, args.repeats)
+    mm16 = matmul_peak(xp, xp.float16, args.repeats)
+    print(f"{backend.device_name}  shape {shape}")
+    print(f"copy {copy_bw / 1e9:.0f} GB/s, matmul fp32 {mm32 / 1e12:.1f} TFLOP/s, fp16 "
+          f"{(mm16 or 0) / 1e12:.1f} TFLOP/s (bf16: CuPy has no bfloat16 dtype)")
+    results, failed = {}, []
+    for name, check, run, tol, nbytes, flops in cases(xp, **shape):
+        err = check()
+        ok = err <= tol
+        if not ok:
+            failed.append(name)
+        t = gpu_time(xp, run, args.repeats)
+        if flops is not None:
+            frac = flops / t / mm32
+            line = f"{flops / t / 1e12:7.2f} TFLOP/s  {frac:6.1%} of fp32 matmul"
+        else:
+            frac = nbytes / t / copy_bw
+            line = f"{nbytes / t / 1e9:7.0f} GB/s     {frac:6.1%} of copy"
+        print(f"{name:20s} {'ok ' if ok else 'BAD'} err {err:.1e}  {t * 1e3:8.3f} ms  {line}", flush=True)
+        results[name] = dict(ms=t * 1e3, fraction=frac, error=err, ok=ok)
+        xp.get_default_memory_pool().free_all_blocks()
+    ratio = math.exp(sum(math.log(r["fraction"]) for r in results.values()) / len(results))
+    print(f"geometric mean fraction {ratio:.3f}" + (f"; WRONG: {', '.join(failed)}" if failed else ""))
+    emit_json({"device": backend.device_name, "shape": shape, "copy_GBps": copy_bw / 1e9,
+               "matmul_fp32_TFLOPs": mm32 / 1e12, "matmul_fp16_TFLOPs": mm16 and mm16 / 1e12,
+               "kernels": results, "ratio": ratio, "all_ok": not failed}, args.json)
+    return 1 if failed else 0

@@ -1,0 +1,220 @@
+"""Each CUDA kernel (through llmpi.gpu_ops) against its NumPy twin in llmpi.layers / llmpi.optim,
+on shapes that are not multiples of the block sizes. GPU tests skip with "no GPU"; the nvcc
+compile check and the wrapper/kernel consistency checks run on any machine."""
+import math
+import os
+import re
+import shutil
+import subprocess
+import types
+
+import numpy as np
+import pytest
+
+from conftest import rel_error
+from llmpi import cuda, gpu_ops
+from llmpi.backend import gpu_available
+from llmpi.layers import attention, crossentropy, embedding, gelu, layernorm, residual
+from llmpi.optim import AdamW
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no GPU")
+TOL = 2e-5  # float32 kernels vs float64 references, as rel_error (max abs diff / max abs)
+
+
+@pytest.fixture
+def cp():
+    import cupy
+    return cupy
+
+
+def f32(cp, a):
+    return cp.asarray(np.asarray(a, np.float32))
+
+
+def f64(a):
+    return np.asarray(a, np.float64)
+
+
+def close(got, ref, tol=TOL):
+    got = got.get() if hasattr(got, "get") else got
+    assert rel_error(got, ref) < tol, rel_error(got, ref)
+
+
+# ---- CPU-only checks ------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_every_kernel_compiles_with_nvcc():
+    r = subprocess.run(["bash", os.path.join(ROOT, ".ci", "nvcc_check.sh")], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_wrappers_name_existing_entry_points():
+    """Every (file, kernel) the wrappers launch is an extern "C" __global__ of that file."""
+    with open(gpu_ops.__file__) as f:
+        launches = set(re.findall(r'_launch\("(\w+\.cu)", "(\w+)"', f.read()))
+    assert len(launches) >= 15
+    for file, name in launches:
+        src = cuda.source(file)
+        assert re.search(r'extern "C" __global__ void (__launch_bounds__\([^)]*\)\s*)?' + name + r"\(",
+                         src), (file, name)
+
+
+def test_kernel_dir_finds_sources():
+    assert os.path.isfile(os.path.join(cuda.kernel_dir(), "attention.cu"))
+
+
+def test_wrappers_reject_wrong_dtype_or_layout():
+    with pytest.raises(ValueError, match="float32"):
+        gpu_ops.gelu_forward(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="strided"):
+        gpu_ops.gelu_forward(np.zeros((3, 4), np.float32).T)
+    with pytest.raises(ValueError, match="HS <= 128"):
+        gpu_ops.attention_forward(np.zeros((1, 2, 3 * 256), np.float32), 1)
+
+
+# ---- kernels vs references ------------------------------------------------------------------
+
+@needs_gpu
+@pytest.mark.parametrize("B,T,V,C", [(1, 1, 5, 72), (2, 7, 50, 72), (3, 65, 300, 768)])
+def test_embedding(cp, B, T, V, C):
+    r = np.random.default_rng(0)
+    wte, wpe = r.standard_normal((V, C)), r.standard_normal((T + 3, C))
+    idx = r.integers(0, min(V, 4), (B, T))  # few distinct tokens: long runs in the scatter-add
+    out, cache = gpu_ops.embedding_forward(f32(cp, wte), f32(cp, wpe), cp.asarray(idx))
+    ref, rcache = embedding.forward(wte, wpe, idx)
+    close(out, ref)
+    dout = r.standard_normal((B, T, C))
+    grads = [f32(cp, np.ones_like(wte)), f32(cp, np.ones_like(wpe))]
+    gpu_ops.embedding_backward(f32(cp, dout), cache, *grads)
+    rgrads = [np.ones_like(wte), np.ones_like(wpe)]
+    embedding.backward(dout, rcache, *rgrads)
+    close(grads[0], rgrads[0], 1e-4)
+    close(grads[1], rgrads[1], 1e-4)
+    again = [f32(cp, np.ones_like(wte)), f32(cp, np.ones_like(wpe))]
+    gpu_ops.embedding_backward(f32(cp, dout), cache, *again)
+    assert all(bool((a == g).all()) for a, g in zip(again, grads)), "scatter-add not deterministic"
+
+
+@needs_gpu
+@pytest.mark.parametrize("B,T,C", [(1, 1, 72), (2, 7, 72), (1, 129, 768), (3, 65, 33)])
+def test_layernorm(cp, B, T, C):
+    r = np.random.default_rng(1)
+    x, w, b = r.standard_normal((B, T, C)) * 3 + 1, r.standard_normal(C), r.standard_normal(C)
+    out, cache = gpu_ops.layernorm_forward(f32(cp, x), f32(cp, w), f32(cp, b))
+    ref, rcache = layernorm.forward(x, w, b)
+    close(out, ref, 1e-4)
+    dout = r.standard_normal((B, T, C))
+    dw, db = f32(cp, np.ones(C)), f32(cp, np.ones(C))
+    rdw, rdb = np.ones(C), np.ones(C)
+    dx = gpu_ops.layernorm_backward(f32(cp, dout), cache, dw, db)
+    rdx = layernorm.backward(dout, rcache, rdw, rdb)
+    close(dx, rdx, 1e-4)
+    close(dw, rdw, 1e-4)
+    close(db, rdb, 1e-4)
+    acc = f32(cp, np.full((B, T, C), 2.0))
+    gpu_ops.layernorm_backward(f32(cp, dout), cache, dw, db, dx=acc)
+    close(acc, rdx + 2.0, 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(1, 1, 4 * 72), (2, 7, 4 * 72), (1, 65, 4 * 768)])
+def test_gelu_and_bias_gelu(cp, shape):
+    r = np.random.default_rng(2)
+    x, dout, b = r.standard_normal(shape) * 2, r.standard_normal(shape), r.standard_normal(shape[-1])
+    out, cache = gpu_ops.gelu_forward(f32(cp, x))
+    close(out, gelu.forward(x)[0])
+    close(gpu_ops.gelu_backward(f32(cp, dout), cache), gelu.backward(dout, x))
+    pre = f32(cp, x)
+    out, cache = gpu_ops.bias_gelu_forward(pre, f32(cp, b))
+    close(pre, x + b)
+    close(out, gelu.forward(x + b)[0])
+
+
+@needs_gpu
+def test_residual(cp):
+    r = np.random.default_rng(3)
+    x, fx = r.standard_normal((2, 7, 72)), r.standard_normal((2, 7, 72))
+    out, _ = gpu_ops.residual_forward(f32(cp, x), f32(cp, fx))
+    close(out, residual.forward(x, fx.copy())[0])
+
+
+@needs_gpu
+@pytest.mark.parametrize("B,T,NH,HS", [(1, 1, 1, 16), (2, 7, 3, 16), (1, 65, 2, 64),
+                                       (1, 129, 2, 64), (2, 40, 1, 128), (1, 33, 2, 40)])
+def test_attention(cp, B, T, NH, HS):
+    r = np.random.default_rng(4)
+    C = NH * HS
+    qkv, dout = r.standard_normal((B, T, 3 * C)), r.standard_normal((B, T, C))
+    out, cache = gpu_ops.attention_forward(f32(cp, qkv), NH)
+    ref, rcache = attention.forward(qkv, NH)
+    close(out, ref, 1e-4)
+    lse_ref = np.log(np.exp((qkv[..., :C].reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
+                             @ qkv[..., C:2 * C].reshape(B, T, NH, HS).transpose(0, 2, 3, 1))
+                            / math.sqrt(HS) + np.triu(np.full((T, T), -np.inf), 1)).sum(-1))
+    close(cache[2], lse_ref, 1e-4)
+    dqkv = gpu_ops.attention_backward(f32(cp, dout), cache)
+    close(dqkv, attention.backward(dout, rcache), 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("B,T,V", [(1, 1, 5), (2, 7, 65), (2, 33, 1000), (1, 4, 50257)])
+def test_crossentropy(cp, B, T, V):
+    r = np.random.default_rng(5)
+    logits, targets = r.standard_normal((B, T, V)) * 4, r.integers(0, V, (B, T))
+    rloss, rcache = crossentropy.forward(logits.copy(), targets)
+    rd = crossentropy.backward(rcache, 3.0)
+    lg = f32(cp, logits)
+    losses = gpu_ops.crossentropy_losses(lg, cp.asarray(targets))
+    close(lg, logits)  # evaluation leaves the logits alone
+    assert abs(float(losses.mean()) - rloss) < 1e-5 * max(1.0, rloss)
+    loss, cache = gpu_ops.crossentropy_forward(lg, cp.asarray(targets))
+    assert abs(loss - rloss) < 1e-5 * max(1.0, rloss)
+    close(gpu_ops.crossentropy_backward(cache, 3.0), rd, 1e-4)
+
+
+def _host_adamw(p, g, mask, steps, **kw):
+    params = types.SimpleNamespace(data=p.copy(), grad=g, xp=np, decay_mask=lambda: mask)
+    opt = AdamW(params, **kw)
+    for _ in range(steps):
+        u = opt.delta()
+        params.data += u
+    return params.data, u
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 1000, 300_001])
+def test_adamw(cp, n):
+    r = np.random.default_rng(6)
+    p, g, mask = r.standard_normal(n), r.standard_normal(n), (r.random(n) < 0.5).astype(float)
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    dp, dg, dm = f32(cp, p), f32(cp, g), f32(cp, mask)
+    m, v = cp.zeros(n, cp.float32), cp.zeros(n, cp.float32)
+    steps = 3
+    for t in range(1, steps):
+        gpu_ops.adamw_update(dp, dg, m, v, dm, kw["lr"], 0.9, 0.95, 1e-8, 0.1, t)
+    delta = cp.empty(n, cp.float32)
+    before = dp.copy()
+    gpu_ops.adamw_update(dp, dg, m.copy(), v.copy(), dm, kw["lr"], 0.9, 0.95, 1e-8, 0.1, steps,
+                         out=delta)
+    assert bool((dp == before).all())
+    gpu_ops.adamw_update(dp, dg, m, v, dm, kw["lr"], 0.9, 0.95, 1e-8, 0.1, steps)
+    ref_p, ref_u = _host_adamw(p, g, mask, steps, **kw)
+    close(dp, ref_p, 1e-5)
+    close(delta, ref_u, 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 255, 1_000_003])
+def test_grad_norm(cp, n):
+    r = np.random.default_rng(7)
+    g = r.standard_normal(n)
+    dg = f32(cp, g)
+    ref = float((g.astype(np.float32).astype(np.float64) ** 2).sum())
+    got = float(gpu_ops.sumsq(dg))
+    assert abs(got - ref) <= 1e-9 * ref
+    assert float(gpu_ops.sumsq(dg)) == got  # same bits every time
+    norm = gpu_ops.clip_grad_norm(dg, 0.5 * math.sqrt(ref))
+    assert abs(norm - math.sqrt(ref)) <= 1e-6 * norm
+    assert abs(math.sqrt(float(gpu_ops.sumsq(dg))) - 0.5 * math.sqrt(ref)) < 1e-4 * norm
