@@ -83,7 +83,12 @@ def run_main(main, argv=None, prog="llmpi"):
         return main(argv)
     except UserError as err:
         user_error_exit(err, prog)
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank at once: one line, no traceback wall.
+        if rank() == 0:
+            sys.stderr.write(f"{prog}: interrupted\n")
+        sys.exit(130)
+    except SystemExit:
         raise
     except BaseException:
         abort_on_exception(*sys.exc_info())
