@@ -116,6 +116,7 @@ class Run:
         self.balancer = Balancer(self.world, job.train.batch_size, [job.train.batch_size] * self.world,
                                  mode=job.parallel.balance, interval=job.parallel.balance_interval)
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.h5"), self.is_root)
+        self.metrics.attrs.update(mode=job.parallel.mode, world_size=self.world)
         self.start_step, self.wall_offset = 0, 0.0
         self.stop = StopFlag()
         self.fault = self._fault()

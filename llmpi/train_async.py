@@ -14,8 +14,10 @@ train.max_iters x world_size, is spent: tickets at or past the budget are not ap
 so exactly that many updates land. Only then do the ranks meet again (barrier), assemble,
 evaluate and checkpoint the final parameters.
 
-Learning rate: each push uses lr / world_size, so P pushes of batch B/P move the weights
-as far as one synchronous step of batch B (the per-sample learning rate matches sync).
+Learning rate of a push (`parallel.async_lr`): "per_sample" uses lr / P, so P pushes of
+batch B/P move the weights as far as one synchronous step of batch B would with SGD;
+"sqrt" uses lr / sqrt(P), which suits AdamW better: its update has about the same size
+whatever the batch, so P noisy pushes of lr/P partly cancel and undershoot; "full" uses lr.
 """
 import time
 
@@ -53,6 +55,7 @@ def train_async(run):
     job, comm, params = run.job, run.comm, run.model.params
     P, B, T = run.world, job.train.batch_size, job.model.block_size
     budget = job.train.max_iters * P
+    push_scale = {"per_sample": 1.0 / P, "sqrt": P ** -0.5, "full": 1.0}[job.parallel.async_lr]
     host = np.empty(params.data.size, dtype=backend.to_host(params.data[:1]).dtype)
     window = ShardedWindow(comm, params.data.size, host.dtype, server=job.parallel.server)
     version = VersionCounter(comm)
@@ -88,7 +91,7 @@ def train_async(run):
             loss = local_gradient(run, local_step * P + run.rank, count)
         if run.slowdown > 1.0:
             time.sleep((run.slowdown - 1.0) * (time.perf_counter() - t0))
-        lr = schedule_lr(job, v_pull // P) / P
+        lr = schedule_lr(job, v_pull // P) * push_scale
         delta = run.optimizer.delta(lr)
         t_c = time.perf_counter()
         ticket = version.fetch_add(1)
@@ -97,11 +100,11 @@ def train_async(run):
         window.accumulate(backend.to_host(delta))
         comm_s = time.perf_counter() - t_c
         wall = time.perf_counter() - t_origin
-        rows.append((ticket, wall, loss, lr * P, ticket - v_pull, comm_s))
+        rows.append((ticket, wall, loss, lr, ticket - v_pull, comm_s))
         local_step += 1
         progress.add(count * T * P, comm_s)
         if run.is_root and local_step % job.train.log_interval == 0:
-            util.rprint(progress.line(ticket // P, loss, lr * P, f"version {ticket + 1}/{budget} "
+            util.rprint(progress.line(ticket // P, loss, lr, f"version {ticket + 1}/{budget} "
                                       f"staleness {ticket - v_pull}"))
         if run.is_root and job.train.eval_interval and ticket >= next_eval:
             # Rank 0 evaluates its freshly pulled copy; no other rank waits for this.
@@ -158,5 +161,3 @@ def _gather_metrics(run, rows, P, B):
     for ticket, wall, loss, lr, stale, comm_s in merged:
         run.metrics.log_step(step=ticket + 1, wall=wall, loss=loss, lr=lr, tokens=B // P * run.job.model.block_size,
                              samples=(ticket + 1) * B // P, comm=comm_s, staleness=stale)
-    run.metrics.attrs["mode"] = "async"
-    run.metrics.attrs["world_size"] = P
