@@ -122,8 +122,13 @@ class Run:
         self.fault = self._fault()
         if self.is_root:
             os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.toml"), "w") as f:
+            if self.resume_state is None:  # a fresh start (or --overwrite): no stale checkpoint may win later
+                for old in checkpoint.list_checkpoints(self.run_dir):
+                    os.remove(old)
+            config_path = os.path.join(self.run_dir, "config.toml")
+            with open(config_path + ".tmp", "w") as f:
                 f.write(config_mod.to_toml(job))
+            os.replace(config_path + ".tmp", config_path)
         if self.resume_state is not None:
             self._restore(self.resume_state)
 
