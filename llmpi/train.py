@@ -193,17 +193,20 @@ class Run:
         util.rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "
                     f"{j.model.block_size} tokens")
 
-    def evaluate(self, eval_index):
-        """Mean val loss over eval_iters batches per rank, averaged over ranks."""
+    def val_loss(self, eval_index):
+        """This rank's mean val loss over eval_iters batches (no communication)."""
         j = self.job
         n = max(1, j.train.micro_batch or -(-j.train.batch_size // self.world))
         total = 0.0
         for i in range(j.train.eval_iters):
             starts = self.val_sampler.val_starts(eval_index * j.train.eval_iters + i, n)
             x, y = data_mod.get_batch(self.tokens.val, starts, j.model.block_size, self.xp)
-            _, loss, _ = self.model.forward(x, y)
-            total += float(loss)
-        mean = np.array([total / j.train.eval_iters])
+            total += float(self.model.forward(x, y)[1])
+        return total / j.train.eval_iters
+
+    def evaluate(self, eval_index):
+        """Mean val loss averaged over ranks (a collective)."""
+        mean = np.array([self.val_loss(eval_index)])
         if self.world > 1:
             self.comm.Allreduce(MPI.IN_PLACE, mean)
             mean /= self.world

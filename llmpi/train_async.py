@@ -140,14 +140,7 @@ def _host_state(optimizer):
 
 
 def _eval_and_log(run, version, wall, samples):
-    j = run.job
-    n = max(1, j.train.micro_batch or -(-j.train.batch_size // run.world))
-    total = 0.0
-    for i in range(j.train.eval_iters):
-        starts = run.val_sampler.val_starts(version * j.train.eval_iters + i, n)
-        x, y = data_mod.get_batch(run.tokens.val, starts, j.model.block_size, run.xp)
-        total += float(run.model.forward(x, y)[1])
-    val = total / j.train.eval_iters
+    val = run.val_loss(version)
     run.metrics.log_eval(step=version, wall=wall, samples=samples, val_loss=val)
     util.rprint(f"eval: version {version} | val loss {val:.4f}")
 
