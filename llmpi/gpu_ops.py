@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from . import cuda
-from .backend import array_module
+from .backend import array_module, is_device_array
 
 THREADS = 256
 MAX_BLOCKS = 1 << 16  # grid-stride kernels cover any size with at most this many blocks
@@ -21,6 +21,12 @@ ATT_MAX_HS = 128
 LN_EPS = 1e-5  # llmpi.layers.layernorm.EPS
 NORM_BLOCKS = 1024  # fixed, so the sum of squares has the same bits on every device
 LN_ROWS = 32  # rows per partial sum of the LayerNorm parameter gradients
+
+
+def enabled_for(a) -> bool:
+    """Whether the model and optimizer run the kernels on `a`: float32 device arrays only
+    (float64 on the GPU, used by gradient checks, keeps the generic CuPy layers)."""
+    return is_device_array(a) and a.dtype == np.float32
 
 
 def _f32(*arrays):

@@ -20,12 +20,27 @@ import ctypes
 import ctypes.util
 import math
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 
+from . import gpu_ops
 from .backend import to_host
+from .errors import UserError
 from .layers import attention, crossentropy, embedding, gelu, layernorm, linear, residual
 from .params import FlatParams
+
+# The non-matmul layers: the NumPy/CuPy layer modules, or the CUDA kernels (llmpi.gpu_ops)
+# behind the same forward/backward signatures. Matmuls are xp.matmul either way (cuBLAS on GPU).
+LAYER_OPS = SimpleNamespace(embedding=embedding, layernorm=layernorm, gelu=gelu, residual=residual,
+                            attention=attention, crossentropy=crossentropy)
+KERNEL_OPS = SimpleNamespace(
+    embedding=SimpleNamespace(forward=gpu_ops.embedding_forward, backward=gpu_ops.embedding_backward),
+    layernorm=SimpleNamespace(forward=gpu_ops.layernorm_forward, backward=gpu_ops.layernorm_backward),
+    gelu=SimpleNamespace(forward=gpu_ops.gelu_forward, backward=gpu_ops.gelu_backward),
+    residual=SimpleNamespace(forward=gpu_ops.residual_forward, backward=residual.backward),
+    attention=SimpleNamespace(forward=gpu_ops.attention_forward, backward=gpu_ops.attention_backward),
+    crossentropy=SimpleNamespace(forward=gpu_ops.crossentropy_forward, backward=gpu_ops.crossentropy_backward))
 
 BLOCK_PARAMS = [
     ("ln_1.weight", lambda C: (C,)), ("ln_1.bias", lambda C: (C,)),
@@ -76,11 +91,17 @@ class GPT:
     def __init__(self, cfg, xp=np, seed=0):
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (take it from the data file)")
+        if cfg.dtype == "bf16" and xp is not np:
+            raise UserError("model.dtype = 'bf16' is not implemented on the GPU yet: CuPy has no bfloat16 "
+                            "dtype, so it needs bf16 kernels and cuBLAS GEMMs called by hand; use float32")
         self.cfg = cfg
         self.xp = xp
         if xp is np:
             keep_freed_memory()
         self.params = FlatParams(gpt2_layout(cfg), xp, dtype_of(cfg.dtype))
+        # float32 on the GPU runs the CUDA kernels; float64 (gradient checks) keeps the layers
+        self.kernels = gpu_ops.enabled_for(self.params.data)
+        self.ops = KERNEL_OPS if self.kernels else LAYER_OPS
         self._init_weights(seed)
 
     def _init_weights(self, seed):
@@ -127,29 +148,45 @@ class GPT:
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} > block_size {self.cfg.block_size}")
-        v = self.params.views
-        x, emb_c = embedding.forward(v["wte"], v["wpe"], idx)  # (B, T, C)
+        v, o = self.params.views, self.ops
+        x, emb_c = o.embedding.forward(v["wte"], v["wpe"], idx)  # (B, T, C)
         blocks = []
         for i in range(self.cfg.n_layer):
             h = f"h.{i}."
-            ln1, c_ln1 = layernorm.forward(x, v[h + "ln_1.weight"], v[h + "ln_1.bias"])
+            ln1, c_ln1 = o.layernorm.forward(x, v[h + "ln_1.weight"], v[h + "ln_1.bias"])
             qkv, c_qkv = linear.forward(ln1, v[h + "attn.c_attn.weight"], v[h + "attn.c_attn.bias"])  # (B, T, 3C)
-            y, c_att = attention.forward(qkv, self.cfg.n_head)  # (B, T, C)
+            y, c_att = o.attention.forward(qkv, self.cfg.n_head)  # (B, T, C)
             a, c_proj = linear.forward(y, v[h + "attn.c_proj.weight"], v[h + "attn.c_proj.bias"])
-            x, _ = residual.forward(x, a)
-            ln2, c_ln2 = layernorm.forward(x, v[h + "ln_2.weight"], v[h + "ln_2.bias"])
-            fc, c_fc = linear.forward(ln2, v[h + "mlp.c_fc.weight"], v[h + "mlp.c_fc.bias"])  # (B, T, 4C)
-            g, c_gelu = gelu.forward(fc)
+            x, _ = o.residual.forward(x, a)
+            ln2, c_ln2 = o.layernorm.forward(x, v[h + "ln_2.weight"], v[h + "ln_2.bias"])
+            g, c_fc, c_gelu = self._fc_gelu(ln2, v[h + "mlp.c_fc.weight"], v[h + "mlp.c_fc.bias"])  # (B, T, 4C)
             m, c_mproj = linear.forward(g, v[h + "mlp.c_proj.weight"], v[h + "mlp.c_proj.bias"])
-            x, _ = residual.forward(x, m)
+            x, _ = o.residual.forward(x, m)
             blocks.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj))
-        xf, c_lnf = layernorm.forward(x, v["ln_f.weight"], v["ln_f.bias"])  # (B, T, C)
+        xf, c_lnf = o.layernorm.forward(x, v["ln_f.weight"], v["ln_f.bias"])  # (B, T, C)
         logits = (xf.reshape(B * T, -1) @ v["wte"].T).reshape(B, T, -1)  # (B, T, V)
         cache = {"emb": emb_c, "blocks": blocks, "lnf": c_lnf, "xf": xf}
         if targets is None:
             return logits, None, cache
-        loss, cache["ce"] = crossentropy.forward(logits, targets)
+        loss, cache["ce"] = o.crossentropy.forward(logits, targets)
         return None, loss, cache
+
+    def _fc_gelu(self, x, W, b):
+        """gelu(x @ W + b) -> (out, linear cache, gelu cache); the kernels fuse the bias into GELU."""
+        if not self.kernels:
+            fc, c_fc = linear.forward(x, W, b)
+            out, c_gelu = gelu.forward(fc)
+            return out, c_fc, c_gelu
+        pre = (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[1])  # (B, T, 4C)
+        out, c_gelu = gpu_ops.bias_gelu_forward(pre, b)
+        return out, (x, W), c_gelu  # (x, W) is linear.forward's cache
+
+    def _layernorm_backward_into(self, dres, dout, cache, dw, db):
+        """dres (B, T, C) += layernorm input gradient (the kernel adds in place, no temporary)."""
+        if self.kernels:
+            return gpu_ops.layernorm_backward(dout, cache, dw, db, dx=dres)
+        dres += layernorm.backward(dout, cache, dw, db)
+        return dres
 
     def backward(self, cache, loss_scale=1.0, on_block_done=None):
         """Add into params.grad the gradient of loss_scale * mean token loss (consumes `cache`).
@@ -159,35 +196,35 @@ class GPT:
         reverse order, and last the embeddings (wte is also the LM head, so it is final
         only at the very end).
         """
-        p, v, g = self.params, self.params.views, self.params.grad_views
+        p, v, g, o = self.params, self.params.views, self.params.grad_views, self.ops
         L = self.cfg.n_layer
-        dlogits = crossentropy.backward(cache.pop("ce"), loss_scale)  # (B, T, V)
+        dlogits = o.crossentropy.backward(cache.pop("ce"), loss_scale)  # (B, T, V)
         B, T, V = dlogits.shape
         xf = cache["xf"]
         d2 = dlogits.reshape(B * T, V)
         g["wte"] += d2.T @ xf.reshape(B * T, -1)
         dx = (d2 @ v["wte"]).reshape(B, T, -1)  # (B, T, C)
         del dlogits, d2
-        dx = layernorm.backward(dx, cache["lnf"], g["ln_f.weight"], g["ln_f.bias"])
+        dx = o.layernorm.backward(dx, cache["lnf"], g["ln_f.weight"], g["ln_f.bias"])
         for i in reversed(range(L)):
             h = f"h.{i}."
             c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache["blocks"].pop()
-            dres, dm = residual.backward(dx, None)
+            dres, dm = o.residual.backward(dx, None)
             dg = linear.backward(dm, c_mproj, g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"])
-            dfc = gelu.backward(dg, c_gelu)
+            dfc = o.gelu.backward(dg, c_gelu)
             dln2 = linear.backward(dfc, c_fc, g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"])
-            dres += layernorm.backward(dln2, c_ln2, g[h + "ln_2.weight"], g[h + "ln_2.bias"])
-            dres, da = residual.backward(dres, None)
+            dres = self._layernorm_backward_into(dres, dln2, c_ln2, g[h + "ln_2.weight"], g[h + "ln_2.bias"])
+            dres, da = o.residual.backward(dres, None)
             dy = linear.backward(da, c_proj, g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"])
-            dqkv = attention.backward(dy, c_att)
+            dqkv = o.attention.backward(dy, c_att)
             dln1 = linear.backward(dqkv, c_qkv, g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"])
-            dres += layernorm.backward(dln1, c_ln1, g[h + "ln_1.weight"], g[h + "ln_1.bias"])
+            dres = self._layernorm_backward_into(dres, dln1, c_ln1, g[h + "ln_1.weight"], g[h + "ln_1.bias"])
             dx = dres
             if on_block_done is not None:
                 lo = p.spans[h + "ln_1.weight"][0]
                 hi = p.size if i == L - 1 else p.spans[f"h.{i + 1}.ln_1.weight"][0]
                 on_block_done(lo, hi)
-        embedding.backward(dx, cache["emb"], g["wte"], g["wpe"])
+        o.embedding.backward(dx, cache["emb"], g["wte"], g["wpe"])
         if on_block_done is not None:
             on_block_done(0, p.spans["h.0.ln_1.weight"][0] if L else p.size)
 

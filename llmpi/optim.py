@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from . import gpu_ops
+
 
 def _state_array(xp, value, like):
     return xp.asarray(value, dtype=like.dtype).reshape(like.shape)
@@ -33,6 +35,8 @@ class AdamW:
         p, g = self.params.data, self.params.grad
         b1, b2 = self.beta1, self.beta2
         self.t += 1
+        if gpu_ops.enabled_for(p):
+            return self._fused(lr, out=self.params.xp.empty_like(p))
         self.m *= b1
         self.m += (1.0 - b1) * g
         self.v *= b2
@@ -52,7 +56,16 @@ class AdamW:
             u -= decay
         return u
 
+    def _fused(self, lr, out=None):
+        """One pass of the CUDA kernel over p, g, m, v (step self.t); out=None updates p in place."""
+        return gpu_ops.adamw_update(self.params.data, self.params.grad, self.m, self.v, self.mask, lr,
+                                    self.beta1, self.beta2, self.eps, self.weight_decay, self.t, out=out)
+
     def step(self, lr=None):
+        if gpu_ops.enabled_for(self.params.data):
+            self.t += 1
+            self._fused(self.lr if lr is None else lr)
+            return
         self.params.data += self.delta(lr)
 
     def state_dict(self):
@@ -112,6 +125,8 @@ class SGD:
 def clip_grad_norm(grad, max_norm):
     """Scale the flat `grad` in place so its global L2 norm is at most max_norm (0 disables).
     Returns the norm before clipping, as a float."""
+    if gpu_ops.enabled_for(grad):
+        return gpu_ops.clip_grad_norm(grad, max_norm)
     norm = math.sqrt(float(grad.dot(grad)))
     if max_norm > 0 and norm > max_norm:
         grad *= max_norm / (norm + 1e-6)

@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from . import _train_gpu
 from .common import emit_json, machine
 
 # nanoGPT's shakespeare_char "baby GPT" shape scaled to a quick CPU run
@@ -94,12 +95,12 @@ def _llmpi_child(shape, steps):
     return step_s, cpu_s, dict(sorted(acc.items(), key=lambda kv: -kv[1]))
 
 
-def _torch_child(shape, steps, threads):
+def torch_gpt(shape):
+    """nanoGPT's model (eager) at `shape`, the LM head tied to wte; forward(idx, targets) -> loss."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
     V, T, L, NH, C = (shape[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
 
     class Block(nn.Module):
@@ -117,7 +118,7 @@ def _torch_child(shape, steps, threads):
             x = x + self.c_proj(y.transpose(1, 2).reshape(B, -1, C))
             return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
-    class TorchGPT(nn.Module):  # nanoGPT's model, eager
+    class TorchGPT(nn.Module):
         def __init__(self):
             super().__init__()
             self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
@@ -125,14 +126,21 @@ def _torch_child(shape, steps, threads):
             self.ln_f = nn.LayerNorm(C)
 
         def forward(self, idx, targets):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
             for b in self.h:
                 x = b(x)
             logits = self.ln_f(x) @ self.wte.weight.T
-            return F.cross_entropy(logits.view(-1, V), targets.view(-1))
+            return F.cross_entropy(logits.view(-1, V).float(), targets.view(-1))
 
+    return TorchGPT()
+
+
+def _torch_child(shape, steps, threads):
+    import torch
+
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = TorchGPT()
+    model = torch_gpt(shape)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -180,11 +188,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m llmpi.bench train", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON line last")
     ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads for both sides")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warmup steps)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CPU, 10 GPU)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best counts")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="baby", help="model shape")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                    help="gpu: llmpi (CuPy + kernels) vs PyTorch on one GPU, see llmpi.bench._train_gpu")
+    ap.add_argument("--shape", choices=sorted(_train_gpu.SHAPES), default="gpt2", help="GPU model shape")
+    ap.add_argument("--batch", type=int, default=8, help="GPU batch (sequences of block_size tokens)")
+    ap.add_argument("--warmup", type=int, default=3, help="GPU warm-up steps, not timed")
+    ap.add_argument("--no-torch", dest="with_torch", action="store_false", help="GPU: skip the PyTorch runs")
+    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=("llmpi", "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.device == "gpu":
+        args.steps = args.steps or 10
+        return _train_gpu.main(args)
+    args.steps = args.steps or 20
     if args.child:
         return child(args)
     shape = CONFIGS[args.config]

@@ -14,6 +14,9 @@ Algorithms (P ranks, n bytes):
   (latency-optimal); a non-power-of-two P folds the extra ranks in first.
 - "auto": "rd" below AUTO_THRESHOLD_BYTES, "ring" from there on (measured with
   `mpiexec -n 4 python -m llmpi.bench allreduce` on a 2-core laptop-class VM).
+- "nccl": NCCL's all-reduce on a CuPy buffer, device to device, ordered on the current
+  CuPy stream. The NCCL communicator is made once per MPI communicator (its unique id is
+  broadcast over MPI). NCCL needs one GPU per rank: ranks sharing a GPU cannot use it.
 
 Device (CuPy) buffers: the stream is synchronised before MPI sees the buffer; "ring"
 and "rd" (which add with NumPy), and "mpi" unless MPI reports CUDA support, are
@@ -26,8 +29,9 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import backend
+from ..errors import UserError
 
-ALGORITHMS = ("mpi", "ring", "rd", "auto")
+ALGORITHMS = ("mpi", "ring", "rd", "auto", "nccl")
 DEFAULT_SEGMENT_BYTES = 1 << 20
 # Below this many bytes recursive doubling's log2(P) exchanges beat the ring's 2(P-1)
 # steps; above it the ring's smaller volume per rank (2(P-1)/P n vs log2(P) n) wins.
@@ -81,6 +85,51 @@ def _device_direct() -> bool:
     return bool(query and query())
 
 
+_nccl_comms = {}  # id(MPI comm) -> (MPI comm, NCCL communicator); the MPI comm is kept alive
+
+
+def _nccl_module():
+    try:
+        from cupy.cuda import nccl
+    except ImportError:
+        nccl = None
+    if nccl is None or not getattr(nccl, "available", True):
+        raise UserError("allreduce 'nccl' needs CuPy with NCCL (pip install cupy-cuda12x and the NCCL "
+                        "library); use allreduce 'mpi' instead")
+    return nccl
+
+
+def nccl_communicator(comm):
+    """The NCCL communicator spanning the ranks of `comm` (collective on first use, then cached).
+    Rank 0's unique id travels as an int array with an upper-case Bcast (no pickle)."""
+    entry = _nccl_comms.get(id(comm))
+    if entry is not None:
+        return entry[1]
+    nccl = _nccl_module()
+    if backend.xp is np:
+        raise UserError("allreduce 'nccl' needs the GPU (--device gpu)")
+    uid = np.array(nccl.get_unique_id() if comm.Get_rank() == 0 else [0] * 128, dtype=np.int64)
+    comm.Bcast(uid, root=0)
+    nc = nccl.NcclCommunicator(comm.Get_size(), tuple(int(c) for c in uid), comm.Get_rank())
+    _nccl_comms[id(comm)] = (comm, nc)
+    return nc
+
+
+def nccl_allreduce(buf, comm, synchronize=True):
+    """buf <- sum over ranks, in place on a contiguous CuPy float32/float64 buffer, queued on the
+    current stream; synchronize=False leaves the wait to the caller (the overlap path)."""
+    if not backend.is_device_array(buf):
+        raise UserError("allreduce 'nccl' works on GPU buffers only (--device gpu)")
+    nccl = _nccl_module()
+    kind = nccl.NCCL_FLOAT32 if buf.dtype == np.float32 else nccl.NCCL_FLOAT64
+    stream = backend.xp.cuda.get_current_stream()
+    nccl_communicator(comm).allReduce(buf.data.ptr, buf.data.ptr, buf.size, kind, nccl.NCCL_SUM,
+                                      stream.ptr)
+    if synchronize:
+        stream.synchronize()
+    return buf
+
+
 def allreduce_sum(buf, comm, algorithm="mpi", segment_bytes=DEFAULT_SEGMENT_BYTES):
     """buf <- sum over ranks of buf, in place, on every rank of comm."""
     if algorithm not in ALGORITHMS:
@@ -88,6 +137,8 @@ def allreduce_sum(buf, comm, algorithm="mpi", segment_bytes=DEFAULT_SEGMENT_BYTE
     _check(buf)
     if comm.Get_size() == 1 or buf.size == 0:
         return buf
+    if algorithm == "nccl":
+        return nccl_allreduce(buf, comm)
     if backend.is_device_array(buf):
         backend.synchronize()
         # Our ring and rd add with NumPy on host memory, so they always stage.
@@ -234,7 +285,8 @@ class Allreducer:
       `wait_all()`. Spans that touch the pending one are merged until the bucket
       reaches `bucket_bytes`. "mpi" posts `MPI_Iallreduce` and returns at once; the
       other algorithms are point-to-point loops driven from Python, so they run
-      blocking inside `start` (the overlap then only batches the work).
+      blocking inside `start` (the overlap then only batches the work); "nccl" queues
+      each bucket on the CuPy stream and `wait_all` synchronizes it once.
     - `comm_seconds`: wall time spent inside communication calls, accumulated.
     """
 
@@ -244,10 +296,13 @@ class Allreducer:
             raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         self.comm, self.algorithm, self.overlap = comm, algorithm, overlap
         self.bucket_bytes, self.segment_bytes = int(bucket_bytes), segment_bytes
+        if algorithm == "nccl" and comm.Get_size() > 1:
+            nccl_communicator(comm)  # fail early, and collectively, rather than mid-step
         self.comm_seconds = 0.0
         self._requests = []
         self._staged = []  # (device buffer, host copy) pairs to copy back after wait
         self._pending = None  # (buf, lo, hi) span not yet launched
+        self._nccl_pending = False  # NCCL work queued on the stream since the last wait_all
 
     def _buckets(self, lo, hi, itemsize):
         step = max(1, self.bucket_bytes // itemsize) if self.bucket_bytes > 0 else hi - lo
@@ -278,7 +333,10 @@ class Allreducer:
         t0 = time.perf_counter()
         if self.comm.Get_size() > 1 and hi > lo:
             view = buf[lo:hi]
-            if self.algorithm != "mpi":
+            if self.algorithm == "nccl":
+                nccl_allreduce(view, self.comm, synchronize=False)
+                self._nccl_pending = True
+            elif self.algorithm != "mpi":
                 allreduce_sum(view, self.comm, self.algorithm, self.segment_bytes)
             elif backend.is_device_array(view) and not _device_direct():
                 backend.synchronize()
@@ -297,6 +355,9 @@ class Allreducer:
             self._pending = None
         t0 = time.perf_counter()
         MPI.Request.Waitall(self._requests)
+        if self._nccl_pending:
+            backend.synchronize()
+            self._nccl_pending = False
         for view, host in self._staged:
             view.set(host)
         self._requests, self._staged = [], []

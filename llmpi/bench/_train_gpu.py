@@ -1,0 +1,197 @@
+"""`python -m llmpi.bench train --device gpu`: llmpi on one GPU (CuPy + our kernels) against an
+eager PyTorch GPT of the same shape on the same GPU, at GPT-2 124M by default.
+
+Each variant runs in its own subprocess (its own CUDA context and memory pool):
+- llmpi fp32: float32 everywhere, cuBLAS in plain fp32 (CuPy's default);
+- llmpi tf32: the same with CUPY_TF32=1, so cuBLAS may use TF32 tensor cores;
+- torch tf32: float32 with TF32 matmuls allowed, flash SDPA, fused AdamW;
+- torch bf16: the same under bf16 autocast (fp32 master weights).
+A step is zero_grad + forward + backward + clip + AdamW on random tokens; the median of
+the timed steps counts (a device synchronize closes each step), warm-up steps excluded.
+
+MFU: model FLOPs per token = 6 N + 6 L T C, N the parameters without wpe (wte counted once,
+as the LM head matmul), 6 L T C the causal attention matmuls (QK^T and AV forward, twice
+that backward; half of nanoGPT's non-causal 12 L T C), over the card's dense peak:
+494.5 TFLOP/s TF32 and 989 TFLOP/s bf16 for an H100 SXM (a measured TF32 matmul too).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .common import emit_json
+
+SHAPES = {
+    "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "small": dict(vocab_size=500, block_size=128, n_layer=2, n_head=2, n_embd=128),
+}
+PEAK = {"tf32": 494.5e12, "bf16": 989e12}  # H100 SXM dense tensor-core peaks
+VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("torch", "tf32"), ("torch", "bf16"))
+
+
+def flops_per_token(s):
+    L, T, C, V = s["n_layer"], s["block_size"], s["n_embd"], s["vocab_size"]
+    n = V * C + L * 12 * C * C + L * 13 * C + 2 * C  # all parameters but wpe
+    return 6 * n + 6 * L * T * C
+
+
+def _time_steps(step, sync, warmup, steps):
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _llmpi_child(s, batch, warmup, steps):
+    from llmpi import backend
+    from llmpi.config import ModelConfig
+    from llmpi.model import GPT
+    from llmpi.optim import AdamW, clip_grad_norm
+
+    cp = backend.select("gpu")
+    m = GPT(ModelConfig(**s), xp=cp, seed=0)
+    opt = AdamW(m.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    r = cp.random.default_rng(0)
+    x, y = (r.integers(0, s["vocab_size"], (batch, s["block_size"])) for _ in range(2))
+    losses = []
+
+    def step():
+        m.params.zero_grad()
+        _, loss, cache = m.forward(x, y)
+        m.backward(cache)
+        clip_grad_norm(m.params.grad, 1.0)
+        opt.step()
+        losses.append(loss)
+
+    t = _time_steps(step, backend.synchronize, warmup, steps)
+    peak = cp.get_default_memory_pool().total_bytes()
+    return dict(step_s=t, peak_mem_mb=peak / 2**20, first_loss=losses[0], last_loss=losses[-1])
+
+
+def _torch_child(s, batch, warmup, steps, precision):
+    import torch
+
+    from .train import torch_gpt
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = torch_gpt(s).to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), fused=True)
+    x, y = (torch.randint(0, s["vocab_size"], (batch, s["block_size"]), device=dev) for _ in range(2))
+    losses = []
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.detach())
+
+    t = _time_steps(step, torch.cuda.synchronize, warmup, steps)
+    return dict(step_s=t, peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20,
+                first_loss=float(losses[0]), last_loss=float(losses[-1]))
+
+
+def _matmul_tf32(n=8192):
+    """Measured FLOP/s of an n^3 float32 matmul with TF32 allowed (torch), or None."""
+    try:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = True
+        a = torch.randn(n, n, device="cuda")
+        for _ in range(3):
+            a @ a
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+        return 2 * n ** 3 * 10 / (time.perf_counter() - t0)
+    except Exception:
+        return None
+
+
+def child(args):
+    s = SHAPES[args.shape]
+    if args.child == "llmpi":
+        res = _llmpi_child(s, args.batch, args.warmup, args.steps)
+    else:
+        res = _torch_child(s, args.batch, args.warmup, args.steps, args.precision)
+    print(json.dumps(res))
+    return 0
+
+
+def _run(which, precision, args):
+    env = dict(os.environ, CUPY_TF32="1" if precision == "tf32" else "0")
+    cmd = [sys.executable, "-m", "llmpi.bench.train", "--device", "gpu", "--child", which,
+           "--precision", precision, "--shape", args.shape, "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": (res.stderr or res.stdout)[-2000:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(args):
+    from llmpi.backend import gpu_available
+    if not gpu_available():
+        print("no GPU")
+        if args.json:
+            print(json.dumps({"skipped": "no GPU"}))
+        return 0
+    if args.child:
+        return child(args)
+    from llmpi import backend
+    backend.select("gpu")
+    s = SHAPES[args.shape]
+    tokens = args.batch * s["block_size"]
+    fpt = flops_per_token(s)
+    measured = _matmul_tf32()
+    print(f"llmpi.bench train --device gpu: {args.shape} {s}, batch {args.batch}, {args.steps} timed steps "
+          f"after {args.warmup} warm-up, on {backend.device_name}")
+    print(f"model FLOPs/token 6N + 6LTC = {fpt / 1e9:.3f} GFLOP; peaks: TF32 {PEAK['tf32'] / 1e12:.1f}, "
+          f"bf16 {PEAK['bf16'] / 1e12:.0f} TFLOP/s (H100 SXM), measured TF32 matmul "
+          + (f"{measured / 1e12:.1f} TFLOP/s" if measured else "n/a"))
+    result = dict(shape=args.shape, batch=args.batch, steps=args.steps, device=backend.device_name,
+                  flops_per_token=fpt, peak_tf32=PEAK["tf32"], peak_bf16=PEAK["bf16"],
+                  measured_tf32_matmul=measured, runs={})
+    for which, precision in VARIANTS:
+        if which == "torch" and not args.with_torch:
+            continue
+        r = _run(which, precision, args)
+        key = f"{which}_{precision}"
+        if "error" in r:
+            print(f"{key:12s}: FAILED\n{r['error']}")
+            result["runs"][key] = r
+            continue
+        tps = tokens / r["step_s"]
+        peak = PEAK["bf16" if precision == "bf16" else "tf32"]
+        r.update(tokens_per_s=tps, mfu=tps * fpt / peak, tflops=tps * fpt / 1e12)
+        result["runs"][key] = r
+        print(f"{key:12s}: {tps:10.0f} tok/s  {r['step_s'] * 1e3:8.1f} ms/step  {r['tflops']:6.1f} TFLOP/s  "
+              f"MFU {100 * r['mfu']:5.1f}% of {'bf16' if precision == 'bf16' else 'TF32'} peak  "
+              f"mem {r['peak_mem_mb']:.0f} MiB  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+    runs = result["runs"]
+    for ours, ref in (("llmpi_tf32", "torch_tf32"), ("llmpi_fp32", "torch_tf32"), ("llmpi_tf32", "torch_bf16")):
+        if "tokens_per_s" in runs.get(ours, {}) and "tokens_per_s" in runs.get(ref, {}):
+            ratio = runs[ours]["tokens_per_s"] / runs[ref]["tokens_per_s"]
+            result[f"ratio_{ours}_vs_{ref}"] = ratio
+            print(f"ratio {ours} / {ref}: {ratio:.2f}x tokens/s")
+    result["ratio"] = result.get("ratio_llmpi_tf32_vs_torch_tf32")
+    emit_json(result, args.json)
+    return 0 if all("error" not in r for r in runs.values()) else 1
