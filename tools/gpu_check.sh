@@ -1,29 +1,50 @@
 #!/usr/bin/env bash
 # The one GPU check (run on a machine with a CUDA GPU and CuPy): the kernel tests, the whole
-# model on the GPU, then the kernel benchmark. Everything is teed into $OUT (default
-# /tmp/llmpi_gpu_check); bench_kernels.json is the benchmark's JSON line. Budget: < 4 min.
-# Exit status: 0 only if the tests and the benchmark's reference checks all passed.
+# model on the GPU, GPU training under mpirun (2 ranks sharing the GPU, and NCCL at 1 rank),
+# then the kernel benchmark and llmpi-vs-PyTorch training throughput at GPT-2 124M.
+# Everything is teed into $OUT (default /tmp/llmpi_gpu_check); bench_*.json are the
+# benchmarks' JSON lines. Budget: about 7 minutes at most, usually much less.
+# ONLY=tests|kernels|train runs one part (a rerun after a fix).
+# Exit status: 0 only if the tests and the benchmarks' reference checks all passed.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-/tmp/llmpi_gpu_check}"
 PY="${PYTHON:-python3}"
+ONLY="${ONLY:-all}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+# Open MPI refuses root unless told (the lent GPU machines run as root)
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 status=0
+want() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  "$PY" -c "import cupy, numpy; print('cupy', cupy.__version__, 'cuda runtime', cupy.cuda.runtime.runtimeGetVersion(), 'numpy', numpy.__version__)"
-} 2>&1 | tee "$OUT/device.txt"
+  "$PY" -c "import cupy, numpy; from cupy.cuda import nccl; print('cupy', cupy.__version__, 'cuda runtime', cupy.cuda.runtime.runtimeGetVersion(), 'nccl', nccl.get_version(), 'numpy', numpy.__version__)"
+} 2>&1 | tee -a "$OUT/device.txt"
 
-# the nvcc compile check is CPU CI's job; here NVRTC compiles each kernel file once (disk-cached)
-timeout 140 "$PY" -m pytest tests/test_kernels.py tests/test_gpu_model.py -x -q -rs \
-    -p no:cacheprovider -k "not nvcc" 2>&1 | tee "$OUT/pytest.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if want tests; then
+    # the nvcc compile check is CPU CI's job; here NVRTC compiles each kernel file once (disk-cached)
+    timeout 150 "$PY" -m pytest tests/test_kernels.py tests/test_gpu_model.py -x -q -rs \
+        -p no:cacheprovider -k "not nvcc" 2>&1 | tee "$OUT/pytest.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    timeout 150 "$PY" -m pytest tests/test_gpu_train.py -x -q -rs -p no:cacheprovider 2>&1 \
+        | tee -a "$OUT/pytest.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
-timeout 90 "$PY" -m llmpi.bench kernels --json --repeats 15 2>&1 | tee "$OUT/bench_kernels.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-tail -n 1 "$OUT/bench_kernels.txt" > "$OUT/bench_kernels.json"
+if want kernels; then
+    timeout 90 "$PY" -m llmpi.bench kernels --json --repeats 15 2>&1 | tee "$OUT/bench_kernels.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    tail -n 1 "$OUT/bench_kernels.txt" > "$OUT/bench_kernels.json"
+fi
 
-echo "gpu_check: exit $status" | tee -a "$OUT/device.txt"
+if want train; then
+    timeout 150 "$PY" -m llmpi.bench train --device gpu --json --steps 6 --warmup 2 2>&1 \
+        | tee "$OUT/bench_train.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    tail -n 1 "$OUT/bench_train.txt" > "$OUT/bench_train.json"
+fi
+
+echo "gpu_check ($ONLY): exit $status" | tee -a "$OUT/device.txt"
 exit $status
