@@ -85,6 +85,7 @@ def _device_direct() -> bool:
     return bool(query and query())
 
 
+NCCL_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
 _nccl_comms = {}  # id(MPI comm) -> (MPI comm, NCCL communicator); the MPI comm is kept alive
 
 
@@ -108,9 +109,18 @@ def nccl_communicator(comm):
     nccl = _nccl_module()
     if backend.xp is np:
         raise UserError("allreduce 'nccl' needs the GPU (--device gpu)")
-    uid = np.array(nccl.get_unique_id() if comm.Get_rank() == 0 else [0] * 128, dtype=np.int64)
-    comm.Bcast(uid, root=0)
-    nc = nccl.NcclCommunicator(comm.Get_size(), tuple(int(c) for c in uid), comm.Get_rank())
+    # CuPy < 13 gives the id as a tuple of 128 signed chars, later CuPy as 128 bytes; the last
+    # element says which, so every rank rebuilds the type its CuPy expects
+    wire = np.zeros(NCCL_ID_BYTES + 1, dtype=np.int64)
+    if comm.Get_rank() == 0:
+        uid = nccl.get_unique_id()
+        is_bytes = isinstance(uid, (bytes, bytearray))
+        wire[:NCCL_ID_BYTES] = np.frombuffer(bytes(uid), np.int8) if is_bytes else np.asarray(uid)
+        wire[-1] = is_bytes
+    comm.Bcast(wire, root=0)
+    ids = wire[:NCCL_ID_BYTES]
+    uid = ids.astype(np.int8).tobytes() if wire[-1] else tuple(int(c) for c in ids)
+    nc = nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
     _nccl_comms[id(comm)] = (comm, nc)
     return nc
 
