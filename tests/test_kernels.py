@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 
+from cli import single_process_only
 from conftest import rel_error
 from llmpi import cuda, gpu_ops
 from llmpi.backend import gpu_available
@@ -43,6 +44,7 @@ def close(got, ref, tol=TOL):
 
 # ---- CPU-only checks ------------------------------------------------------------------------
 
+@single_process_only  # one compile of every kernel is enough; four ranks would compile them four times
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_every_kernel_compiles_with_nvcc():
     r = subprocess.run(["bash", os.path.join(ROOT, ".ci", "nvcc_check.sh")], capture_output=True,
