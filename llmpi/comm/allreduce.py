@@ -229,13 +229,20 @@ def ring_allreduce(buf, comm, segment_bytes=DEFAULT_SEGMENT_BYTES):
 
 def _exchange_add(buf, partner, lower_first, comm, scratch, seg):
     """buf <- buf + partner's buf, summed lower rank's data first on both sides."""
+    if buf.size <= seg:  # one message each way: a single blocking call has the least overhead
+        comm.Sendrecv(buf, partner, _TAG, scratch[:buf.size], partner, _TAG)
+    else:
+        _exchange_segments(buf, partner, comm, scratch, seg)
+    if lower_first:
+        np.add(buf, scratch[:buf.size], out=buf)
+    else:
+        np.add(scratch[:buf.size], buf, out=buf)
+
+
+def _exchange_segments(buf, partner, comm, scratch, seg):
     reqs = [comm.Irecv(scratch[lo:lo + seg], partner, _TAG) for lo in range(0, buf.size, seg)]
     reqs += [comm.Isend(buf[lo:lo + seg], partner, _TAG) for lo in range(0, buf.size, seg)]
     _waitall(reqs)
-    if lower_first:
-        np.add(buf, scratch, out=buf)
-    else:
-        np.add(scratch, buf, out=buf)
 
 
 def recursive_doubling_allreduce(buf, comm, segment_bytes=DEFAULT_SEGMENT_BYTES):
