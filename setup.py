@@ -7,16 +7,21 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 class build_py_with_kernels(build_py):
-    """Copy the top-level kernels/*.cu into the built package as llmpi/_kernels,
-    so an installed (non-editable) llmpi finds its CUDA sources next to itself."""
+    """Copy the top-level kernels/*.cu and jobs/*.toml into the built package (as
+    llmpi/_kernels and llmpi/_jobs), so an installed, non-editable llmpi finds its CUDA
+    sources and job files next to itself."""
 
     def run(self):
         super().run()
-        dest = os.path.join(self.build_lib, "llmpi", "_kernels")
-        os.makedirs(dest, exist_ok=True)
-        for src in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "*.cu")):
-            shutil.copy(src, dest)
+        for folder, pattern, dest in (("kernels", "*.cu", "_kernels"), ("jobs", "*.toml", "_jobs")):
+            target = os.path.join(self.build_lib, "llmpi", dest)
+            os.makedirs(target, exist_ok=True)
+            for src in glob.glob(os.path.join(HERE, folder, pattern)):
+                shutil.copy(src, target)
 
 setup(
     name="llmpi",

@@ -36,7 +36,8 @@ def parse_args(argv):
         prog="python -m llmpi.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a GPT data-parallel under MPI (sync all-reduce or async RMA).",
-        epilog="job keys (set in the job file or with --set section.key=value), with defaults:\n"
+        epilog="job keys (set in the job file or with --set section.key=value), with their built-in "
+               "defaults, which the job file overrides:\n"
                + config_mod.describe())
     p.add_argument("job", nargs="?", default="default",
                    help="job file, or a name in jobs/ (default: %(default)s)")

@@ -1,0 +1,31 @@
+"""A built wheel carries the CUDA kernels and job files, found without environment variables."""
+import os
+import subprocess
+import sys
+import zipfile
+
+from cli import REPO, clean_env, single_process_only
+
+pytestmark = single_process_only
+
+
+def test_wheel_ships_kernels_and_jobs_and_finds_them(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), REPO], check=True, capture_output=True, timeout=300)
+    (wheel,) = [p for p in os.listdir(str(tmp_path)) if p.endswith(".whl")]
+    site = tmp_path / "site"
+    with zipfile.ZipFile(str(tmp_path / wheel)) as z:
+        names = set(z.namelist())
+        z.extractall(str(site))
+    kernels = {n for n in os.listdir(os.path.join(REPO, "kernels")) if n.endswith(".cu")}
+    assert {f"llmpi/_kernels/{k}" for k in kernels} <= names
+    assert "llmpi/_jobs/default.toml" in names
+    # From an unrelated directory, with only the unpacked wheel on the path.
+    env = clean_env()
+    env["PYTHONPATH"] = str(site)
+    code = ("import llmpi.cuda, llmpi.config as c; print(llmpi.cuda.kernel_dir()); "
+            "print(c.find_job_file('default'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == str(site / "llmpi" / "_kernels")
+    assert out[1] == str(site / "llmpi" / "_jobs" / "default.toml")
