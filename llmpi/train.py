@@ -28,7 +28,9 @@ from .metrics import MetricsLog, Progress  # noqa: E402
 from .model import GPT  # noqa: E402
 from .optim import SGD, AdamW, clip_grad_norm, lr_at  # noqa: E402
 
-FAULT_ENV = "LLMPI_FAULT"  # "RANK:STEP": raise on that rank at that step (tests of the abort path)
+# Test hook: "RANK:STEP" raises on that rank at that step (the abort path); "RANK:STEP:USR1"
+# sends that rank SIGUSR1 instead (the checkpoint-and-exit path, without timing races).
+FAULT_ENV = "LLMPI_FAULT"
 
 
 def parse_args(argv):
@@ -166,16 +168,18 @@ class Run:
         util.rprint(f"resumed from {st['path']} at step {self.start_step}")
 
     def _fault(self):
-        spec = os.environ.get(FAULT_ENV, "")
-        if ":" in spec:
-            r, s = spec.split(":")
-            if int(r) == self.rank:
-                return int(s)
+        parts = os.environ.get(FAULT_ENV, "").split(":")
+        if len(parts) >= 2 and int(parts[0]) == self.rank:
+            return int(parts[1]), parts[2] if len(parts) > 2 else ""
         return None
 
     def check_fault(self, step):
-        if self.fault is not None and step == self.fault:
-            raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {self.rank} at step {step}")
+        if self.fault is None or step != self.fault[0]:
+            return
+        if self.fault[1] == "USR1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {self.rank} at step {step}")
 
     def describe(self):
         j, m = self.job, self.model

@@ -71,7 +71,8 @@ def train_async(run):
     rows = []  # (ticket, wall, loss, lr, staleness) of this rank's applied pushes
     progress = Progress(job.train.max_iters, start_version // P)
     t_origin = time.perf_counter() - run.wall_offset
-    local_step, next_eval = 0, _next_multiple(start_version, job.train.eval_interval * P)
+    # A resumed run continues each rank's batch stream where the budget stood, not from the start.
+    local_step, next_eval = start_version // P, _next_multiple(start_version, job.train.eval_interval * P)
     while True:
         window.get(host)
         params.data[...] = backend.xp.asarray(host)

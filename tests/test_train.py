@@ -147,3 +147,15 @@ def test_async_with_one_rank_equals_sgd_step_for_step(tmp_path, corpus):
     a, b = steps(tmp_path, "sync"), steps(tmp_path, "async")
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
     assert (b["staleness"] == 0).all()
+
+
+def test_async_checkpoint_on_signal_and_resume(tmp_path, corpus):
+    """Rank 0 gets SIGUSR1 early: all workers stop, the checkpoint holds the version;
+    --resume spends exactly the rest of the update budget."""
+    args = ["--set", "parallel.mode=async", "--set", "schedule.decay_iters=12"]
+    train(tmp_path, corpus, *args, np=2, name="ar", env=clean_env(LLMPI_FAULT="0:2:USR1"))
+    first = steps(tmp_path, "ar")
+    assert 2 <= len(first["step"]) < 24
+    train(tmp_path, corpus, *args, "--resume", np=2, name="ar")
+    s = steps(tmp_path, "ar")
+    np.testing.assert_array_equal(np.sort(s["step"]), np.arange(1, 25))
