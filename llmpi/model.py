@@ -16,6 +16,7 @@ outside reference can load `state_dict()` directly (nn.Linear wants W.T):
     ln_f.weight (C), ln_f.bias (C).
 The LM head is wte itself: logits = ln_f(x) @ wte.T.
 """
+import copy
 import ctypes
 import ctypes.util
 import math
@@ -118,6 +119,14 @@ class GPT:
             elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
                 host[o:o + n] = 1.0
         p.load(host)
+
+    def replica(self):
+        """A GPT that shares this model's weights (same `params.data`, no copy) but has its
+        own gradient buffer, for computing the gradient of another part of the batch
+        concurrently (llmpi.threaded)."""
+        rep = copy.copy(self)
+        rep.params = self.params.sharing()
+        return rep
 
     def state_dict(self):
         """Named views into the flat parameter buffer (HF GPT-2 names, Conv1D layout)."""

@@ -12,9 +12,14 @@ import numpy as np
 
 
 class FlatParams:
-    """`layout` is a list of (name, shape); `xp` is numpy or cupy."""
+    """`layout` is a list of (name, shape); `xp` is numpy or cupy.
 
-    def __init__(self, layout, xp=np, dtype=np.float32):
+    `data`, if given, is an existing flat parameter buffer of the right size and
+    dtype to view instead of allocating one (no copy); the gradient buffer is
+    always new. See `sharing()`.
+    """
+
+    def __init__(self, layout, xp=np, dtype=np.float32, data=None):
         self.xp = xp
         self.dtype = np.dtype(dtype)
         self.layout = [(name, tuple(int(s) for s in shape)) for name, shape in layout]
@@ -28,7 +33,11 @@ class FlatParams:
             self.spans[name] = (offset, size)
             offset += size
         self.size = offset
-        self.data = xp.zeros(offset, dtype=self.dtype)
+        if data is None:
+            data = xp.zeros(offset, dtype=self.dtype)
+        elif data.shape != (offset,) or data.dtype != self.dtype or not data.flags.c_contiguous:
+            raise ValueError(f"shared data buffer must be contiguous {self.dtype} of shape ({offset},)")
+        self.data = data
         self.grad = xp.zeros(offset, dtype=self.dtype)
         self.views = self._point(self.data)
         self.grad_views = self._point(self.grad)
@@ -36,6 +45,11 @@ class FlatParams:
     def _point(self, flat):
         return {name: flat[o:o + n].reshape(shape)
                 for (name, shape), (o, n) in zip(self.layout, self.spans.values())}
+
+    def sharing(self):
+        """A FlatParams over the same `data` buffer (weights shared, no copy) with its own
+        zeroed `grad`: a replica for computing gradients of another part of the batch."""
+        return FlatParams(self.layout, self.xp, self.dtype, data=self.data)
 
     def shape(self, name):
         return self.views[name].shape

@@ -48,20 +48,21 @@ def _timed(step, batches):
     return float(np.median(times)), float(np.median(cpu))
 
 
-def _llmpi_child(shape, steps):
+def _llmpi_child(shape, steps, threads=1):
     from llmpi import model as model_mod
     from llmpi.config import ModelConfig
     from llmpi.layers import attention, crossentropy, embedding, gelu, layernorm, linear, residual
     from llmpi.optim import AdamW, clip_grad_norm
+    from llmpi.threaded import ThreadedGrad
 
     cfg = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
     m = model_mod.GPT(cfg, seed=0)
     opt = AdamW(m.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    grad = ThreadedGrad(m, threads)  # threads == 1: plain forward + backward
 
     def step(x, y):
         m.params.zero_grad()
-        _, loss, cache = m.forward(x, y)
-        m.backward(cache)
+        grad.forward_backward(x, y)
         clip_grad_norm(m.params.grad, 1.0)
         opt.step()
 
@@ -160,7 +161,7 @@ def _torch_child(shape, steps, threads):
 def child(args):
     shape = CONFIGS[args.config]
     if args.child == "llmpi":
-        step_s, cpu_s, breakdown = _llmpi_child(shape, args.steps)
+        step_s, cpu_s, breakdown = _llmpi_child(shape, args.steps, args.threads)
     else:
         (step_s, cpu_s), breakdown = _torch_child(shape, args.steps, args.threads), {}
     tokens = shape["batch"] * shape["block_size"]
@@ -209,6 +210,9 @@ def main(argv=None):
     shape = CONFIGS[args.config]
     print(f"llmpi.bench train: config {args.config} {shape}, {args.threads} thread(s), {args.steps} steps")
     print(f"machine: {machine()}")
+    if args.threads > 1:
+        print(f"threads: llmpi runs {args.threads} compute threads over batch chunks with 1 BLAS thread each "
+              f"(llmpi.threaded); torch runs {args.threads} intra-op threads")
     # alternate the two sides and keep each one's best run, so a burst of outside load hits both alike
     ours = ref = None
     have_torch = _torch_available()
@@ -219,6 +223,9 @@ def main(argv=None):
             run = _run_child("torch", args)
             ref = run if ref is None or run["step_s"] < ref["step_s"] else ref
     result = {"config": args.config, "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
+              "llmpi_threading": (f"{args.threads} compute threads over batch chunks, 1 BLAS thread each"
+                                  if args.threads > 1 else "1 thread"),
+              "torch_threading": f"{args.threads} intra-op thread(s)",
               "llmpi_tokens_per_s": ours["tokens_per_s"], "llmpi_step_ms": ours["step_s"] * 1e3,
               "llmpi_cpu_ms_per_step": ours["cpu_s"] * 1e3,
               "llmpi_peak_rss_mb": ours["peak_rss_mb"],
@@ -236,7 +243,7 @@ def main(argv=None):
     else:
         result.update(torch_tokens_per_s=None, ratio=None)
         print("torch : not installed, reference skipped (pip install torch)")
-    print("llmpi step by layer (ms per step, timers on):")
+    print("llmpi step by layer (ms per step, timers on" + (", summed over threads):" if args.threads > 1 else "):"))
     for k, v in result["llmpi_breakdown_ms"].items():
         print(f"  {k:32s} {v:8.2f}")
     emit_json(result, args.json)
