@@ -69,6 +69,7 @@ class TrainConfig:
     out_dir: str = "runs"      # run directories live here
     run_name: str = ""         # "" = the job file's name
     device: str = "cpu"        # cpu | gpu | auto
+    threads: int = 1           # CPU compute threads per rank, each on a slice of the batch (llmpi.threaded)
 
 
 @dataclass
@@ -206,7 +207,7 @@ def validate(job: Job):
     positive = {"model.block_size": m.block_size, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
                 "model.n_embd": m.n_embd, "train.batch_size": t.batch_size, "train.max_iters": t.max_iters,
                 "train.log_interval": t.log_interval, "train.eval_iters": t.eval_iters,
-                "parallel.balance_interval": job.parallel.balance_interval}
+                "parallel.balance_interval": job.parallel.balance_interval, "train.threads": t.threads}
     for k, v in positive.items():
         if v <= 0:
             raise UserError(f"{k} must be positive (got {v})")
@@ -218,6 +219,9 @@ def validate(job: Job):
     for k, v in nonneg.items():
         if v < 0:
             raise UserError(f"{k} must be >= 0 (got {v})")
+    if t.threads > 1 and (job.parallel.overlap or t.device != "cpu"):
+        raise UserError("train.threads > 1 splits the batch over CPU threads: it needs train.device = 'cpu' "
+                        "and parallel.overlap = false")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
 

@@ -27,6 +27,7 @@ from .errors import UserError  # noqa: E402
 from .metrics import MetricsLog, Progress  # noqa: E402
 from .model import GPT  # noqa: E402
 from .optim import SGD, AdamW, clip_grad_norm, lr_at  # noqa: E402
+from .threaded import ThreadedGrad  # noqa: E402
 
 # Test hook: "RANK:STEP" raises on that rank at that step (the abort path); "RANK:STEP:USR1"
 # sends that rank SIGUSR1 instead (the checkpoint-and-exit path, without timing races).
@@ -112,6 +113,7 @@ class Run:
         self.resume_state = util.agree(lambda: self._find_resume(args), comm)
         self.model = GPT(job.model, xp=self.xp, seed=job.train.seed)
         self.optimizer = make_optimizer(job.optim, self.model.params)
+        self.threads = ThreadedGrad(self.model, job.train.threads) if job.train.threads > 1 else None
         self.sampler = data_mod.Sampler(len(self.tokens.train), job.model.block_size, job.train.seed,
                                         self.rank, self.world, job.data.sharding)
         self.val_sampler = data_mod.Sampler(len(self.tokens.val), job.model.block_size, job.train.seed,
@@ -273,11 +275,14 @@ def train_sync(run):
         for i, m in enumerate(chunks):
             starts = run.sampler.starts(step, B, offsets[run.rank] + done, m)
             x, y = data_mod.get_batch(run.tokens.train, starts, T, xp)
-            _, loss, cache = model.forward(x, y)
-            last = i == len(chunks) - 1
-            hook = (lambda lo, hi: reducer.start(model.params.grad, lo, hi)) \
-                if (job.parallel.overlap and last) else None
-            model.backward(cache, loss_scale=m / B, on_block_done=hook)
+            if run.threads:
+                loss = run.threads.forward_backward(x, y, loss_scale=m / B)
+            else:
+                _, loss, cache = model.forward(x, y)
+                last = i == len(chunks) - 1
+                hook = (lambda lo, hi: reducer.start(model.params.grad, lo, hi)) \
+                    if (job.parallel.overlap and last) else None
+                model.backward(cache, loss_scale=m / B, on_block_done=hook)
             loss_sum += float(loss) * m
             done += m
         if job.parallel.overlap and not chunks:

@@ -51,11 +51,13 @@ def test_n_ranks_match_one_process_on_the_same_samples(tmp_path, corpus, algorit
     np.testing.assert_allclose(a, b, rtol=2e-5)
 
 
-def test_micro_batches_and_overlap_match_plain_steps(tmp_path, corpus):
+def test_micro_batches_overlap_and_threads_match_plain_steps(tmp_path, corpus):
     train(tmp_path, corpus, np=2, name="plain")
     train(tmp_path, corpus, "--set", "train.micro_batch=1", "--set", "parallel.overlap=true",
           "--set", "parallel.bucket_mb=0.001", np=2, name="micro")
+    train(tmp_path, corpus, "--set", "train.micro_batch=3", "--set", "train.threads=2", np=2, name="threads")
     np.testing.assert_allclose(steps(tmp_path, "plain")["loss"], steps(tmp_path, "micro")["loss"], rtol=2e-5)
+    np.testing.assert_allclose(steps(tmp_path, "plain")["loss"], steps(tmp_path, "threads")["loss"], rtol=2e-5)
 
 
 def test_resume_is_bitwise_identical(tmp_path, corpus):
