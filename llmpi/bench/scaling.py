@@ -6,7 +6,6 @@ twice the tokens/s at 1), then at 4 ranks (on a 2-core machine these share cores
 the share of step time spent communicating, and overlap on/off at 2 ranks.
 """
 import argparse
-import os
 import tempfile
 
 import numpy as np
