@@ -11,24 +11,9 @@ from mpi4py import MPI
 
 from llmpi.comm.allreduce import Allreducer, allreduce_sum, weighted_mean
 from llmpi.comm.util import world
+from mpi_helpers import agreed, subcomms
 
 ALGS = ["ring", "rd", "auto"]
-
-
-def subcomms(comm):
-    """(P, sub) for P = 1..size; sub is COMM_NULL on ranks outside the first P."""
-    for p in range(1, comm.Get_size() + 1):
-        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
-        yield p, sub
-        if sub != MPI.COMM_NULL:
-            sub.Free()
-
-
-def agreed(ok, comm):
-    """True on every rank iff ok on every rank (a collective: call it on all ranks)."""
-    flag = np.array([1 if ok else 0], dtype=np.int32)
-    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MIN)
-    return bool(flag[0])
 
 
 def identical_everywhere(x, comm):

@@ -10,21 +10,7 @@ from mpi4py import MPI
 
 from llmpi.comm.rma import ShardedWindow, VersionCounter, measure_progress, shard_bounds
 from llmpi.comm.util import world
-
-
-def subcomms(comm):
-    """(P, sub) for P = 1..size; sub is COMM_NULL on ranks outside the first P."""
-    for p in range(1, comm.Get_size() + 1):
-        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
-        yield p, sub
-        if sub != MPI.COMM_NULL:
-            sub.Free()
-
-
-def agreed(ok, comm):
-    flag = np.array([1 if ok else 0], dtype=np.int32)
-    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MIN)
-    return bool(flag[0])
+from mpi_helpers import agreed, subcomms
 
 
 def test_shard_bounds_cover_the_vector():
