@@ -14,8 +14,12 @@ device_name = "cpu"
 
 
 def array_module(a):
-    """NumPy or CuPy, whichever owns `a` (like cupy.get_array_module, without importing cupy)."""
-    return xp if type(a).__module__.startswith("cupy") else np
+    """NumPy or CuPy, whichever owns `a` (like cupy.get_array_module; imports cupy only for
+    device arrays, so it is right even before `select` has run)."""
+    if is_device_array(a):
+        import cupy
+        return cupy
+    return np
 
 
 def is_device_array(a) -> bool:

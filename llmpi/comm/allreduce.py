@@ -107,8 +107,6 @@ def nccl_communicator(comm):
     if entry is not None:
         return entry[1]
     nccl = _nccl_module()
-    if backend.xp is np:
-        raise UserError("allreduce 'nccl' needs the GPU (--device gpu)")
     # CuPy < 13 gives the id as a tuple of 128 signed chars, later CuPy as 128 bytes; the last
     # element says which, so every rank rebuilds the type its CuPy expects
     wire = np.zeros(NCCL_ID_BYTES + 1, dtype=np.int64)
@@ -132,7 +130,7 @@ def nccl_allreduce(buf, comm, synchronize=True):
         raise UserError("allreduce 'nccl' works on GPU buffers only (--device gpu)")
     nccl = _nccl_module()
     kind = nccl.NCCL_FLOAT32 if buf.dtype == np.float32 else nccl.NCCL_FLOAT64
-    stream = backend.xp.cuda.get_current_stream()
+    stream = backend.array_module(buf).cuda.get_current_stream()
     nccl_communicator(comm).allReduce(buf.data.ptr, buf.data.ptr, buf.size, kind, nccl.NCCL_SUM,
                                       stream.ptr)
     if synchronize:
