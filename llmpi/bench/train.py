@@ -133,7 +133,13 @@ def torch_gpt(shape):
             logits = self.ln_f(x) @ self.wte.weight.T
             return F.cross_entropy(logits.view(-1, V).float(), targets.view(-1))
 
-    return TorchGPT()
+    model = TorchGPT()
+    for m in model.modules():  # GPT-2's init, as llmpi's (torch's default N(0, 1) embeddings blow up the tied head)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    return model
 
 
 def _torch_child(shape, steps, threads):
