@@ -216,10 +216,6 @@ class Balancer:
         fill = float(np.median(known))
         return [e if e > 0 else fill for e in self.estimates]
 
-    def predicted_step_time(self, counts=None):
-        t = self.speeds()
-        return None if t is None else step_time(self.counts if counts is None else counts, t)
-
     def maybe_rebalance(self, step) -> bool:
         """Recompute the allocation if the mode says so at this step; True if it changed."""
         if self.mode == "none" or step < self.warmup:

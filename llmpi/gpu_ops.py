@@ -21,6 +21,10 @@ ATT_MAX_HS = 128
 LN_EPS = 1e-5  # llmpi.layers.layernorm.EPS
 NORM_BLOCKS = 1024  # fixed, so the sum of squares has the same bits on every device
 LN_ROWS = 32  # rows per partial sum of the LayerNorm parameter gradients
+LN_VEC_MAX_C = 1024  # layernorm.cu's float4 register paths: C % 4 == 0 and C <= 128 * LN_MAXV
+LN_FUSED_ROWS = 16  # rows per block (and per dw/db partial) of layernorm_backward_fused
+LN_FUSED_THREADS = 128
+LN_FINISH_THREADS = 1024  # 32 columns x 32 slices of the partials per block
 
 
 def enabled_for(a) -> bool:
@@ -44,6 +48,12 @@ def _i32(n):
 
 def _grid(n, threads=THREADS):
     return (max(1, min(MAX_BLOCKS, -(-n // threads))),)
+
+
+def _ptr(a) -> int:
+    """Device (CuPy) or host (NumPy) address of a's first element, for alignment checks."""
+    data = a.data
+    return data.ptr if hasattr(data, "ptr") else a.ctypes.data
 
 
 def _launch(file, name, grid, block, *args):
@@ -112,15 +122,23 @@ def layernorm_backward(dout, cache, dw, db, dx=None):
         _f32(dx)
     else:
         dx = xp.empty_like(x)
-    rows_per_block = THREADS // 32
-    _launch("layernorm.cu", "layernorm_backward_dx", (-(-N // rows_per_block),), (THREADS,),
-            dx, dout, x, w, mean, rstd, _i32(N), _i32(C), np.int32(accumulate))
-    P = -(-N // LN_ROWS)
-    partial = xp.empty((2, P, C), dtype=xp.float32)
-    cblocks = -(-C // THREADS)
-    _launch("layernorm.cu", "layernorm_backward_params_partial", (cblocks, P), (THREADS,),
-            partial, dout, x, mean, rstd, _i32(N), _i32(C), _i32(LN_ROWS))
-    _launch("layernorm.cu", "layernorm_backward_params_finish", (cblocks,), (THREADS,),
+    if C % 4 == 0 and C <= LN_VEC_MAX_C and all(_ptr(a) % 16 == 0 for a in (dx, dout, x, w)):
+        # float4 path: dx and the dw/db partials in one pass over dout and x
+        P = -(-N // LN_FUSED_ROWS)
+        partial = xp.empty((2, P, C), dtype=xp.float32)
+        _launch("layernorm.cu", "layernorm_backward_fused", (P,), (LN_FUSED_THREADS,),
+                dx, partial, dout, x, w, mean, rstd, _i32(N), _i32(C), np.int32(accumulate),
+                _i32(LN_FUSED_ROWS))
+    else:
+        rows_per_block = THREADS // 32
+        _launch("layernorm.cu", "layernorm_backward_dx", (-(-N // rows_per_block),), (THREADS,),
+                dx, dout, x, w, mean, rstd, _i32(N), _i32(C), np.int32(accumulate))
+        P = -(-N // LN_ROWS)
+        partial = xp.empty((2, P, C), dtype=xp.float32)
+        cblocks = -(-C // THREADS)
+        _launch("layernorm.cu", "layernorm_backward_params_partial", (cblocks, P), (THREADS,),
+                partial, dout, x, mean, rstd, _i32(N), _i32(C), _i32(LN_ROWS))
+    _launch("layernorm.cu", "layernorm_backward_params_finish", (-(-C // 32),), (LN_FINISH_THREADS,),
             dw, db, partial, _i32(P), _i32(C))
     return dx
 

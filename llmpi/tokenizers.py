@@ -41,9 +41,6 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8", "surrogateescape"), dtype=np.uint8).copy()
 
-    def encode_bytes(self, data: bytes) -> np.ndarray:
-        return np.frombuffer(data, dtype=np.uint8)
-
     def to_bytes(self, ids) -> bytes:
         return np.asarray(ids).astype(np.uint8).tobytes()
 

@@ -37,10 +37,6 @@ def rank() -> int:
     return _mpi().COMM_WORLD.Get_rank()
 
 
-def size() -> int:
-    return _mpi().COMM_WORLD.Get_size()
-
-
 def rprint(*args, **kwargs):
     """Print from rank 0 only, flushed, so logs interleave sanely."""
     if rank() == 0:
