@@ -82,7 +82,7 @@ class ParallelConfig:
     balance_interval: int = 20 # dynamic: re-allocate every K steps
     server: str = "sharded"    # async: sharded windows over all ranks | rank0 parameter server
     max_staleness: int = -1    # async: re-pull when the pull is more than s versions old; -1 = unbounded
-    async_lr: str = "per_sample"  # async push size: per_sample (lr/P) | sqrt (lr/sqrt(P)) | full (lr)
+    async_lr: str = "auto"     # async push size: per_sample (lr/P) | sqrt (lr/sqrt(P)) | full (lr) | auto (sqrt for adamw, per_sample for sgd)
     slowdown: str = ""         # straggler simulation "RANK=FACTOR[,RANK=FACTOR]"
 
 
@@ -105,7 +105,7 @@ CHOICES = {
     "parallel.allreduce": ("mpi", "ring", "nccl"),
     "parallel.balance": ("none", "static", "dynamic"),
     "parallel.server": ("sharded", "rank0"),
-    "parallel.async_lr": ("per_sample", "sqrt", "full"),
+    "parallel.async_lr": ("auto", "per_sample", "sqrt", "full"),
 }
 
 

@@ -17,7 +17,8 @@ evaluate and checkpoint the final parameters.
 Learning rate of a push (`parallel.async_lr`): "per_sample" uses lr / P, so P pushes of
 batch B/P move the weights as far as one synchronous step of batch B would with SGD;
 "sqrt" uses lr / sqrt(P), which suits AdamW better: its update has about the same size
-whatever the batch, so P noisy pushes of lr/P partly cancel and undershoot; "full" uses lr.
+whatever the batch, so P noisy pushes of lr/P partly cancel and undershoot; "full" uses lr;
+"auto" (the default) is sqrt for AdamW and per_sample for SGD.
 """
 import time
 
@@ -55,7 +56,10 @@ def train_async(run):
     job, comm, params = run.job, run.comm, run.model.params
     P, B, T = run.world, job.train.batch_size, job.model.block_size
     budget = job.train.max_iters * P
-    push_scale = {"per_sample": 1.0 / P, "sqrt": P ** -0.5, "full": 1.0}[job.parallel.async_lr]
+    rule = job.parallel.async_lr
+    if rule == "auto":
+        rule = "sqrt" if job.optim.name == "adamw" else "per_sample"
+    push_scale = {"per_sample": 1.0 / P, "sqrt": P ** -0.5, "full": 1.0}[rule]
     host = np.empty(params.data.size, dtype=backend.to_host(params.data[:1]).dtype)
     window = ShardedWindow(comm, params.data.size, host.dtype, server=job.parallel.server)
     version = VersionCounter(comm)
