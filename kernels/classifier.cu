@@ -30,7 +30,18 @@ __device__ MaxSum ce_warp_combine(MaxSum a) {
     return a;
 }
 
+__device__ void ce_push(MaxSum& acc, float xv) {
+    if (xv > acc.m) {
+        acc.s = acc.s * expf(acc.m - xv) + 1.0f;
+        acc.m = xv;
+    } else {
+        acc.s += expf(xv - acc.m);
+    }
+}
+
 // losses (N,) = logsumexp(row) - row[target]; write_dlogits == 0 leaves logits untouched.
+// A row (any V, any 4-byte-aligned start) is split into a scalar head up to the first 16-byte
+// boundary, a float4 body and a scalar tail of at most 3 elements.
 extern "C" __global__ void crossentropy_fused(float* logits, float* losses, const int* targets,
                                               int N, int V, float dloss, int write_dlogits) {
     __shared__ float sh_m[32];
@@ -38,17 +49,22 @@ extern "C" __global__ void crossentropy_fused(float* logits, float* losses, cons
     int row = blockIdx.x;
     if (row >= N) return;
     float* x = logits + (long long)row * V;
+    int head = (int)(((16ull - (reinterpret_cast<unsigned long long>(x) & 15ull)) & 15ull) / 4ull);
+    if (head > V) head = V;
+    int n4 = (V - head) / 4;
+    int tail = head + 4 * n4;
     MaxSum acc;
     acc.m = CE_NEG_INF;
     acc.s = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float xv = x[v];
-        if (xv > acc.m) {
-            acc.s = acc.s * expf(acc.m - xv) + 1.0f;
-            acc.m = xv;
-        } else {
-            acc.s += expf(xv - acc.m);
-        }
+    for (int v = threadIdx.x; v < head; v += blockDim.x) ce_push(acc, x[v]);
+    for (int v = tail + (int)threadIdx.x; v < V; v += blockDim.x) ce_push(acc, x[v]);
+    const float4* x4 = reinterpret_cast<const float4*>(x + head);
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        float4 q = x4[i];
+        float m = fmaxf(acc.m, fmaxf(fmaxf(q.x, q.y), fmaxf(q.z, q.w)));
+        float e = (expf(q.x - m) + expf(q.y - m)) + (expf(q.z - m) + expf(q.w - m));
+        acc.s = (acc.m == CE_NEG_INF ? 0.0f : acc.s * expf(acc.m - m)) + e;
+        acc.m = m;
     }
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     acc = ce_warp_combine(acc);
@@ -67,8 +83,22 @@ extern "C" __global__ void crossentropy_fused(float* logits, float* losses, cons
     if (threadIdx.x == 0) losses[row] = lse - x[tgt];
     if (!write_dlogits) return;
     __syncthreads();  // x[tgt] is read above before any thread overwrites it below
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    for (int v = threadIdx.x; v < head; v += blockDim.x) {
         float p = expf(x[v] - lse);
         x[v] = (p - (v == tgt ? 1.0f : 0.0f)) * dloss;
+    }
+    for (int v = tail + (int)threadIdx.x; v < V; v += blockDim.x) {
+        float p = expf(x[v] - lse);
+        x[v] = (p - (v == tgt ? 1.0f : 0.0f)) * dloss;
+    }
+    float4* y4 = reinterpret_cast<float4*>(x + head);
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        float4 q = y4[i];
+        int v = head + 4 * i;
+        q.x = (expf(q.x - lse) - (v == tgt ? 1.0f : 0.0f)) * dloss;
+        q.y = (expf(q.y - lse) - (v + 1 == tgt ? 1.0f : 0.0f)) * dloss;
+        q.z = (expf(q.z - lse) - (v + 2 == tgt ? 1.0f : 0.0f)) * dloss;
+        q.w = (expf(q.w - lse) - (v + 3 == tgt ? 1.0f : 0.0f)) * dloss;
+        y4[i] = q;
     }
 }

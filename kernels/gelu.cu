@@ -8,9 +8,27 @@ __device__ float gelu_f(float x) {
     return 0.5f * x * (1.0f + tanhf(GELU_K * (x + GELU_A * x * x * x)));
 }
 
+// float4 when out and x are 16-byte aligned (scalar tail of n % 4), scalar otherwise.
 extern "C" __global__ void gelu_forward(float* out, const float* x, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        out[i] = gelu_f(x[i]);
+    int tid = blockIdx.x * blockDim.x + threadIdx.x;
+    int stride = gridDim.x * blockDim.x;
+    int start = 0;
+    if (((reinterpret_cast<unsigned long long>(out) | reinterpret_cast<unsigned long long>(x)) &
+         15ull) == 0) {
+        int n4 = n / 4;
+        float4* o4 = reinterpret_cast<float4*>(out);
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        for (int i = tid; i < n4; i += stride) {
+            float4 v = x4[i];
+            v.x = gelu_f(v.x);
+            v.y = gelu_f(v.y);
+            v.z = gelu_f(v.z);
+            v.w = gelu_f(v.w);
+            o4[i] = v;
+        }
+        start = 4 * n4;
+    }
+    for (int i = start + tid; i < n; i += stride) out[i] = gelu_f(x[i]);
 }
 
 // pre (N,OC) += bias (OC) in place (backward needs the pre-activation), out = gelu(pre).

@@ -217,7 +217,8 @@ extern "C" __global__ void layernorm_backward_fused(float* dx, float* partial, c
             int c = lane + 32 * i;
             if (c < n4) {
                 float4 ww = w4[c];
-                float a = dv[i].x * ww.x, bb = dv[i].y * ww.y, cc = dv[i].z * ww.z, d = dv[i].w * ww.w;
+                float a = dv[i].x * ww.x, bb = dv[i].y * ww.y;
+                float cc = dv[i].z * ww.z, d = dv[i].w * ww.w;
                 s1 += (a + bb) + (cc + d);
                 s2 += (a * nv[i].x + bb * nv[i].y) + (cc * nv[i].z + d * nv[i].w);
             }

@@ -70,7 +70,7 @@ def embedding_forward(wte, wpe, idx):
     C = wte.shape[1]
     idx32 = xp.ascontiguousarray(idx, dtype=xp.int32)
     out = xp.empty((B, T, C), dtype=xp.float32)
-    _launch("embedding.cu", "embedding_forward", _grid(B * T * C), (THREADS,),
+    _launch("embedding.cu", "embedding_forward", _grid(-(-B * T * C // 4)), (THREADS,),
             out, idx32, wte, wpe, _i32(B * T), _i32(T), _i32(C))
     return out, idx32
 
@@ -150,7 +150,7 @@ def gelu_forward(x):
     xp = array_module(x)
     _f32(x)
     out = xp.empty_like(x)
-    _launch("gelu.cu", "gelu_forward", _grid(x.size), (THREADS,), out, x, _i32(x.size))
+    _launch("gelu.cu", "gelu_forward", _grid(-(-x.size // 4)), (THREADS,), out, x, _i32(x.size))
     return out, x
 
 
@@ -180,7 +180,8 @@ def gelu_backward(dout, cache):
 def residual_forward(x, fx):
     """x, fx (B, T, C) -> (fx + x written into fx, None), as llmpi.layers.residual."""
     _f32(x, fx)
-    _launch("residual.cu", "residual_forward", _grid(x.size), (THREADS,), fx, fx, x, _i32(x.size))
+    _launch("residual.cu", "residual_forward", _grid(-(-x.size // 4)), (THREADS,), fx, fx, x,
+            _i32(x.size))
     return fx, None
 
 
