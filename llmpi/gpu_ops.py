@@ -160,7 +160,7 @@ def bias_gelu_forward(pre, bias):
     xp = array_module(pre)
     _f32(pre, bias)
     out = xp.empty_like(pre)
-    _launch("gelu.cu", "bias_gelu_forward", _grid(pre.size), (THREADS,), out, pre, bias,
+    _launch("gelu.cu", "bias_gelu_forward", _grid(-(-pre.size // 4)), (THREADS,), out, pre, bias,
             _i32(pre.size), _i32(bias.size))
     return out, pre
 
@@ -171,7 +171,7 @@ def gelu_backward(dout, cache):
     x = cache
     _f32(dout, x)
     dx = xp.empty_like(x)
-    _launch("gelu.cu", "gelu_backward", _grid(x.size), (THREADS,), dx, x, dout, _i32(x.size))
+    _launch("gelu.cu", "gelu_backward", _grid(-(-x.size // 4)), (THREADS,), dx, x, dout, _i32(x.size))
     return dx
 
 
