@@ -39,6 +39,22 @@ __device__ void ce_push(MaxSum& acc, float xv) {
     }
 }
 
+__device__ void ce_push4(MaxSum& acc, float4 q) {
+    float m = fmaxf(acc.m, fmaxf(fmaxf(q.x, q.y), fmaxf(q.z, q.w)));
+    float e = (expf(q.x - m) + expf(q.y - m)) + (expf(q.z - m) + expf(q.w - m));
+    acc.s = (acc.m == CE_NEG_INF ? 0.0f : acc.s * expf(acc.m - m)) + e;
+    acc.m = m;
+}
+
+// (softmax - onehot) * dloss for the four logits q at columns v .. v + 3
+__device__ float4 ce_grad4(float4 q, int v, int tgt, float lse, float dloss) {
+    q.x = (expf(q.x - lse) - (v == tgt ? 1.0f : 0.0f)) * dloss;
+    q.y = (expf(q.y - lse) - (v + 1 == tgt ? 1.0f : 0.0f)) * dloss;
+    q.z = (expf(q.z - lse) - (v + 2 == tgt ? 1.0f : 0.0f)) * dloss;
+    q.w = (expf(q.w - lse) - (v + 3 == tgt ? 1.0f : 0.0f)) * dloss;
+    return q;
+}
+
 // losses (N,) = logsumexp(row) - row[target]; write_dlogits == 0 leaves logits untouched.
 // A row (any V, any 4-byte-aligned start) is split into a scalar head up to the first 16-byte
 // boundary, a float4 body and a scalar tail of at most 3 elements.
@@ -59,13 +75,17 @@ extern "C" __global__ void crossentropy_fused(float* logits, float* losses, cons
     for (int v = threadIdx.x; v < head; v += blockDim.x) ce_push(acc, x[v]);
     for (int v = tail + (int)threadIdx.x; v < V; v += blockDim.x) ce_push(acc, x[v]);
     const float4* x4 = reinterpret_cast<const float4*>(x + head);
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        float4 q = x4[i];
-        float m = fmaxf(acc.m, fmaxf(fmaxf(q.x, q.y), fmaxf(q.z, q.w)));
-        float e = (expf(q.x - m) + expf(q.y - m)) + (expf(q.z - m) + expf(q.w - m));
-        acc.s = (acc.m == CE_NEG_INF ? 0.0f : acc.s * expf(acc.m - m)) + e;
-        acc.m = m;
+    // four independent float4 loads in flight per thread, then the remainder one at a time
+    int bd = blockDim.x;
+    int i = threadIdx.x;
+    for (; i + 3 * bd < n4; i += 4 * bd) {
+        float4 q0 = x4[i], q1 = x4[i + bd], q2 = x4[i + 2 * bd], q3 = x4[i + 3 * bd];
+        ce_push4(acc, q0);
+        ce_push4(acc, q1);
+        ce_push4(acc, q2);
+        ce_push4(acc, q3);
     }
+    for (; i < n4; i += bd) ce_push4(acc, x4[i]);
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     acc = ce_warp_combine(acc);
     if (lane == 0) {
@@ -92,13 +112,13 @@ extern "C" __global__ void crossentropy_fused(float* logits, float* losses, cons
         x[v] = (p - (v == tgt ? 1.0f : 0.0f)) * dloss;
     }
     float4* y4 = reinterpret_cast<float4*>(x + head);
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        float4 q = y4[i];
-        int v = head + 4 * i;
-        q.x = (expf(q.x - lse) - (v == tgt ? 1.0f : 0.0f)) * dloss;
-        q.y = (expf(q.y - lse) - (v + 1 == tgt ? 1.0f : 0.0f)) * dloss;
-        q.z = (expf(q.z - lse) - (v + 2 == tgt ? 1.0f : 0.0f)) * dloss;
-        q.w = (expf(q.w - lse) - (v + 3 == tgt ? 1.0f : 0.0f)) * dloss;
-        y4[i] = q;
+    i = threadIdx.x;
+    for (; i + 3 * bd < n4; i += 4 * bd) {
+        float4 q0 = y4[i], q1 = y4[i + bd], q2 = y4[i + 2 * bd], q3 = y4[i + 3 * bd];
+        y4[i] = ce_grad4(q0, head + 4 * i, tgt, lse, dloss);
+        y4[i + bd] = ce_grad4(q1, head + 4 * (i + bd), tgt, lse, dloss);
+        y4[i + 2 * bd] = ce_grad4(q2, head + 4 * (i + 2 * bd), tgt, lse, dloss);
+        y4[i + 3 * bd] = ce_grad4(q3, head + 4 * (i + 3 * bd), tgt, lse, dloss);
     }
+    for (; i < n4; i += bd) y4[i] = ce_grad4(y4[i], head + 4 * i, tgt, lse, dloss);
 }
