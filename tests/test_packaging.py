@@ -1,5 +1,6 @@
 """A built wheel carries the CUDA kernels and job files, found without environment variables."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,7 +11,11 @@ pytestmark = single_process_only
 
 
 def test_wheel_ships_kernels_and_jobs_and_finds_them(tmp_path):
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), REPO],
+    # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    src = tmp_path / "src"
+    shutil.copytree(REPO, str(src), ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "runs", "*.h5", ".venv", "venv", "__pycache__", ".pytest_cache"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src)],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = [p for p in os.listdir(str(tmp_path)) if p.endswith(".whl")]
