@@ -61,7 +61,26 @@ def shard_bounds(n, p, server="sharded"):
     return [((r * n) // p, ((r + 1) * n) // p) for r in range(p)]
 
 
-class ShardedWindow:
+class _EpochWindow:
+    """An MPI window held in one Lock_all epoch for its lifetime: `free()` (collective) ends the
+    epoch and releases it; `with` frees it on exit."""
+
+    win = MPI.WIN_NULL
+
+    def free(self):
+        if self.win != MPI.WIN_NULL:
+            self.win.Unlock_all()
+            self.win.Free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+        return False
+
+
+class ShardedWindow(_EpochWindow):
     """A flat vector of n elements held in RMA windows; see the module doc.
 
     `init` (optional, the same full vector on every rank) fills the windows
@@ -141,21 +160,11 @@ class ShardedWindow:
             self.win.Flush(rank)
 
     def free(self):
-        """Collective: release the window (every rank must call it)."""
-        if self.win != MPI.WIN_NULL:
-            self.local = None
-            self.win.Unlock_all()
-            self.win.Free()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.free()
-        return False
+        self.local = None
+        super().free()
 
 
-class VersionCounter:
+class VersionCounter(_EpochWindow):
     """A global int64 counter on `root`, bumped atomically by any rank."""
 
     def __init__(self, comm, root=0):
@@ -182,20 +191,6 @@ class VersionCounter:
 
     def read(self) -> int:
         return self._op(0, MPI.NO_OP)
-
-    def free(self):
-        """Collective: release the window (every rank must call it)."""
-        if self.win != MPI.WIN_NULL:
-            self.win.Unlock_all()
-            self.win.Free()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.free()
-        return False
-
 
 def measure_progress(comm, busy_seconds=0.5, n=1 << 16):
     """Latency of Get + Accumulate + Fetch_and_op to rank 0 while rank 0 computes
