@@ -30,7 +30,34 @@ __device__ MaxSum ce_warp_combine(MaxSum a) {
     return a;
 }
 
+__device__ void ce_push(MaxSum& acc, float xv) {
+    if (xv > acc.m) {
+        acc.s = acc.s * expf(acc.m - xv) + 1.0f;
+        acc.m = xv;
+    } else {
+        acc.s += expf(xv - acc.m);
+    }
+}
+
+__device__ void ce_push4(MaxSum& acc, float4 q) {
+    float m = fmaxf(acc.m, fmaxf(fmaxf(q.x, q.y), fmaxf(q.z, q.w)));
+    float e = (expf(q.x - m) + expf(q.y - m)) + (expf(q.z - m) + expf(q.w - m));
+    acc.s = (acc.m == CE_NEG_INF ? 0.0f : acc.s * expf(acc.m - m)) + e;
+    acc.m = m;
+}
+
+// (softmax - onehot) * dloss for the four logits q at columns v .. v + 3
+__device__ float4 ce_grad4(float4 q, int v, int tgt, float lse, float dloss) {
+    q.x = (expf(q.x - lse) - (v == tgt ? 1.0f : 0.0f)) * dloss;
+    q.y = (expf(q.y - lse) - (v + 1 == tgt ? 1.0f : 0.0f)) * dloss;
+    q.z = (expf(q.z - lse) - (v + 2 == tgt ? 1.0f : 0.0f)) * dloss;
+    q.w = (expf(q.w - lse) - (v + 3 == tgt ? 1.0f : 0.0f)) * dloss;
+    return q;
+}
+
 // losses (N,) = logsumexp(row) - row[target]; write_dlogits == 0 leaves logits untouched.
+// A row (any V, any 4-byte-aligned start) is split into a scalar head up to the first 16-byte
+// boundary, a float4 body and a scalar tail of at most 3 elements.
 extern "C" __global__ void crossentropy_fused(float* logits, float* losses, const int* targets,
                                               int N, int V, float dloss, int write_dlogits) {
     __shared__ float sh_m[32];
@@ -38,18 +65,27 @@ extern "C" __global__ void crossentropy_fused(float* logits, float* losses, cons
     int row = blockIdx.x;
     if (row >= N) return;
     float* x = logits + (long long)row * V;
+    int head = (int)(((16ull - (reinterpret_cast<unsigned long long>(x) & 15ull)) & 15ull) / 4ull);
+    if (head > V) head = V;
+    int n4 = (V - head) / 4;
+    int tail = head + 4 * n4;
     MaxSum acc;
     acc.m = CE_NEG_INF;
     acc.s = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float xv = x[v];
-        if (xv > acc.m) {
-            acc.s = acc.s * expf(acc.m - xv) + 1.0f;
-            acc.m = xv;
-        } else {
-            acc.s += expf(xv - acc.m);
-        }
+    for (int v = threadIdx.x; v < head; v += blockDim.x) ce_push(acc, x[v]);
+    for (int v = tail + (int)threadIdx.x; v < V; v += blockDim.x) ce_push(acc, x[v]);
+    const float4* x4 = reinterpret_cast<const float4*>(x + head);
+    // four independent float4 loads in flight per thread, then the remainder one at a time
+    int bd = blockDim.x;
+    int i = threadIdx.x;
+    for (; i + 3 * bd < n4; i += 4 * bd) {
+        float4 q0 = x4[i], q1 = x4[i + bd], q2 = x4[i + 2 * bd], q3 = x4[i + 3 * bd];
+        ce_push4(acc, q0);
+        ce_push4(acc, q1);
+        ce_push4(acc, q2);
+        ce_push4(acc, q3);
     }
+    for (; i < n4; i += bd) ce_push4(acc, x4[i]);
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     acc = ce_warp_combine(acc);
     if (lane == 0) {
@@ -67,8 +103,22 @@ extern "C" __global__ void crossentropy_fused(float* logits, float* losses, cons
     if (threadIdx.x == 0) losses[row] = lse - x[tgt];
     if (!write_dlogits) return;
     __syncthreads();  // x[tgt] is read above before any thread overwrites it below
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    for (int v = threadIdx.x; v < head; v += blockDim.x) {
         float p = expf(x[v] - lse);
         x[v] = (p - (v == tgt ? 1.0f : 0.0f)) * dloss;
     }
+    for (int v = tail + (int)threadIdx.x; v < V; v += blockDim.x) {
+        float p = expf(x[v] - lse);
+        x[v] = (p - (v == tgt ? 1.0f : 0.0f)) * dloss;
+    }
+    float4* y4 = reinterpret_cast<float4*>(x + head);
+    i = threadIdx.x;
+    for (; i + 3 * bd < n4; i += 4 * bd) {
+        float4 q0 = y4[i], q1 = y4[i + bd], q2 = y4[i + 2 * bd], q3 = y4[i + 3 * bd];
+        y4[i] = ce_grad4(q0, head + 4 * i, tgt, lse, dloss);
+        y4[i + bd] = ce_grad4(q1, head + 4 * (i + bd), tgt, lse, dloss);
+        y4[i + 2 * bd] = ce_grad4(q2, head + 4 * (i + 2 * bd), tgt, lse, dloss);
+        y4[i + 3 * bd] = ce_grad4(q3, head + 4 * (i + 3 * bd), tgt, lse, dloss);
+    }
+    for (; i < n4; i += bd) y4[i] = ce_grad4(y4[i], head + 4 * i, tgt, lse, dloss);
 }

@@ -4,6 +4,29 @@
 // out[b,t,:] = wte[idx[b,t],:] + wpe[t,:]; one thread per output element.
 extern "C" __global__ void embedding_forward(float* out, const int* idx, const float* wte,
                                              const float* wpe, int BT, int T, int C) {
+    if (C % 4 == 0 && ((reinterpret_cast<unsigned long long>(out) |
+                        reinterpret_cast<unsigned long long>(wte) |
+                        reinterpret_cast<unsigned long long>(wpe)) & 15ull) == 0) {
+        // float4 path: rows of wte, wpe and out are 16-byte aligned since C % 4 == 0
+        int C4 = C / 4;
+        long long n4 = (long long)BT * C4;
+        long long stride4 = (long long)gridDim.x * blockDim.x;
+        float4* o4 = reinterpret_cast<float4*>(out);
+        const float4* e4 = reinterpret_cast<const float4*>(wte);
+        const float4* p4 = reinterpret_cast<const float4*>(wpe);
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += stride4) {
+            int bt = (int)(i / C4);
+            int c = (int)(i - (long long)bt * C4);
+            float4 u = e4[(long long)idx[bt] * C4 + c];
+            float4 v = p4[(long long)(bt % T) * C4 + c];
+            u.x += v.x;
+            u.y += v.y;
+            u.z += v.z;
+            u.w += v.w;
+            o4[i] = u;
+        }
+        return;
+    }
     long long n = (long long)BT * C;
     long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {

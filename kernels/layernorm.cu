@@ -6,6 +6,15 @@ __device__ float ln_warp_sum(float v) {
     return v;
 }
 
+// float4 register paths: C % 4 == 0 and C <= 32 lanes * 4 * LN_MAXV, pointers 16-byte aligned.
+#define LN_MAXV 8
+
+__device__ bool ln_vec_ok(int C) { return C % 4 == 0 && C <= 128 * LN_MAXV; }
+
+__device__ bool ln_aligned(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
 extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* x,
                                              const float* w, const float* b, int N, int C,
                                              float eps) {
@@ -13,6 +22,52 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;  // whole warp leaves together, so later shuffles stay full-warp
     const float* xr = x + (long long)row * C;
+    if (ln_vec_ok(C) && ln_aligned(x) && ln_aligned(out) && ln_aligned(w) && ln_aligned(b)) {
+        // float4 path: the row stays in registers (C <= 1024), x is read from memory once
+        int n4 = C / 4;
+        const float4* x4 = reinterpret_cast<const float4*>(xr);
+        float4 v[LN_MAXV];
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; i++) {
+            int c = lane + 32 * i;
+            v[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (c < n4) {
+                v[i] = x4[c];
+                s += (v[i].x + v[i].y) + (v[i].z + v[i].w);
+            }
+        }
+        float m = ln_warp_sum(s) / C;
+        float q = 0.0f;
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; i++) {
+            if (lane + 32 * i < n4) {
+                float a = v[i].x - m, bb = v[i].y - m, cc = v[i].z - m, d = v[i].w - m;
+                q += (a * a + bb * bb) + (cc * cc + d * d);
+            }
+        }
+        float r = 1.0f / sqrtf(ln_warp_sum(q) / C + eps);
+        float4* o4 = reinterpret_cast<float4*>(out + (long long)row * C);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+        const float4* b4 = reinterpret_cast<const float4*>(b);
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; i++) {
+            int c = lane + 32 * i;
+            if (c < n4) {
+                float4 ww = w4[c], bv = b4[c], y;
+                y.x = (v[i].x - m) * r * ww.x + bv.x;
+                y.y = (v[i].y - m) * r * ww.y + bv.y;
+                y.z = (v[i].z - m) * r * ww.z + bv.z;
+                y.w = (v[i].w - m) * r * ww.w + bv.w;
+                o4[c] = y;
+            }
+        }
+        if (lane == 0) {
+            mean[row] = m;
+            rstd[row] = r;
+        }
+        return;
+    }
     float s = 0.0f;
     for (int c = lane; c < C; c += 32) s += xr[c];
     float m = ln_warp_sum(s) / C;
@@ -78,16 +133,157 @@ extern "C" __global__ void layernorm_backward_params_partial(float* partial, con
     partial[(P + p) * C + c] = db;
 }
 
-// Pass 2: dw[c] += sum_p partial[0,p,c]; db[c] += sum_p partial[1,p,c], in chunk order.
+// Pass 2: dw[c] += sum_p partial[0,p,c]; db[c] += sum_p partial[1,p,c]. Block of 32 columns
+// (lane) x nk = blockDim.x / 32 slices (warp k sums p = k, k + nk, ... in order); the slices are
+// then added in k order, so the result has the same bits on every run. blockDim.x <= 1024,
+// a multiple of 32; grid = ceil(C / 32).
 extern "C" __global__ void layernorm_backward_params_finish(float* dw, float* db,
                                                             const float* partial, int P, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    float sw = 0.0f, sb = 0.0f;
-    for (int p = 0; p < P; p++) {
-        sw += partial[(long long)p * C + c];
-        sb += partial[(long long)(P + p) * C + c];
+    __shared__ float sw[1024];
+    __shared__ float sb[1024];
+    int lane = threadIdx.x % 32;
+    int k = threadIdx.x / 32;
+    int nk = blockDim.x / 32;
+    int c = blockIdx.x * 32 + lane;
+    float a = 0.0f, z = 0.0f;
+    if (c < C) {
+        for (int p = k; p < P; p += nk) {
+            a += partial[(long long)p * C + c];
+            z += partial[(long long)(P + p) * C + c];
+        }
     }
-    dw[c] += sw;
-    db[c] += sb;
+    sw[threadIdx.x] = a;
+    sb[threadIdx.x] = z;
+    __syncthreads();
+    if (k == 0 && c < C) {
+        float ta = 0.0f, tb = 0.0f;
+        for (int j = 0; j < nk; j++) {
+            ta += sw[j * 32 + lane];
+            tb += sb[j * 32 + lane];
+        }
+        dw[c] += ta;
+        db[c] += tb;
+    }
+}
+
+// Fused dx and dw/db partials for the float4 path (C % 4 == 0, C <= 128 * LN_MAXV, all pointers
+// 16-byte aligned; the caller checks). Block p handles rows [p*rows, min(N, (p+1)*rows)); warp k
+// of nw takes rows p*rows + k, + nw, ... in order and keeps its dw/db sums in registers; the warps'
+// sums are added in warp order through shared memory and written to partial (2, P, C),
+// P = gridDim.x, like layernorm_backward_params_partial's output. blockDim.x a multiple of 32.
+extern "C" __global__ void layernorm_backward_fused(float* dx, float* partial, const float* dout,
+                                                    const float* x, const float* w,
+                                                    const float* mean, const float* rstd, int N,
+                                                    int C, int accumulate, int rows) {
+    __shared__ float4 acc[2 * 32 * LN_MAXV];
+    int lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32;
+    int nw = blockDim.x / 32;
+    int n4 = C / 4;
+    int p = blockIdx.x;
+    int lo = p * rows;
+    int hi = min(N, lo + rows);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    float4 dwa[LN_MAXV], dba[LN_MAXV];
+#pragma unroll
+    for (int i = 0; i < LN_MAXV; i++) {
+        dwa[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        dba[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    for (int row = lo + warp; row < hi; row += nw) {
+        long long off = (long long)row * C;
+        const float4* d4 = reinterpret_cast<const float4*>(dout + off);
+        const float4* x4 = reinterpret_cast<const float4*>(x + off);
+        float4* g4 = reinterpret_cast<float4*>(dx + off);
+        float m = mean[row], r = rstd[row];
+        float4 dv[LN_MAXV], nv[LN_MAXV];
+        float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; i++) {
+            int c = lane + 32 * i;
+            dv[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            nv[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (c < n4) {
+                float4 xv = x4[c];
+                dv[i] = d4[c];
+                nv[i].x = (xv.x - m) * r;
+                nv[i].y = (xv.y - m) * r;
+                nv[i].z = (xv.z - m) * r;
+                nv[i].w = (xv.w - m) * r;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; i++) {
+            int c = lane + 32 * i;
+            if (c < n4) {
+                float4 ww = w4[c];
+                float a = dv[i].x * ww.x, bb = dv[i].y * ww.y;
+                float cc = dv[i].z * ww.z, d = dv[i].w * ww.w;
+                s1 += (a + bb) + (cc + d);
+                s2 += (a * nv[i].x + bb * nv[i].y) + (cc * nv[i].z + d * nv[i].w);
+            }
+        }
+        float mean1 = ln_warp_sum(s1) / C;
+        float mean2 = ln_warp_sum(s2) / C;
+#pragma unroll
+        for (int i = 0; i < LN_MAXV; i++) {
+            int c = lane + 32 * i;
+            if (c < n4) {
+                float4 ww = w4[c], g;
+                g.x = r * (dv[i].x * ww.x - mean1 - nv[i].x * mean2);
+                g.y = r * (dv[i].y * ww.y - mean1 - nv[i].y * mean2);
+                g.z = r * (dv[i].z * ww.z - mean1 - nv[i].z * mean2);
+                g.w = r * (dv[i].w * ww.w - mean1 - nv[i].w * mean2);
+                if (accumulate) {
+                    float4 old = g4[c];
+                    g.x += old.x;
+                    g.y += old.y;
+                    g.z += old.z;
+                    g.w += old.w;
+                }
+                g4[c] = g;
+                dwa[i].x += dv[i].x * nv[i].x;
+                dwa[i].y += dv[i].y * nv[i].y;
+                dwa[i].z += dv[i].z * nv[i].z;
+                dwa[i].w += dv[i].w * nv[i].w;
+                dba[i].x += dv[i].x;
+                dba[i].y += dv[i].y;
+                dba[i].z += dv[i].z;
+                dba[i].w += dv[i].w;
+            }
+        }
+    }
+    for (int k = 0; k < nw; k++) {
+        if (warp == k) {
+#pragma unroll
+            for (int i = 0; i < LN_MAXV; i++) {
+                int c = lane + 32 * i;
+                if (c < n4) {
+                    if (k == 0) {
+                        acc[c] = dwa[i];
+                        acc[n4 + c] = dba[i];
+                    } else {
+                        float4 t = acc[c], u = acc[n4 + c];
+                        t.x += dwa[i].x;
+                        t.y += dwa[i].y;
+                        t.z += dwa[i].z;
+                        t.w += dwa[i].w;
+                        u.x += dba[i].x;
+                        u.y += dba[i].y;
+                        u.z += dba[i].z;
+                        u.w += dba[i].w;
+                        acc[c] = t;
+                        acc[n4 + c] = u;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    float4* part4 = reinterpret_cast<float4*>(partial);
+    long long P = gridDim.x;
+    for (int c = threadIdx.x; c < n4; c += blockDim.x) {
+        part4[(long long)p * n4 + c] = acc[c];
+        part4[(P + p) * n4 + c] = acc[n4 + c];
+    }
 }

@@ -21,6 +21,10 @@ ATT_MAX_HS = 128
 LN_EPS = 1e-5  # llmpi.layers.layernorm.EPS
 NORM_BLOCKS = 1024  # fixed, so the sum of squares has the same bits on every device
 LN_ROWS = 32  # rows per partial sum of the LayerNorm parameter gradients
+LN_VEC_MAX_C = 1024  # layernorm.cu's float4 register paths: C % 4 == 0 and C <= 128 * LN_MAXV
+LN_FUSED_ROWS = 16  # rows per block (and per dw/db partial) of layernorm_backward_fused
+LN_FUSED_THREADS = 128
+LN_FINISH_THREADS = 1024  # 32 columns x 32 slices of the partials per block
 
 
 def enabled_for(a) -> bool:
@@ -46,6 +50,12 @@ def _grid(n, threads=THREADS):
     return (max(1, min(MAX_BLOCKS, -(-n // threads))),)
 
 
+def _ptr(a) -> int:
+    """Device (CuPy) or host (NumPy) address of a's first element, for alignment checks."""
+    data = a.data
+    return data.ptr if hasattr(data, "ptr") else a.ctypes.data
+
+
 def _launch(file, name, grid, block, *args):
     cuda.kernel(file, name)(grid, block, args)
 
@@ -60,7 +70,7 @@ def embedding_forward(wte, wpe, idx):
     C = wte.shape[1]
     idx32 = xp.ascontiguousarray(idx, dtype=xp.int32)
     out = xp.empty((B, T, C), dtype=xp.float32)
-    _launch("embedding.cu", "embedding_forward", _grid(B * T * C), (THREADS,),
+    _launch("embedding.cu", "embedding_forward", _grid(-(-B * T * C // 4)), (THREADS,),
             out, idx32, wte, wpe, _i32(B * T), _i32(T), _i32(C))
     return out, idx32
 
@@ -112,15 +122,23 @@ def layernorm_backward(dout, cache, dw, db, dx=None):
         _f32(dx)
     else:
         dx = xp.empty_like(x)
-    rows_per_block = THREADS // 32
-    _launch("layernorm.cu", "layernorm_backward_dx", (-(-N // rows_per_block),), (THREADS,),
-            dx, dout, x, w, mean, rstd, _i32(N), _i32(C), np.int32(accumulate))
-    P = -(-N // LN_ROWS)
-    partial = xp.empty((2, P, C), dtype=xp.float32)
-    cblocks = -(-C // THREADS)
-    _launch("layernorm.cu", "layernorm_backward_params_partial", (cblocks, P), (THREADS,),
-            partial, dout, x, mean, rstd, _i32(N), _i32(C), _i32(LN_ROWS))
-    _launch("layernorm.cu", "layernorm_backward_params_finish", (cblocks,), (THREADS,),
+    if C % 4 == 0 and C <= LN_VEC_MAX_C and all(_ptr(a) % 16 == 0 for a in (dx, dout, x, w)):
+        # float4 path: dx and the dw/db partials in one pass over dout and x
+        P = -(-N // LN_FUSED_ROWS)
+        partial = xp.empty((2, P, C), dtype=xp.float32)
+        _launch("layernorm.cu", "layernorm_backward_fused", (P,), (LN_FUSED_THREADS,),
+                dx, partial, dout, x, w, mean, rstd, _i32(N), _i32(C), np.int32(accumulate),
+                _i32(LN_FUSED_ROWS))
+    else:
+        rows_per_block = THREADS // 32
+        _launch("layernorm.cu", "layernorm_backward_dx", (-(-N // rows_per_block),), (THREADS,),
+                dx, dout, x, w, mean, rstd, _i32(N), _i32(C), np.int32(accumulate))
+        P = -(-N // LN_ROWS)
+        partial = xp.empty((2, P, C), dtype=xp.float32)
+        cblocks = -(-C // THREADS)
+        _launch("layernorm.cu", "layernorm_backward_params_partial", (cblocks, P), (THREADS,),
+                partial, dout, x, mean, rstd, _i32(N), _i32(C), _i32(LN_ROWS))
+    _launch("layernorm.cu", "layernorm_backward_params_finish", (-(-C // 32),), (LN_FINISH_THREADS,),
             dw, db, partial, _i32(P), _i32(C))
     return dx
 
@@ -132,7 +150,7 @@ def gelu_forward(x):
     xp = array_module(x)
     _f32(x)
     out = xp.empty_like(x)
-    _launch("gelu.cu", "gelu_forward", _grid(x.size), (THREADS,), out, x, _i32(x.size))
+    _launch("gelu.cu", "gelu_forward", _grid(-(-x.size // 4)), (THREADS,), out, x, _i32(x.size))
     return out, x
 
 
@@ -142,7 +160,7 @@ def bias_gelu_forward(pre, bias):
     xp = array_module(pre)
     _f32(pre, bias)
     out = xp.empty_like(pre)
-    _launch("gelu.cu", "bias_gelu_forward", _grid(pre.size), (THREADS,), out, pre, bias,
+    _launch("gelu.cu", "bias_gelu_forward", _grid(-(-pre.size // 4)), (THREADS,), out, pre, bias,
             _i32(pre.size), _i32(bias.size))
     return out, pre
 
@@ -153,7 +171,7 @@ def gelu_backward(dout, cache):
     x = cache
     _f32(dout, x)
     dx = xp.empty_like(x)
-    _launch("gelu.cu", "gelu_backward", _grid(x.size), (THREADS,), dx, x, dout, _i32(x.size))
+    _launch("gelu.cu", "gelu_backward", _grid(-(-x.size // 4)), (THREADS,), dx, x, dout, _i32(x.size))
     return dx
 
 
@@ -162,7 +180,8 @@ def gelu_backward(dout, cache):
 def residual_forward(x, fx):
     """x, fx (B, T, C) -> (fx + x written into fx, None), as llmpi.layers.residual."""
     _f32(x, fx)
-    _launch("residual.cu", "residual_forward", _grid(x.size), (THREADS,), fx, fx, x, _i32(x.size))
+    _launch("residual.cu", "residual_forward", _grid(-(-x.size // 4)), (THREADS,), fx, fx, x,
+            _i32(x.size))
     return fx, None
 
 
