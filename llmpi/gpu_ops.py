@@ -8,6 +8,7 @@ Python ints/floats as 64-bit values into 32-bit parameters.
 Shape legend: B batch, T time, C channels, NH heads, HS head size, V vocab, N = B*T rows.
 """
 import math
+import os
 
 import numpy as np
 
@@ -18,6 +19,9 @@ THREADS = 256
 MAX_BLOCKS = 1 << 16  # grid-stride kernels cover any size with at most this many blocks
 ATT_WARPS = 8  # query/key rows per attention block, kernels/attention.cu
 ATT_MAX_HS = 128
+ATT_TC_ROWS = 64  # query/key rows per tensor-core attention block (4 warps), kernels/attention_tc.cu
+ATT_TC_THREADS = 128
+ATT_TC_HEAD_SIZES = (16, 32, 64)  # head sizes with tensor-core entry points
 LN_EPS = 1e-5  # llmpi.layers.layernorm.EPS
 NORM_BLOCKS = 1024  # fixed, so the sum of squares has the same bits on every device
 LN_ROWS = 32  # rows per partial sum of the LayerNorm parameter gradients
@@ -197,23 +201,47 @@ def _att_dims(qkv, n_head):
     return B, T, C, HS
 
 
-def attention_forward(qkv, n_head):
-    """qkv (B, T, 3C) -> out (B, T, C); cache (qkv, out, lse (B, NH, T), n_head)."""
+def tf32_allowed() -> bool:
+    """CuPy's switch for TF32 tensor-core matmuls (CUPY_TF32=1); attention follows it."""
+    return os.environ.get("CUPY_TF32", "0") == "1"
+
+
+def _attention_tc(HS, qkv, requested=None):
+    """Whether attention runs on tensor cores (attention_tc.cu). They need a head size with entry
+    points and 16-byte aligned rows (float4 tile loads); requested=None takes them when TF32 is
+    allowed and possible."""
+    possible = HS in ATT_TC_HEAD_SIZES and _ptr(qkv) % 16 == 0
+    if requested is None:
+        return tf32_allowed() and possible
+    if requested and not possible:
+        raise ValueError(f"tensor-core attention needs head size in {ATT_TC_HEAD_SIZES} and 16-byte "
+                         f"aligned qkv, got head size {HS}")
+    return requested
+
+
+def attention_forward(qkv, n_head, tensor_cores=None):
+    """qkv (B, T, 3C) -> out (B, T, C); cache (qkv, out, lse (B, NH, T), n_head, tensor_cores).
+    tensor_cores: None follows tf32_allowed(); backward takes the forward's choice."""
     xp = array_module(qkv)
     _f32(qkv)
     B, T, C, HS = _att_dims(qkv, n_head)
     out = xp.empty((B, T, C), dtype=xp.float32)
     lse = xp.empty((B, n_head, T), dtype=xp.float32)
-    _launch("attention.cu", "attention_forward", (-(-T // ATT_WARPS), B * n_head),
-            (ATT_WARPS * 32,), out, lse, qkv, _i32(T), _i32(n_head), _i32(HS),
-            np.float32(1.0 / math.sqrt(HS)))
-    return out, (qkv, out, lse, n_head)
+    scale = np.float32(1.0 / math.sqrt(HS))
+    tensor_cores = _attention_tc(HS, qkv, tensor_cores)
+    if tensor_cores:
+        _launch("attention_tc.cu", f"attention_forward_tc{HS}", (-(-T // ATT_TC_ROWS), B * n_head),
+                (ATT_TC_THREADS,), out, lse, qkv, _i32(T), _i32(n_head), scale)
+    else:
+        _launch("attention.cu", "attention_forward", (-(-T // ATT_WARPS), B * n_head),
+                (ATT_WARPS * 32,), out, lse, qkv, _i32(T), _i32(n_head), _i32(HS), scale)
+    return out, (qkv, out, lse, n_head, tensor_cores)
 
 
 def attention_backward(dout, cache):
     """dout (B, T, C) -> dqkv (B, T, 3C)."""
     xp = array_module(dout)
-    qkv, out, lse, NH = cache
+    qkv, out, lse, NH, tensor_cores = cache
     _f32(dout, qkv, out, lse)
     B, T, C, HS = _att_dims(qkv, NH)
     delta = xp.empty((B, NH, T), dtype=xp.float32)
@@ -221,10 +249,17 @@ def attention_backward(dout, cache):
     _launch("attention.cu", "attention_backward_delta", (-(-rows // (THREADS // 32)),),
             (THREADS,), delta, dout, out, _i32(B), _i32(T), _i32(NH), _i32(HS))
     dqkv = xp.empty_like(qkv)
-    grid = (-(-T // ATT_WARPS), B * NH)
-    args = (dqkv, qkv, dout, lse, delta, _i32(T), _i32(NH), _i32(HS), np.float32(1.0 / math.sqrt(HS)))
-    _launch("attention.cu", "attention_backward_dq", grid, (ATT_WARPS * 32,), *args)
-    _launch("attention.cu", "attention_backward_dkv", grid, (ATT_WARPS * 32,), *args)
+    scale = np.float32(1.0 / math.sqrt(HS))
+    if tensor_cores and _ptr(dout) % 16 == 0:
+        grid = (-(-T // ATT_TC_ROWS), B * NH)
+        args = (dqkv, qkv, dout, lse, delta, _i32(T), _i32(NH), scale)
+        _launch("attention_tc.cu", f"attention_backward_dq_tc{HS}", grid, (ATT_TC_THREADS,), *args)
+        _launch("attention_tc.cu", f"attention_backward_dkv_tc{HS}", grid, (ATT_TC_THREADS,), *args)
+    else:
+        grid = (-(-T // ATT_WARPS), B * NH)
+        args = (dqkv, qkv, dout, lse, delta, _i32(T), _i32(NH), _i32(HS), scale)
+        _launch("attention.cu", "attention_backward_dq", grid, (ATT_WARPS * 32,), *args)
+        _launch("attention.cu", "attention_backward_dkv", grid, (ATT_WARPS * 32,), *args)
     return dqkv
 
 

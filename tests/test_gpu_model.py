@@ -54,3 +54,21 @@ def test_logits_match_cpu(cp):
     logits_ref, _, _ = ref.forward(idx)
     logits, _, _ = gpu.forward(cp.asarray(idx))
     assert rel_error(logits.get(), logits_ref) < 1e-5
+
+
+def test_tf32_attention_tracks_cpu(cp, monkeypatch):
+    """With TF32 allowed the attention runs on tensor cores (head size 16 here): loss and
+    gradients stay within TF32 accuracy (10-bit mantissa inputs) of the float64 model."""
+    monkeypatch.setenv("CUPY_TF32", "1")
+    ref, gpu = pair(cp, n_head=2, n_embd=32)
+    r = np.random.default_rng(2)
+    idx, tgt = r.integers(0, ref.cfg.vocab_size, (2, 3, 40))
+    _, loss_ref, cache = ref.forward(idx, tgt)
+    ref.params.zero_grad()
+    ref.backward(cache)
+    _, loss, cache = gpu.forward(cp.asarray(idx), cp.asarray(tgt))
+    assert cache["blocks"][0][2][-1], "attention did not take the tensor-core path"
+    gpu.params.zero_grad()
+    gpu.backward(cache)
+    assert abs(loss - loss_ref) < 2e-3 * loss_ref
+    assert rel_error(gpu.params.grad.get(), ref.params.grad) < 2e-2

@@ -142,22 +142,40 @@ def test_residual(cp):
     close(out, residual.forward(x, fx.copy())[0])
 
 
+def test_attention_uses_tensor_cores_only_when_tf32_is_allowed(monkeypatch):
+    qkv = np.zeros((1, 3, 3 * 64), np.float32)
+    monkeypatch.setenv("CUPY_TF32", "0")
+    assert not gpu_ops._attention_tc(64, qkv)
+    monkeypatch.setenv("CUPY_TF32", "1")
+    assert gpu_ops._attention_tc(64, qkv)
+    assert not gpu_ops._attention_tc(40, qkv)  # no entry point for this head size
+    assert not gpu_ops._attention_tc(64, qkv.reshape(-1)[1:])  # rows not 16-byte aligned
+
+
+ATTENTION_SHAPES = [(1, 1, 1, 16), (2, 7, 3, 16), (1, 65, 2, 64), (1, 129, 2, 64), (2, 40, 1, 128),
+                    (1, 33, 2, 40), (2, 70, 2, 32), (1, 200, 1, 64)]
+
+
 @needs_gpu
-@pytest.mark.parametrize("B,T,NH,HS", [(1, 1, 1, 16), (2, 7, 3, 16), (1, 65, 2, 64),
-                                       (1, 129, 2, 64), (2, 40, 1, 128), (1, 33, 2, 40)])
-def test_attention(cp, B, T, NH, HS):
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
+@pytest.mark.parametrize("B,T,NH,HS", ATTENTION_SHAPES)
+def test_attention(cp, monkeypatch, tf32, B, T, NH, HS):
+    """fp32: attention.cu on CUDA cores; tf32: attention_tc.cu where the head size has entry
+    points, whose TF32 inputs (10-bit mantissa) allow about 1e-3 relative error."""
+    monkeypatch.setenv("CUPY_TF32", "1" if tf32 else "0")
+    tol = 3e-3 if gpu_ops._attention_tc(HS, cp.empty(16, cp.float32)) else 1e-4
     r = np.random.default_rng(4)
     C = NH * HS
     qkv, dout = r.standard_normal((B, T, 3 * C)), r.standard_normal((B, T, C))
     out, cache = gpu_ops.attention_forward(f32(cp, qkv), NH)
     ref, rcache = attention.forward(qkv, NH)
-    close(out, ref, 1e-4)
+    close(out, ref, tol)
     lse_ref = np.log(np.exp((qkv[..., :C].reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
                              @ qkv[..., C:2 * C].reshape(B, T, NH, HS).transpose(0, 2, 3, 1))
                             / math.sqrt(HS) + np.triu(np.full((T, T), -np.inf), 1)).sum(-1))
-    close(cache[2], lse_ref, 1e-4)
+    close(cache[2], lse_ref, tol)
     dqkv = gpu_ops.attention_backward(f32(cp, dout), cache)
-    close(dqkv, attention.backward(dout, rcache), 1e-4)
+    close(dqkv, attention.backward(dout, rcache), tol)
 
 
 @needs_gpu

@@ -6,7 +6,9 @@ The references are the NumPy layers of llmpi.layers run on CuPy arrays (the same
 the CPU; the embedding scatter-add runs on the host). Times are medians of CUDA-event
 intervals. Memory-bound kernels report GB/s of the bytes they must move at least, as a
 fraction of the measured device-to-device copy bandwidth; attention reports TFLOP/s as a
-fraction of a measured float32 cuBLAS matmul. `ratio` is the geometric mean of the fractions.
+fraction of a measured float32 cuBLAS matmul (CUDA cores), and its TF32 tensor-core version
+(attention_tc.cu) as a fraction of the TF32 peak, taken as half a measured fp16 cuBLAS matmul.
+`ratio` is the geometric mean of the fractions.
 """
 import argparse
 import math
@@ -123,15 +125,18 @@ def cases(xp, B, T, C, NH, V, P):
                 lambda: G.residual_forward(x, fx), 1e-6, f4 * 3 * N * C, None))
 
     qkv, dy = rand(B, T, 3 * C), rand(B, T, C)
-    att, att_cache = G.attention_forward(qkv, NH)
     fwd_flops = 2.0 * B * NH * T * T * HS  # QK^T and PV, half of each under the causal mask
 
-    out.append(("attention_forward", lambda: rel_error(host(att), host(attention.forward(qkv, NH)[0])),
-                lambda: G.attention_forward(qkv, NH), 1e-4, None, fwd_flops))
-    out.append(("attention_backward",
-                lambda: rel_error(host(G.attention_backward(dy, att_cache)),
-                                  host(attention.backward(dy, attention.forward(qkv, NH)[1]))),
-                lambda: G.attention_backward(dy, att_cache), 1e-4, None, 2.5 * fwd_flops))
+    for tc in (False, True):  # CUDA cores (attention.cu), TF32 tensor cores (attention_tc.cu)
+        att, att_cache = G.attention_forward(qkv, NH, tensor_cores=tc)
+        tol, suffix = (3e-3, "_tf32") if tc else (1e-4, "")
+        out.append(("attention_forward" + suffix,
+                    lambda att=att: rel_error(host(att), host(attention.forward(qkv, NH)[0])),
+                    lambda tc=tc: G.attention_forward(qkv, NH, tensor_cores=tc), tol, None, fwd_flops))
+        out.append(("attention_backward" + suffix,
+                    lambda c=att_cache: rel_error(host(G.attention_backward(dy, c)),
+                                                  host(attention.backward(dy, attention.forward(qkv, NH)[1]))),
+                    lambda c=att_cache: G.attention_backward(dy, c), tol, None, 2.5 * fwd_flops))
 
     logits, targets = rand(B, T, V), xp.asarray(np.random.default_rng(2).integers(0, V, (B, T)))
 
@@ -183,6 +188,7 @@ def main(argv):
     copy_bw = copy_bandwidth(xp, args.repeats)
     mm32 = matmul_peak(xp, xp.float32, args.repeats)
     mm16 = matmul_peak(xp, xp.float16, args.repeats)
+    tf32_peak = (mm16 or mm32) / 2  # TF32 tensor cores run at half the fp16 rate (A100, H100)
     print(f"{backend.device_name}  shape {shape}")
     print(f"copy {copy_bw / 1e9:.0f} GB/s, matmul fp32 {mm32 / 1e12:.1f} TFLOP/s, fp16 "
           f"{(mm16 or 0) / 1e12:.1f} TFLOP/s (bf16: CuPy has no bfloat16 dtype)")
@@ -193,7 +199,10 @@ def main(argv):
         if not ok:
             failed.append(name)
         t = gpu_time(xp, run, args.repeats)
-        if flops is not None:
+        if flops is not None and name.endswith("_tf32"):
+            frac = flops / t / tf32_peak
+            line = f"{flops / t / 1e12:7.2f} TFLOP/s  {frac:6.1%} of TF32 peak"
+        elif flops is not None:
             frac = flops / t / mm32
             line = f"{flops / t / 1e12:7.2f} TFLOP/s  {frac:6.1%} of fp32 matmul"
         else:
