@@ -89,6 +89,21 @@ __device__ __forceinline__ void tc_dot_rows(float (&acc)[4], const unsigned (&a)
         tc_mma(acc, a[k], tc_bits(tile[n0 + g][k * 8 + t]), tc_bits(tile[n0 + g][k * 8 + t + 4]));
 }
 
+// s[n] (16 x 8 columns n*8.. of the tile's rows) = A (16 x HS) . tile^T for the whole tile, with
+// the k-steps outermost so that the TC_TILE/8 accumulators form independent mma chains.
+template <int HS>
+__device__ __forceinline__ void tc_scores(float (&s)[TC_TILE / 8][4], const unsigned (&a)[HS / 8][4],
+                                          const float (*tile)[HS + 4]) {
+    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int n = 0; n < TC_TILE / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < HS / 8; k++)
+#pragma unroll
+        for (int n = 0; n < TC_TILE / 8; n++)
+            tc_mma(s[n], a[k], tc_bits(tile[n * 8 + g][k * 8 + t]), tc_bits(tile[n * 8 + g][k * 8 + t + 4]));
+}
+
 // out (16 x HS) += P (16 x 8 tile rows k0..k0+7, C layout) . tile[k0..k0+7, :]
 template <int HS>
 __device__ __forceinline__ void tc_accumulate(float (&out)[HS / 8][4], const float (&p)[4],
@@ -143,18 +158,17 @@ __device__ void tc_forward(float* y, float* lse, const float* qkv, int T, int NH
         __syncthreads();
         if (j0 > w0 + 15) continue;  // warp-uniform: every key of the tile is in this warp's future
         float s[TC_TILE / 8][4];
+        tc_scores<HS>(s, qa, ks);
         float mx[2] = {m[0], m[1]};
+        bool diagonal = j0 + TC_TILE - 1 > w0;  // warp-uniform: some key is past some row
 #pragma unroll
         for (int n = 0; n < TC_TILE / 8; n++) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = TC_NEG_INF;
-            if (j0 + n * 8 > w0 + 15) continue;
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-            tc_dot_rows<HS>(s[n], qa, ks, n * 8);
+            if (diagonal)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key = j0 + n * 8 + 2 * t + (e & 1), row = w0 + g + 8 * (e >> 1);
-                if (key > row) s[n][e] = TC_NEG_INF;
-            }
+                for (int e = 0; e < 4; e++) {
+                    int key = j0 + n * 8 + 2 * t + (e & 1), row = w0 + g + 8 * (e >> 1);
+                    if (key > row) s[n][e] = TC_NEG_INF;
+                }
             mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
             mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
         }
@@ -177,7 +191,6 @@ __device__ void tc_forward(float* y, float* lse, const float* qkv, int T, int NH
         }
 #pragma unroll
         for (int n = 0; n < TC_TILE / 8; n++) {
-            if (j0 + n * 8 > w0 + 15) continue;
 #pragma unroll
             for (int e = 0; e < 4; e++) s[n][e] = exp2f(s[n][e] - m[e >> 1]);
             l[0] += s[n][0] + s[n][1];
@@ -231,9 +244,9 @@ __device__ void tc_backward_dq(float* dqkv, const float* qkv, const float* dy, c
         tc_load_tile<HS>(ks, base + C, C3, j0, T);
         tc_load_tile<HS>(vs, base + 2 * C, C3, j0, T);
         __syncthreads();
+        if (j0 > w0 + 15) continue;  // warp-uniform: every key of the tile is in this warp's future
 #pragma unroll
         for (int n = 0; n < TC_TILE / 8; n++) {
-            if (j0 + n * 8 > w0 + 15) break;  // warp-uniform: keys past the warp's last query
             float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             tc_dot_rows<HS>(s, qa, ks, n * 8);
             tc_dot_rows<HS>(dp, da, vs, n * 8);
@@ -281,9 +294,9 @@ __device__ void tc_backward_dkv(float* dqkv, const float* qkv, const float* dy, 
             dls[r] = i < T ? delta[(long long)blockIdx.y * T + i] : 0.0f;
         }
         __syncthreads();
+        if (it + TC_TILE - 1 < w0) continue;  // warp-uniform: every query is before this warp's keys
 #pragma unroll
         for (int n = 0; n < TC_TILE / 8; n++) {
-            if (it + n * 8 + 7 < w0) continue;  // warp-uniform: queries before the warp's first key
             float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             tc_dot_rows<HS>(s, ka, qs, n * 8);   // s^T: rows keys, columns queries
             tc_dot_rows<HS>(dp, va, dys, n * 8);
