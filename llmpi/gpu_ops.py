@@ -54,7 +54,7 @@ def _grid(n, threads=THREADS):
     return (max(1, min(MAX_BLOCKS, -(-n // threads))),)
 
 
-def _ptr(a) -> int:
+def address(a) -> int:
     """Device (CuPy) or host (NumPy) address of a's first element, for alignment checks."""
     data = a.data
     return data.ptr if hasattr(data, "ptr") else a.ctypes.data
@@ -126,7 +126,7 @@ def layernorm_backward(dout, cache, dw, db, dx=None):
         _f32(dx)
     else:
         dx = xp.empty_like(x)
-    if C % 4 == 0 and C <= LN_VEC_MAX_C and all(_ptr(a) % 16 == 0 for a in (dx, dout, x, w)):
+    if C % 4 == 0 and C <= LN_VEC_MAX_C and all(address(a) % 16 == 0 for a in (dx, dout, x, w)):
         # float4 path: dx and the dw/db partials in one pass over dout and x
         P = -(-N // LN_FUSED_ROWS)
         partial = xp.empty((2, P, C), dtype=xp.float32)
@@ -179,6 +179,21 @@ def gelu_backward(dout, cache):
     return dx
 
 
+# ---- bf16 cast ------------------------------------------------------------------------------
+
+def to_bf16(x, out=None):
+    """float32 x -> uint16 array of x's bfloat16 bit patterns (round to nearest even), same shape;
+    CuPy has no bfloat16 dtype, and only cuBLAS reads these (llmpi.bf16)."""
+    xp = array_module(x)
+    _f32(x)
+    if out is None:
+        out = xp.empty(x.shape, dtype=xp.uint16)
+    elif out.dtype != xp.uint16 or out.shape != x.shape or not out.flags.c_contiguous:
+        raise ValueError(f"to_bf16 needs a C-contiguous uint16 {x.shape} output, got {out.dtype} {out.shape}")
+    _launch("cast.cu", "cast_to_bf16", _grid(-(-x.size // 4)), (THREADS,), out, x, np.int64(x.size))
+    return out
+
+
 # ---- residual -------------------------------------------------------------------------------
 
 def residual_forward(x, fx):
@@ -206,11 +221,20 @@ def tf32_allowed() -> bool:
     return os.environ.get("CUPY_TF32", "0") == "1"
 
 
+def attention_tc_possible(qkv, n_head) -> bool:
+    """Whether attention_tc.cu can run this qkv: a head size with entry points and 16-byte
+    aligned rows (its float4 tile loads)."""
+    return _tc_possible(_att_dims(qkv, n_head)[3], qkv)
+
+
+def _tc_possible(HS, qkv):
+    return HS in ATT_TC_HEAD_SIZES and address(qkv) % 16 == 0
+
+
 def _attention_tc(HS, qkv, requested=None):
-    """Whether attention runs on tensor cores (attention_tc.cu). They need a head size with entry
-    points and 16-byte aligned rows (float4 tile loads); requested=None takes them when TF32 is
-    allowed and possible."""
-    possible = HS in ATT_TC_HEAD_SIZES and _ptr(qkv) % 16 == 0
+    """Whether attention runs on tensor cores (attention_tc.cu); requested=None takes them when
+    TF32 is allowed and possible."""
+    possible = _tc_possible(HS, qkv)
     if requested is None:
         return tf32_allowed() and possible
     if requested and not possible:
@@ -250,7 +274,7 @@ def attention_backward(dout, cache):
             (THREADS,), delta, dout, out, _i32(B), _i32(T), _i32(NH), _i32(HS))
     dqkv = xp.empty_like(qkv)
     scale = np.float32(1.0 / math.sqrt(HS))
-    if tensor_cores and _ptr(dout) % 16 == 0:
+    if tensor_cores and address(dout) % 16 == 0:
         grid = (-(-T // ATT_TC_ROWS), B * NH)
         args = (dqkv, qkv, dout, lse, delta, _i32(T), _i32(NH), scale)
         _launch("attention_tc.cu", f"attention_backward_dq_tc{HS}", grid, (ATT_TC_THREADS,), *args)

@@ -25,9 +25,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import gpu_ops
+from . import bf16, gpu_ops
 from .backend import to_host
-from .errors import UserError
 from .layers import attention, crossentropy, embedding, gelu, layernorm, linear, residual
 from .params import FlatParams
 
@@ -42,6 +41,40 @@ KERNEL_OPS = SimpleNamespace(
     residual=SimpleNamespace(forward=gpu_ops.residual_forward, backward=residual.backward),
     attention=SimpleNamespace(forward=gpu_ops.attention_forward, backward=gpu_ops.attention_backward),
     crossentropy=SimpleNamespace(forward=gpu_ops.crossentropy_forward, backward=gpu_ops.crossentropy_backward))
+
+
+
+def _project(x, W):
+    """x (..., IN) @ W (IN, OUT) without bias -> (out, the cache of llmpi.layers.linear)."""
+    return (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[1]), (x, W)
+
+
+def _lm_head_forward(xf2, wte):
+    return xf2 @ wte.T, (xf2, wte)
+
+
+def _lm_head_backward(d2, cache, dwte):
+    xf2, wte = cache
+    dwte += d2.T @ xf2
+    return d2 @ wte
+
+
+# The matmuls: xp.matmul on the model's own dtype (cuBLAS on GPU, TF32 with CUPY_TF32=1), or,
+# for model.dtype = "bf16" on the GPU, llmpi.bf16's GEMMs on bf16 copies with float32 results.
+MATMULS = SimpleNamespace(linear=linear, project=_project, lm_head_forward=_lm_head_forward,
+                          lm_head_backward=_lm_head_backward)
+BF16_MATMULS = SimpleNamespace(
+    linear=SimpleNamespace(forward=bf16.linear_forward, backward=bf16.linear_backward),
+    project=bf16.project, lm_head_forward=bf16.lm_head_forward, lm_head_backward=bf16.lm_head_backward)
+
+
+def _attention_forward_tc_when_possible(qkv, n_head):
+    """bf16 models take the TF32 tensor-core attention whatever CUPY_TF32 says."""
+    return gpu_ops.attention_forward(qkv, n_head, tensor_cores=gpu_ops.attention_tc_possible(qkv, n_head))
+
+
+BF16_KERNEL_OPS = SimpleNamespace(**{**vars(KERNEL_OPS), "attention": SimpleNamespace(
+    forward=_attention_forward_tc_when_possible, backward=gpu_ops.attention_backward)})
 
 BLOCK_PARAMS = [
     ("ln_1.weight", lambda C: (C,)), ("ln_1.bias", lambda C: (C,)),
@@ -92,9 +125,6 @@ class GPT:
     def __init__(self, cfg, xp=np, seed=0):
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (take it from the data file)")
-        if cfg.dtype == "bf16" and xp is not np:
-            raise UserError("model.dtype = 'bf16' is not implemented on the GPU yet: CuPy has no bfloat16 "
-                            "dtype, so it needs bf16 kernels and cuBLAS GEMMs called by hand; use float32")
         self.cfg = cfg
         self.xp = xp
         if xp is np:
@@ -103,6 +133,11 @@ class GPT:
         # float32 on the GPU runs the CUDA kernels; float64 (gradient checks) keeps the layers
         self.kernels = gpu_ops.enabled_for(self.params.data)
         self.ops = KERNEL_OPS if self.kernels else LAYER_OPS
+        self.mm = MATMULS
+        self.bf16_weights = None  # bf16 copies of the matrices, on the GPU with dtype "bf16"
+        if cfg.dtype == "bf16" and self.kernels:
+            self.ops, self.mm = BF16_KERNEL_OPS, BF16_MATMULS
+            self.bf16_weights = bf16.Weights(self.params)
         self._init_weights(seed)
 
     def _init_weights(self, seed):
@@ -119,6 +154,16 @@ class GPT:
             elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
                 host[o:o + n] = 1.0
         p.load(host)
+
+    def precision(self) -> str:
+        """What the matmuls and the rest compute in, for the startup line."""
+        if self.bf16_weights is not None:
+            return "bf16 matmuls (float32 master weights and other ops)"
+        if self.cfg.dtype == "bf16":
+            return "float32 (bf16 is a GPU mode; the CPU computes it in float32)"
+        if self.kernels and gpu_ops.tf32_allowed():
+            return "float32 with TF32 tensor-core matmuls and attention (CUPY_TF32=1)"
+        return self.cfg.dtype
 
     def replica(self):
         """A GPT that shares this model's weights (same `params.data`, no copy) but has its
@@ -157,24 +202,26 @@ class GPT:
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} > block_size {self.cfg.block_size}")
-        v, o = self.params.views, self.ops
+        v, o, mm = self.params.views, self.ops, self.mm
+        w = self.bf16_weights.refresh() if self.bf16_weights else v  # the matrices the matmuls read
         x, emb_c = o.embedding.forward(v["wte"], v["wpe"], idx)  # (B, T, C)
         blocks = []
         for i in range(self.cfg.n_layer):
             h = f"h.{i}."
             ln1, c_ln1 = o.layernorm.forward(x, v[h + "ln_1.weight"], v[h + "ln_1.bias"])
-            qkv, c_qkv = linear.forward(ln1, v[h + "attn.c_attn.weight"], v[h + "attn.c_attn.bias"])  # (B, T, 3C)
+            qkv, c_qkv = mm.linear.forward(ln1, w[h + "attn.c_attn.weight"], v[h + "attn.c_attn.bias"])  # (B, T, 3C)
             y, c_att = o.attention.forward(qkv, self.cfg.n_head)  # (B, T, C)
-            a, c_proj = linear.forward(y, v[h + "attn.c_proj.weight"], v[h + "attn.c_proj.bias"])
+            a, c_proj = mm.linear.forward(y, w[h + "attn.c_proj.weight"], v[h + "attn.c_proj.bias"])
             x, _ = o.residual.forward(x, a)
             ln2, c_ln2 = o.layernorm.forward(x, v[h + "ln_2.weight"], v[h + "ln_2.bias"])
-            g, c_fc, c_gelu = self._fc_gelu(ln2, v[h + "mlp.c_fc.weight"], v[h + "mlp.c_fc.bias"])  # (B, T, 4C)
-            m, c_mproj = linear.forward(g, v[h + "mlp.c_proj.weight"], v[h + "mlp.c_proj.bias"])
+            g, c_fc, c_gelu = self._fc_gelu(ln2, w[h + "mlp.c_fc.weight"], v[h + "mlp.c_fc.bias"])  # (B, T, 4C)
+            m, c_mproj = mm.linear.forward(g, w[h + "mlp.c_proj.weight"], v[h + "mlp.c_proj.bias"])
             x, _ = o.residual.forward(x, m)
             blocks.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj))
         xf, c_lnf = o.layernorm.forward(x, v["ln_f.weight"], v["ln_f.bias"])  # (B, T, C)
-        logits = (xf.reshape(B * T, -1) @ v["wte"].T).reshape(B, T, -1)  # (B, T, V)
-        cache = {"emb": emb_c, "blocks": blocks, "lnf": c_lnf, "xf": xf}
+        logits, c_head = mm.lm_head_forward(xf.reshape(B * T, -1), w["wte"])
+        logits = logits.reshape(B, T, -1)  # (B, T, V)
+        cache = {"emb": emb_c, "blocks": blocks, "lnf": c_lnf, "head": c_head}
         if targets is None:
             return logits, None, cache
         loss, cache["ce"] = o.crossentropy.forward(logits, targets)
@@ -186,9 +233,9 @@ class GPT:
             fc, c_fc = linear.forward(x, W, b)
             out, c_gelu = gelu.forward(fc)
             return out, c_fc, c_gelu
-        pre = (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[1])  # (B, T, 4C)
+        pre, c_fc = self.mm.project(x, W)  # (B, T, 4C)
         out, c_gelu = gpu_ops.bias_gelu_forward(pre, b)
-        return out, (x, W), c_gelu  # (x, W) is linear.forward's cache
+        return out, c_fc, c_gelu
 
     def _layernorm_backward_into(self, dres, dout, cache, dw, db):
         """dres (B, T, C) += layernorm input gradient (the kernel adds in place, no temporary)."""
@@ -205,28 +252,26 @@ class GPT:
         reverse order, and last the embeddings (wte is also the LM head, so it is final
         only at the very end).
         """
-        p, v, g, o = self.params, self.params.views, self.params.grad_views, self.ops
+        p, g, o, mm = self.params, self.params.grad_views, self.ops, self.mm
         L = self.cfg.n_layer
         dlogits = o.crossentropy.backward(cache.pop("ce"), loss_scale)  # (B, T, V)
         B, T, V = dlogits.shape
-        xf = cache["xf"]
         d2 = dlogits.reshape(B * T, V)
-        g["wte"] += d2.T @ xf.reshape(B * T, -1)
-        dx = (d2 @ v["wte"]).reshape(B, T, -1)  # (B, T, C)
+        dx = mm.lm_head_backward(d2, cache["head"], g["wte"]).reshape(B, T, -1)  # (B, T, C)
         del dlogits, d2
         dx = o.layernorm.backward(dx, cache["lnf"], g["ln_f.weight"], g["ln_f.bias"])
         for i in reversed(range(L)):
             h = f"h.{i}."
             c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache["blocks"].pop()
             dres, dm = o.residual.backward(dx, None)
-            dg = linear.backward(dm, c_mproj, g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"])
+            dg = mm.linear.backward(dm, c_mproj, g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"])
             dfc = o.gelu.backward(dg, c_gelu)
-            dln2 = linear.backward(dfc, c_fc, g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"])
+            dln2 = mm.linear.backward(dfc, c_fc, g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"])
             dres = self._layernorm_backward_into(dres, dln2, c_ln2, g[h + "ln_2.weight"], g[h + "ln_2.bias"])
             dres, da = o.residual.backward(dres, None)
-            dy = linear.backward(da, c_proj, g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"])
+            dy = mm.linear.backward(da, c_proj, g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"])
             dqkv = o.attention.backward(dy, c_att)
-            dln1 = linear.backward(dqkv, c_qkv, g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"])
+            dln1 = mm.linear.backward(dqkv, c_qkv, g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"])
             dres = self._layernorm_backward_into(dres, dln1, c_ln1, g[h + "ln_1.weight"], g[h + "ln_1.bias"])
             dx = dres
             if on_block_done is not None:

@@ -194,7 +194,7 @@ class Run:
                     f"{len(self.tokens.train):,} train / {len(self.tokens.val):,} val tokens, "
                     f"sharding {j.data.sharding})")
         util.rprint(f"model: {m.num_params():,} params, {j.model.n_layer} layers x {j.model.n_embd} ch, "
-                    f"{j.model.dtype}; memory per rank ~ {state_bytes / 2**20:.1f} MiB params+grads+optimizer "
+                    f"{m.precision()}; memory per rank ~ {state_bytes / 2**20:.1f} MiB params+grads+optimizer "
                     f"+ {act / 2**20:.1f} MiB activations ({m.activation_bytes_per_token() // j.model.n_layer:,} "
                     f"B/token/layer x {micro} x {j.model.block_size} tokens)")
         util.rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "

@@ -73,10 +73,12 @@ def corpus(tmp_path_factory):
 
 @needs_gpu
 @single_process_only
-@pytest.mark.parametrize("np_,algorithm", [(2, "mpi"), (1, "nccl")], ids=["2ranks-mpi", "1rank-nccl"])
-def test_training_on_gpu_lowers_the_loss(tmp_path, corpus, np_, algorithm):
+@pytest.mark.parametrize("np_,algorithm,dtype", [(2, "mpi", "float32"), (1, "nccl", "float32"), (2, "mpi", "bf16")],
+                         ids=["2ranks-mpi", "1rank-nccl", "2ranks-mpi-bf16"])
+def test_training_on_gpu_lowers_the_loss(tmp_path, corpus, np_, algorithm, dtype):
     cmd = [*launcher(np_), sys.executable, "-m", "llmpi.train", "--device", "gpu", *TINY,
-           "--set", f"data.path={corpus}", "--set", f"parallel.allreduce={algorithm}", "--run-name", "gpu"]
+           "--set", f"data.path={corpus}", "--set", f"parallel.allreduce={algorithm}",
+           "--set", f"model.dtype={dtype}", "--run-name", "gpu"]
     p = subprocess.run(cmd, cwd=str(tmp_path), env=clean_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "gpu:" in p.stdout, p.stdout  # the device line names the GPU

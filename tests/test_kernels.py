@@ -239,3 +239,43 @@ def test_grad_norm(cp, n):
     assert abs(norm - math.sqrt(ref)) <= 1e-6 * norm
     clipped = 0.5 * math.sqrt(ref) * norm / (norm + 1e-6)  # the clip's 1e-6 guard, as on the CPU
     assert abs(math.sqrt(float(gpu_ops.sumsq(dg))) - clipped) < 1e-5 * clipped
+
+
+def bf16_reference(x):
+    """float32 -> bf16 bits, round to nearest even (NaN not covered)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_value(bits):
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 7, 1_000_003])
+def test_cast_to_bf16(cp, n):
+    x = np.random.default_rng(8).standard_normal(n).astype(np.float32) * 100
+    x[:min(n, 5)] = [1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, np.inf, -np.inf, 0.0][:min(n, 5)]  # ties go to even
+    got = gpu_ops.to_bf16(cp.asarray(x)).get()
+    assert got.dtype == np.uint16 and (got == bf16_reference(x)).all()
+    assert np.isnan(bf16_value(gpu_ops.to_bf16(cp.asarray(np.float32([np.nan]))).get())).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("transa", [False, True])
+@pytest.mark.parametrize("transb", [False, True])
+def test_bf16_matmul(cp, transa, transb):
+    """llmpi.bf16.matmul (cuBLAS GemmEx, float32 accumulate) against float64 on the same bf16 inputs."""
+    from llmpi import bf16
+    r = np.random.default_rng(9)
+    M, K, N = 33, 70, 21
+    a = r.standard_normal((K, M) if transa else (M, K)).astype(np.float32)
+    b = r.standard_normal((N, K) if transb else (K, N)).astype(np.float32)
+    ab, bb = gpu_ops.to_bf16(cp.asarray(a)), gpu_ops.to_bf16(cp.asarray(b))
+    av, bv = bf16_value(ab.get()).astype(np.float64), bf16_value(bb.get()).astype(np.float64)
+    ref = (av.T if transa else av) @ (bv.T if transb else bv)
+    got = bf16.matmul(ab, bb, transa=transa, transb=transb)
+    close(got, ref, 1e-5)
+    acc = cp.ones((M, N), dtype=cp.float32)
+    bf16.matmul(ab, bb, transa=transa, transb=transb, out=acc, accumulate=True)
+    close(acc, ref + 1, 1e-5)

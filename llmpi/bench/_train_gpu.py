@@ -3,7 +3,10 @@ eager PyTorch GPT of the same shape on the same GPU, at GPT-2 124M by default.
 
 Each variant runs in its own subprocess (its own CUDA context and memory pool):
 - llmpi fp32: float32 everywhere, cuBLAS in plain fp32 (CuPy's default);
-- llmpi tf32: the same with CUPY_TF32=1, so cuBLAS may use TF32 tensor cores;
+- llmpi tf32: the same with CUPY_TF32=1, so cuBLAS may use TF32 tensor cores and attention
+  runs on TF32 tensor cores (kernels/attention_tc.cu);
+- llmpi bf16: model.dtype = "bf16": every matmul on bf16 inputs (cuBLAS GemmEx, fp32
+  accumulate, llmpi.bf16), TF32 tensor-core attention, fp32 elsewhere, fp32 master weights;
 - torch tf32: float32 with TF32 matmuls allowed, flash SDPA, fused AdamW;
 - torch bf16: the same under bf16 autocast (fp32 master weights).
 A step is zero_grad + forward + backward + clip + AdamW on random tokens; the median of
@@ -29,7 +32,7 @@ SHAPES = {
     "small": dict(vocab_size=500, block_size=128, n_layer=2, n_head=2, n_embd=128),
 }
 PEAK = {"tf32": 494.5e12, "bf16": 989e12}  # H100 SXM dense tensor-core peaks
-VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("torch", "tf32"), ("torch", "bf16"))
+VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("llmpi", "bf16"), ("torch", "tf32"), ("torch", "bf16"))
 
 
 def flops_per_token(s):
@@ -51,14 +54,14 @@ def _time_steps(step, sync, warmup, steps):
     return float(np.median(times))
 
 
-def _llmpi_child(s, batch, warmup, steps):
+def _llmpi_child(s, batch, warmup, steps, precision):
     from llmpi import backend
     from llmpi.config import ModelConfig
     from llmpi.model import GPT
     from llmpi.optim import AdamW, clip_grad_norm
 
     cp = backend.select("gpu")
-    m = GPT(ModelConfig(**s), xp=cp, seed=0)
+    m = GPT(ModelConfig(**s, dtype="bf16" if precision == "bf16" else "float32"), xp=cp, seed=0)
     opt = AdamW(m.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     r = cp.random.default_rng(0)
     x, y = (r.integers(0, s["vocab_size"], (batch, s["block_size"])) for _ in range(2))
@@ -129,7 +132,7 @@ def _matmul_tf32(n=8192):
 def child(args):
     s = SHAPES[args.shape]
     if args.child == "llmpi":
-        res = _llmpi_child(s, args.batch, args.warmup, args.steps)
+        res = _llmpi_child(s, args.batch, args.warmup, args.steps, args.precision)
     else:
         res = _torch_child(s, args.batch, args.warmup, args.steps, args.precision)
     print(json.dumps(res))
@@ -137,7 +140,7 @@ def child(args):
 
 
 def _run(which, precision, args):
-    env = dict(os.environ, CUPY_TF32="1" if precision == "tf32" else "0")
+    env = dict(os.environ, CUPY_TF32="0" if precision == "fp32" else "1")
     cmd = [sys.executable, "-m", "llmpi.bench.train", "--device", "gpu", "--child", which,
            "--precision", precision, "--shape", args.shape, "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -187,7 +190,8 @@ def main(args):
               f"MFU {100 * r['mfu']:5.1f}% of {'bf16' if precision == 'bf16' else 'TF32'} peak  "
               f"mem {r['peak_mem_mb']:.0f} MiB  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
     runs = result["runs"]
-    for ours, ref in (("llmpi_tf32", "torch_tf32"), ("llmpi_fp32", "torch_tf32"), ("llmpi_tf32", "torch_bf16")):
+    for ours, ref in (("llmpi_tf32", "torch_tf32"), ("llmpi_fp32", "torch_tf32"), ("llmpi_bf16", "torch_bf16"),
+                      ("llmpi_bf16", "torch_tf32")):
         if "tokens_per_s" in runs.get(ours, {}) and "tokens_per_s" in runs.get(ref, {}):
             ratio = runs[ours]["tokens_per_s"] / runs[ref]["tokens_per_s"]
             result[f"ratio_{ours}_vs_{ref}"] = ratio
