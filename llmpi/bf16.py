@@ -12,6 +12,8 @@ out^T = op(b)^T @ op(a)^T, which needs no copies.
 """
 import numpy as np
 
+from . import cuda
+from .backend import array_module
 from .gpu_ops import address, to_bf16
 from .layers.linear import column_sums
 
@@ -33,8 +35,6 @@ def _check_bf16(a, name):
 def matmul(a, b, transa=False, transb=False, out=None, accumulate=False):
     """op(a) @ op(b) as float32 (M, N); a, b are bf16 (uint16) 2-D arrays, op transposes where
     asked. accumulate adds into `out` (cuBLAS beta = 1) instead of overwriting it."""
-    import cupy
-    from cupy.cuda import cublas
     _check_bf16(a, "a")
     _check_bf16(b, "b")
     M, K = a.shape[::-1] if transa else a.shape
@@ -44,15 +44,14 @@ def matmul(a, b, transa=False, transb=False, out=None, accumulate=False):
     if out is None:
         if accumulate:
             raise ValueError("bf16 matmul: accumulate needs `out`")
-        out = cupy.empty((M, N), dtype=cupy.float32)
+        out = array_module(a).empty((M, N), dtype=np.float32)
     if out.shape != (M, N) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"bf16 matmul: out must be C-contiguous float32 {(M, N)}, got {out.dtype} {out.shape}")
-    cublas.gemmEx(cupy.cuda.device.get_cublas_handle(),
-                  CUBLAS_OP_T if transb else CUBLAS_OP_N, CUBLAS_OP_T if transa else CUBLAS_OP_N,
-                  N, M, K, _ONE.ctypes.data,
-                  address(b), CUDA_R_16BF, b.shape[1], address(a), CUDA_R_16BF, a.shape[1],
-                  (_ONE if accumulate else _ZERO).ctypes.data, address(out), CUDA_R_32F, N,
-                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+    cuda.cublas_gemm_ex(CUBLAS_OP_T if transb else CUBLAS_OP_N, CUBLAS_OP_T if transa else CUBLAS_OP_N,
+                        N, M, K, _ONE.ctypes.data,
+                        address(b), CUDA_R_16BF, b.shape[1], address(a), CUDA_R_16BF, a.shape[1],
+                        (_ONE if accumulate else _ZERO).ctypes.data, address(out), CUDA_R_32F, N,
+                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
     return out
 
 

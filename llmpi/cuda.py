@@ -2,7 +2,8 @@
 
 NVRTC compiles a file the first time one of its kernels is launched on a device;
 CuPy keeps the binary in ~/.cupy/kernel_cache, so later processes skip compilation.
-Besides llmpi/backend.py this is the only module that imports cupy.
+Besides llmpi/backend.py this is the only module that imports cupy (NVRTC here, and cuBLAS's
+GemmEx for llmpi.bf16); NCCL comes in through llmpi.comm.allreduce.
 """
 import functools
 import glob
@@ -40,3 +41,11 @@ def module(file: str):
 def kernel(file: str, name: str):
     """The RawKernel `name` (an extern "C" entry point) of kernels/<file>."""
     return module(file).get_function(name)
+
+
+def cublas_gemm_ex(*args):
+    """cublasGemmEx(transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype,
+    ldc, computeType, algo) on CuPy's cuBLAS handle and current stream; pointers are raw addresses."""
+    import cupy
+    from cupy.cuda import cublas
+    cublas.gemmEx(cupy.cuda.device.get_cublas_handle(), *args)
