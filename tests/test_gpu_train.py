@@ -1,6 +1,6 @@
 """Training on the GPU end to end: `mpirun -n 2 python -m llmpi.train --device gpu` with both
-ranks sharing one GPU (gradients all-reduced through the host with "mpi"), and the "nccl"
-all-reduce. NCCL refuses two ranks on one device ("Duplicate GPU detected"), so on a
+ranks sharing one GPU (gradients all-reduced through the host with "mpi" and our "ring"; async
+RMA), and the "nccl" all-reduce. NCCL refuses two ranks on one device ("Duplicate GPU detected"), so on a
 one-GPU machine "nccl" trains at one rank, and the NCCL call itself is checked directly on
 a one-rank communicator. The no-GPU answers run everywhere.
 """
@@ -71,18 +71,32 @@ def corpus(tmp_path_factory):
     return out
 
 
-@needs_gpu
-@single_process_only
-@pytest.mark.parametrize("np_,algorithm,dtype", [(2, "mpi", "float32"), (1, "nccl", "float32"), (2, "mpi", "bf16")],
-                         ids=["2ranks-mpi", "1rank-nccl", "2ranks-mpi-bf16"])
-def test_training_on_gpu_lowers_the_loss(tmp_path, corpus, np_, algorithm, dtype):
+def train_on_gpu(tmp_path, corpus, np_, *extra):
+    """Run the TINY job on the GPU with np_ ranks; its per-step losses."""
     cmd = [*launcher(np_), sys.executable, "-m", "llmpi.train", "--device", "gpu", *TINY,
-           "--set", f"data.path={corpus}", "--set", f"parallel.allreduce={algorithm}",
-           "--set", f"model.dtype={dtype}", "--run-name", "gpu"]
+           "--set", f"data.path={corpus}", *extra, "--run-name", "gpu"]
     p = subprocess.run(cmd, cwd=str(tmp_path), env=clean_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "gpu:" in p.stdout, p.stdout  # the device line names the GPU
     loss = metrics.read(os.path.join(str(tmp_path), "runs", "gpu", "metrics.h5"))["steps"]["loss"]
+    assert len(loss) > 0 and np.isfinite(loss).all()
+    return loss
+
+
+@needs_gpu
+@single_process_only
+@pytest.mark.parametrize("np_,algorithm,dtype", [(2, "mpi", "float32"), (1, "nccl", "float32"), (2, "mpi", "bf16"),
+                                                 (2, "ring", "float32")],
+                         ids=["2ranks-mpi", "1rank-nccl", "2ranks-mpi-bf16", "2ranks-ring"])
+def test_training_on_gpu_lowers_the_loss(tmp_path, corpus, np_, algorithm, dtype):
+    loss = train_on_gpu(tmp_path, corpus, np_, "--set", f"parallel.allreduce={algorithm}",
+                        "--set", f"model.dtype={dtype}")
     assert len(loss) == 40
-    assert np.isfinite(loss).all()
     assert loss[-10:].mean() < loss[:5].mean() - 0.25, loss  # a tiny, noisy job: a clear drop, not a target
+
+
+@needs_gpu
+@single_process_only
+def test_async_rma_trains_with_device_parameters(tmp_path, corpus):
+    """The RMA windows live in host memory: device parameters and deltas are staged."""
+    train_on_gpu(tmp_path, corpus, 2, "--set", "parallel.mode=async")
