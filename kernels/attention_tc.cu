@@ -61,6 +61,17 @@ __device__ void tc_load_tile(float (*tile)[HS + 4], const float* src, long long 
     }
 }
 
+// Keys and values j0.. of one head (base = its q columns in qkv) into ks and vs, between two
+// barriers: the previous tile is consumed before, the new one is complete after.
+template <int HS>
+__device__ void tc_load_keys_values(float (*ks)[HS + 4], float (*vs)[HS + 4], const float* base, int C,
+                                    int j0, int T) {
+    __syncthreads();
+    tc_load_tile<HS>(ks, base + C, 3LL * C, j0, T);
+    tc_load_tile<HS>(vs, base + 2 * C, 3LL * C, j0, T);
+    __syncthreads();
+}
+
 // A fragments (16 rows x HS) of a warp's rows row0.. of a head slice, times `mul`, from global
 // memory; rows past T are zero.
 template <int HS>
@@ -152,10 +163,7 @@ __device__ void tc_forward(float* y, float* lse, const float* qkv, int T, int NH
     for (int n = 0; n < HS / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     int last = min(i0 + TC_ROWS, T) - 1;
     for (int j0 = 0; j0 <= last; j0 += TC_TILE) {
-        __syncthreads();
-        tc_load_tile<HS>(ks, base + C, C3, j0, T);
-        tc_load_tile<HS>(vs, base + 2 * C, C3, j0, T);
-        __syncthreads();
+        tc_load_keys_values<HS>(ks, vs, base, C, j0, T);
         if (j0 > w0 + 15) continue;  // warp-uniform: every key of the tile is in this warp's future
         float s[TC_TILE / 8][4];
         tc_scores<HS>(s, qa, ks);
@@ -240,10 +248,7 @@ __device__ void tc_backward_dq(float* dqkv, const float* qkv, const float* dy, c
     for (int n = 0; n < HS / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
     int last = min(i0 + TC_ROWS, T) - 1;
     for (int j0 = 0; j0 <= last; j0 += TC_TILE) {
-        __syncthreads();
-        tc_load_tile<HS>(ks, base + C, C3, j0, T);
-        tc_load_tile<HS>(vs, base + 2 * C, C3, j0, T);
-        __syncthreads();
+        tc_load_keys_values<HS>(ks, vs, base, C, j0, T);
         if (j0 > w0 + 15) continue;  // warp-uniform: every key of the tile is in this warp's future
 #pragma unroll
         for (int n = 0; n < TC_TILE / 8; n++) {

@@ -289,36 +289,33 @@ def attention_backward(dout, cache):
 
 # ---- classifier -----------------------------------------------------------------------------
 
+def _crossentropy(logits, targets, write_grad):
+    """Per-token losses (N,) of the fused kernel; write_grad leaves dlogits (loss_scale 1) in
+    the logits buffer."""
+    xp = array_module(logits)
+    _f32(logits)
+    V = logits.shape[-1]
+    N = logits.size // V
+    t32 = xp.ascontiguousarray(targets.reshape(-1), dtype=xp.int32)
+    losses = xp.empty(N, dtype=xp.float32)
+    threads = min(1024, -(-V // 32) * 32)
+    _launch("classifier.cu", "crossentropy_fused", (N,), (threads,), logits, losses, t32,
+            _i32(N), _i32(V), np.float32(1.0 / N), np.int32(write_grad))
+    return losses
+
+
 def crossentropy_forward(logits, targets):
     """logits (B, T, V), targets (B, T) int -> (mean loss float, cache).
 
     One fused pass leaves dlogits for loss_scale = 1 in the logits buffer (as the NumPy layer
     leaves the probabilities there); the caller must not use the logits afterwards."""
-    xp = array_module(logits)
-    _f32(logits)
-    V = logits.shape[-1]
-    N = logits.size // V
-    t32 = xp.ascontiguousarray(targets.reshape(-1), dtype=xp.int32)
-    losses = xp.empty(N, dtype=xp.float32)
-    threads = min(1024, -(-V // 32) * 32)
-    _launch("classifier.cu", "crossentropy_fused", (N,), (threads,), logits, losses, t32,
-            _i32(N), _i32(V), np.float32(1.0 / N), np.int32(1))
-    loss = float(losses.sum(dtype=xp.float64)) / N
-    return loss, logits
+    losses = _crossentropy(logits, targets, 1)
+    return float(losses.sum(dtype=array_module(logits).float64)) / losses.size, logits
 
 
 def crossentropy_losses(logits, targets):
     """Per-token losses (N,) without touching the logits (evaluation)."""
-    xp = array_module(logits)
-    _f32(logits)
-    V = logits.shape[-1]
-    N = logits.size // V
-    t32 = xp.ascontiguousarray(targets.reshape(-1), dtype=xp.int32)
-    losses = xp.empty(N, dtype=xp.float32)
-    threads = min(1024, -(-V // 32) * 32)
-    _launch("classifier.cu", "crossentropy_fused", (N,), (threads,), logits, losses, t32,
-            _i32(N), _i32(V), np.float32(1.0 / N), np.int32(0))
-    return losses
+    return _crossentropy(logits, targets, 0)
 
 
 def crossentropy_backward(cache, loss_scale=1.0):
