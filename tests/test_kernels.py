@@ -1,6 +1,8 @@
 """Each CUDA kernel (through llmpi.gpu_ops) against its NumPy twin in llmpi.layers / llmpi.optim,
-on shapes that are not multiples of the block sizes. GPU tests skip with "no GPU"; the nvcc
-compile check and the wrapper/kernel consistency checks run on any machine."""
+on shapes that are not multiples of the block sizes. Every such test runs twice: on the GPU
+(skips with "no GPU" without one) and on the CPU kernel emulator (tests/kernel_emulator.py,
+small shapes, single-process pass). The nvcc compile check and the wrapper/kernel consistency
+checks run on any machine."""
 import math
 import os
 import re
@@ -11,22 +13,40 @@ import types
 import numpy as np
 import pytest
 
+import kernel_emulator
 from cli import single_process_only
 from conftest import rel_error
 from llmpi import cuda, gpu_ops
-from llmpi.backend import gpu_available
+from llmpi.backend import gpu_available, to_host
 from llmpi.layers import attention, crossentropy, embedding, gelu, layernorm, residual
 from llmpi.optim import AdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no GPU")
 TOL = 2e-5  # float32 kernels vs float64 references, as rel_error (max abs diff / max abs)
 
 
-@pytest.fixture
-def cp():
-    import cupy
-    return cupy
+UNDER_MPI = any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
+large = pytest.mark.large  # too slow for the CPU kernel emulator: GPU only
+
+
+@pytest.fixture(params=["gpu", "emulated"])
+def cp(request, monkeypatch):
+    """The array module the kernels run on: CuPy on a GPU, or NumPy with every kernel launch
+    going to the CPU kernel emulator (tests/kernel_emulator.py), which checks the kernels'
+    arithmetic in CI, where there is no GPU."""
+    if request.param == "gpu":
+        if not gpu_available():
+            pytest.skip("no GPU")
+        import cupy
+        return cupy
+    if UNDER_MPI:
+        pytest.skip("the kernel emulator runs in the single-process pytest pass")
+    if request.node.get_closest_marker("large"):
+        pytest.skip("too large for the CPU kernel emulator")
+    if kernel_emulator.compiler() is None:
+        pytest.skip("no C++20 compiler for the kernel emulator")
+    kernel_emulator.install(monkeypatch)
+    return np
 
 
 def f32(cp, a):
@@ -78,8 +98,7 @@ def test_wrappers_reject_wrong_dtype_or_layout():
 
 # ---- kernels vs references ------------------------------------------------------------------
 
-@needs_gpu
-@pytest.mark.parametrize("B,T,V,C", [(1, 1, 5, 72), (2, 7, 50, 72), (3, 65, 300, 768)])
+@pytest.mark.parametrize("B,T,V,C", [(1, 1, 5, 72), (2, 7, 50, 72), pytest.param(3, 65, 300, 768, marks=large)])
 def test_embedding(cp, B, T, V, C):
     r = np.random.default_rng(0)
     wte, wpe = r.standard_normal((V, C)), r.standard_normal((T + 3, C))
@@ -99,8 +118,7 @@ def test_embedding(cp, B, T, V, C):
     assert all(bool((a == g).all()) for a, g in zip(again, grads)), "scatter-add not deterministic"
 
 
-@needs_gpu
-@pytest.mark.parametrize("B,T,C", [(1, 1, 72), (2, 7, 72), (1, 129, 768), (3, 65, 33)])
+@pytest.mark.parametrize("B,T,C", [(1, 1, 72), (2, 7, 72), pytest.param(1, 129, 768, marks=large), (3, 65, 33)])
 def test_layernorm(cp, B, T, C):
     r = np.random.default_rng(1)
     x, w, b = r.standard_normal((B, T, C)) * 3 + 1, r.standard_normal(C), r.standard_normal(C)
@@ -120,8 +138,7 @@ def test_layernorm(cp, B, T, C):
     close(acc, rdx + 2.0, 1e-4)
 
 
-@needs_gpu
-@pytest.mark.parametrize("shape", [(1, 1, 4 * 72), (2, 7, 4 * 72), (1, 65, 4 * 768)])
+@pytest.mark.parametrize("shape", [(1, 1, 4 * 72), (2, 7, 4 * 72), pytest.param((1, 65, 4 * 768), marks=large)])
 def test_gelu_and_bias_gelu(cp, shape):
     r = np.random.default_rng(2)
     x, dout, b = r.standard_normal(shape) * 2, r.standard_normal(shape), r.standard_normal(shape[-1])
@@ -134,7 +151,6 @@ def test_gelu_and_bias_gelu(cp, shape):
     close(out, gelu.forward(x + b)[0])
 
 
-@needs_gpu
 def test_residual(cp):
     r = np.random.default_rng(3)
     x, fx = r.standard_normal((2, 7, 72)), r.standard_normal((2, 7, 72))
@@ -152,11 +168,11 @@ def test_attention_uses_tensor_cores_only_when_tf32_is_allowed(monkeypatch):
     assert not gpu_ops._attention_tc(64, qkv.reshape(-1)[1:])  # rows not 16-byte aligned
 
 
-ATTENTION_SHAPES = [(1, 1, 1, 16), (2, 7, 3, 16), (1, 65, 2, 64), (1, 129, 2, 64), (2, 40, 1, 128),
-                    (1, 33, 2, 40), (2, 70, 2, 32), (1, 200, 1, 64)]
+ATTENTION_SHAPES = [(1, 1, 1, 16), (2, 7, 3, 16), (1, 65, 2, 64), pytest.param(1, 129, 2, 64, marks=large),
+                    pytest.param(2, 40, 1, 128, marks=large), (1, 33, 2, 40), (2, 70, 2, 32),
+                    pytest.param(1, 200, 1, 64, marks=large)]
 
 
-@needs_gpu
 @pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
 @pytest.mark.parametrize("B,T,NH,HS", ATTENTION_SHAPES)
 def test_attention(cp, monkeypatch, tf32, B, T, NH, HS):
@@ -178,8 +194,7 @@ def test_attention(cp, monkeypatch, tf32, B, T, NH, HS):
     close(dqkv, attention.backward(dout, rcache), tol)
 
 
-@needs_gpu
-@pytest.mark.parametrize("B,T,V", [(1, 1, 5), (2, 7, 65), (2, 33, 1000), (1, 4, 50257)])
+@pytest.mark.parametrize("B,T,V", [(1, 1, 5), (2, 7, 65), pytest.param(2, 33, 1000, marks=large), pytest.param(1, 4, 50257, marks=large)])
 def test_crossentropy(cp, B, T, V):
     r = np.random.default_rng(5)
     logits, targets = r.standard_normal((B, T, V)) * 4, r.integers(0, V, (B, T))
@@ -203,8 +218,7 @@ def _host_adamw(p, g, mask, steps, **kw):
     return params.data, u
 
 
-@needs_gpu
-@pytest.mark.parametrize("n", [1, 1000, 300_001])
+@pytest.mark.parametrize("n", [1, 1000, pytest.param(300_001, marks=large)])
 def test_adamw(cp, n):
     r = np.random.default_rng(6)
     p, g, mask = r.standard_normal(n), r.standard_normal(n), (r.random(n) < 0.5).astype(float)
@@ -225,7 +239,7 @@ def test_adamw(cp, n):
     close(delta, ref_u, 1e-4)
 
 
-@needs_gpu
+@large  # its first pass always runs NORM_BLOCKS blocks
 @pytest.mark.parametrize("n", [1, 255, 1_000_003])
 def test_grad_norm(cp, n):
     r = np.random.default_rng(7)
@@ -251,31 +265,62 @@ def bf16_value(bits):
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
-@needs_gpu
-@pytest.mark.parametrize("n", [1, 7, 1_000_003])
+@pytest.mark.parametrize("n", [1, 7, pytest.param(1_000_003, marks=large)])
 def test_cast_to_bf16(cp, n):
     x = np.random.default_rng(8).standard_normal(n).astype(np.float32) * 100
     x[:min(n, 5)] = [1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, np.inf, -np.inf, 0.0][:min(n, 5)]  # ties go to even
-    got = gpu_ops.to_bf16(cp.asarray(x)).get()
+    got = to_host(gpu_ops.to_bf16(cp.asarray(x)))
     assert got.dtype == np.uint16 and (got == bf16_reference(x)).all()
-    assert np.isnan(bf16_value(gpu_ops.to_bf16(cp.asarray(np.float32([np.nan]))).get())).all()
+    assert np.isnan(bf16_value(to_host(gpu_ops.to_bf16(cp.asarray(np.float32([np.nan])))))).all()
 
 
-@needs_gpu
 @pytest.mark.parametrize("transa", [False, True])
 @pytest.mark.parametrize("transb", [False, True])
 def test_bf16_matmul(cp, transa, transb):
-    """llmpi.bf16.matmul (cuBLAS GemmEx, float32 accumulate) against float64 on the same bf16 inputs."""
+    """llmpi.bf16.matmul (cuBLAS GemmEx, float32 accumulate) against float64 on the same bf16 inputs;
+    emulated, this checks our row-major to column-major mapping against a NumPy GemmEx."""
     from llmpi import bf16
     r = np.random.default_rng(9)
     M, K, N = 33, 70, 21
     a = r.standard_normal((K, M) if transa else (M, K)).astype(np.float32)
     b = r.standard_normal((N, K) if transb else (K, N)).astype(np.float32)
     ab, bb = gpu_ops.to_bf16(cp.asarray(a)), gpu_ops.to_bf16(cp.asarray(b))
-    av, bv = bf16_value(ab.get()).astype(np.float64), bf16_value(bb.get()).astype(np.float64)
+    av, bv = bf16_value(to_host(ab)).astype(np.float64), bf16_value(to_host(bb)).astype(np.float64)
     ref = (av.T if transa else av) @ (bv.T if transb else bv)
     got = bf16.matmul(ab, bb, transa=transa, transb=transb)
     close(got, ref, 1e-5)
     acc = cp.ones((M, N), dtype=cp.float32)
     bf16.matmul(ab, bb, transa=transa, transb=transb, out=acc, accumulate=True)
     close(acc, ref + 1, 1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_model_on_the_emulated_kernels(monkeypatch, precision):
+    """The GPT's kernel path (every non-matmul op through llmpi.gpu_ops) on the CPU kernel
+    emulator against the float64 layers: the dispatch and the caches between the kernels."""
+    if UNDER_MPI or kernel_emulator.compiler() is None:
+        pytest.skip("the kernel emulator runs in the single-process pass, with a C++20 compiler")
+    from llmpi import bf16, model as gpt
+    from llmpi.config import ModelConfig
+    kernel_emulator.install(monkeypatch)
+    monkeypatch.setenv("CUPY_TF32", "1" if precision == "tf32" else "0")
+    cfg = dict(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    ref = gpt.GPT(ModelConfig(dtype="float64", **cfg), seed=3)
+    emulated = gpt.GPT(ModelConfig(dtype="float32", **cfg), seed=3)
+    emulated.params.data[...] = ref.params.data
+    ref.params.data[...] = emulated.params.data  # both hold the same float32 values
+    emulated.kernels, emulated.ops = True, gpt.KERNEL_OPS  # NumPy arrays, kernels on the emulator
+    if precision == "bf16":
+        emulated.ops, emulated.mm = gpt.BF16_KERNEL_OPS, gpt.BF16_MATMULS
+        emulated.bf16_weights = bf16.Weights(emulated.params)
+    idx, tgt = np.random.default_rng(5).integers(0, 13, (2, 2, 16))
+    _, loss_ref, cache = ref.forward(idx, tgt)
+    ref.params.zero_grad()
+    ref.backward(cache)
+    _, loss, cache = emulated.forward(idx, tgt)
+    assert cache["blocks"][0][2][-1] == (precision != "fp32")  # tensor-core attention with TF32 and bf16
+    emulated.params.zero_grad()
+    emulated.backward(cache)
+    loose = precision != "fp32"
+    assert abs(loss - loss_ref) < (1e-2 if loose else 1e-5) * loss_ref
+    assert rel_error(emulated.params.grad, ref.params.grad) < (5e-2 if loose else 1e-4)
