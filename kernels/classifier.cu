@@ -1,6 +1,8 @@
 // Fused classifier: softmax + cross-entropy + dlogits in one kernel, one block per row.
-// logits (N,V) are overwritten in place by dlogits = (softmax - onehot(target)) * dloss, so
-// the probabilities are never stored. Pass 1 keeps an online (max, sum of exp) per thread;
+// logits (N,V), row r at logits + r * row_stride (row_stride >= V: the model pads the rows so
+// that its LM-head GEMMs see aligned rows), are overwritten in place by
+// dlogits = (softmax - onehot(target)) * dloss, so the probabilities are never stored; the
+// padding columns are neither read nor written. Pass 1 keeps an online (max, sum of exp) per thread;
 // pass 2 writes the gradient.
 // blockDim must be a multiple of 32 and at most 1024.
 
@@ -59,12 +61,13 @@ __device__ float4 ce_grad4(float4 q, int v, int tgt, float lse, float dloss) {
 // A row (any V, any 4-byte-aligned start) is split into a scalar head up to the first 16-byte
 // boundary, a float4 body and a scalar tail of at most 3 elements.
 extern "C" __global__ void crossentropy_fused(float* logits, float* losses, const int* targets,
-                                              int N, int V, float dloss, int write_dlogits) {
+                                              int N, int V, long long row_stride, float dloss,
+                                              int write_dlogits) {
     __shared__ float sh_m[32];
     __shared__ float sh_s[32];
     int row = blockIdx.x;
     if (row >= N) return;
-    float* x = logits + (long long)row * V;
+    float* x = logits + row * row_stride;
     int head = (int)(((16ull - (reinterpret_cast<unsigned long long>(x) & 15ull)) & 15ull) / 4ull);
     if (head > V) head = V;
     int n4 = (V - head) / 4;

@@ -16,6 +16,7 @@ from . import cuda
 from .backend import array_module
 from .gpu_ops import address, to_bf16
 from .layers.linear import column_sums
+from .lm_head import full_rows
 
 # cuBLAS and CUDA enum values (library_types.h, cublas_api.h)
 CUDA_R_32F, CUDA_R_16BF = 0, 14
@@ -56,10 +57,11 @@ def matmul(a, b, transa=False, transb=False, out=None, accumulate=False):
 
 
 class Weights:
-    """bf16 copies of a FlatParams' matrices, one flat uint16 buffer with named 2-D views;
+    """bf16 copies of a FlatParams' matrices, one flat uint16 buffer with named 2-D views, and
+    `head`: wte with zero rows up to head_rows for the LM head (llmpi.lm_head);
     refresh() re-rounds them from the float32 master weights."""
 
-    def __init__(self, params):
+    def __init__(self, params, head_rows):
         self.params = params
         self.flat = params.xp.empty(params.size, dtype=np.uint16)
         self.views = {}
@@ -67,9 +69,13 @@ class Weights:
             if len(shape) == 2:
                 o, n = params.spans[name]
                 self.views[name] = self.flat[o:o + n].reshape(shape)
+        V, C = params.shape("wte")
+        self.head = params.xp.zeros((head_rows, C), dtype=np.uint16) if head_rows != V else self.views["wte"]
 
     def refresh(self):
         to_bf16(self.params.data, out=self.flat)
+        if self.head is not self.views["wte"]:
+            to_bf16(self.params.views["wte"], out=self.head[:self.params.shape("wte")[0]])
         return self.views
 
 
@@ -101,15 +107,16 @@ def linear_backward(dout, cache, dW, db):
     return matmul(db2, Wb, transb=True).reshape(xshape)
 
 
-def lm_head_forward(xf2, wte_b):
-    """xf2 (N, C) float32 -> logits (N, V) float32 = xf2 @ wte^T; cache for lm_head_backward."""
+def lm_head_forward(xf2, head_b):
+    """As llmpi.lm_head.forward: xf2 (N, C) float32 @ head^T -> (N, rows of head) float32, cache."""
     xb = to_bf16(xf2)
-    return matmul(xb, wte_b, transb=True), (xb, wte_b)
+    full = matmul(xb, head_b, transb=True)
+    return full, (xb, head_b, full)
 
 
 def lm_head_backward(d2, cache, dwte):
-    """d2 (N, V) -> dx (N, C); adds d2^T @ xf2 into dwte (V, C)."""
-    xb, wte_b = cache
-    d2b = to_bf16(d2)
-    matmul(d2b, xb, transa=True, out=dwte, accumulate=True)
-    return matmul(d2b, wte_b)
+    """As llmpi.lm_head.backward: d2 (N, V) dlogits -> dx (N, C); adds d2^T @ xf2 into dwte."""
+    xb, head_b = cache[:2]
+    d2b = to_bf16(full_rows(d2, cache))
+    dwte += matmul(d2b, xb, transa=True)[:dwte.shape[0]]
+    return matmul(d2b, head_b)

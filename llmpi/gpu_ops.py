@@ -289,18 +289,32 @@ def attention_backward(dout, cache):
 
 # ---- classifier -----------------------------------------------------------------------------
 
+def _row_stride(a):
+    """Elements between consecutive rows (over all leading axes) of an array whose last axis is
+    contiguous, such as the first V columns of a padded (N, Vp) buffer."""
+    item = a.dtype.itemsize
+    if a.ndim < 2 or a.strides[-1] != item:
+        raise ValueError(f"the classifier needs rows with a contiguous last axis, got strides {a.strides}")
+    for i in range(a.ndim - 2):
+        if a.shape[i] > 1 and a.strides[i] != a.strides[i + 1] * a.shape[i + 1]:
+            raise ValueError(f"the classifier needs evenly spaced rows, got strides {a.strides}")
+    return a.strides[-2] // item
+
+
 def _crossentropy(logits, targets, write_grad):
     """Per-token losses (N,) of the fused kernel; write_grad leaves dlogits (loss_scale 1) in
-    the logits buffer."""
+    the logits buffer. logits may be the first V columns of wider rows (a padded buffer)."""
     xp = array_module(logits)
-    _f32(logits)
+    if logits.dtype != np.float32:
+        raise ValueError(f"CUDA kernels need float32 arrays, got {logits.dtype} {logits.shape}")
+    stride = _row_stride(logits)
     V = logits.shape[-1]
     N = logits.size // V
     t32 = xp.ascontiguousarray(targets.reshape(-1), dtype=xp.int32)
     losses = xp.empty(N, dtype=xp.float32)
     threads = min(1024, -(-V // 32) * 32)
     _launch("classifier.cu", "crossentropy_fused", (N,), (threads,), logits, losses, t32,
-            _i32(N), _i32(V), np.float32(1.0 / N), np.int32(write_grad))
+            _i32(N), _i32(V), np.int64(stride), np.float32(1.0 / N), np.int32(write_grad))
     return losses
 
 

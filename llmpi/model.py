@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import bf16, gpu_ops
+from . import bf16, gpu_ops, lm_head
 from .backend import to_host
 from .layers import attention, crossentropy, embedding, gelu, layernorm, linear, residual
 from .params import FlatParams
@@ -49,20 +49,10 @@ def _project(x, W):
     return (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[1]), (x, W)
 
 
-def _lm_head_forward(xf2, wte):
-    return xf2 @ wte.T, (xf2, wte)
-
-
-def _lm_head_backward(d2, cache, dwte):
-    xf2, wte = cache
-    dwte += d2.T @ xf2
-    return d2 @ wte
-
-
 # The matmuls: xp.matmul on the model's own dtype (cuBLAS on GPU, TF32 with CUPY_TF32=1), or,
 # for model.dtype = "bf16" on the GPU, llmpi.bf16's GEMMs on bf16 copies with float32 results.
-MATMULS = SimpleNamespace(linear=linear, project=_project, lm_head_forward=_lm_head_forward,
-                          lm_head_backward=_lm_head_backward)
+MATMULS = SimpleNamespace(linear=linear, project=_project, lm_head_forward=lm_head.forward,
+                          lm_head_backward=lm_head.backward)
 BF16_MATMULS = SimpleNamespace(
     linear=SimpleNamespace(forward=bf16.linear_forward, backward=bf16.linear_backward),
     project=bf16.project, lm_head_forward=bf16.lm_head_forward, lm_head_backward=bf16.lm_head_backward)
@@ -135,9 +125,13 @@ class GPT:
         self.ops = KERNEL_OPS if self.kernels else LAYER_OPS
         self.mm = MATMULS
         self.bf16_weights = None  # bf16 copies of the matrices, on the GPU with dtype "bf16"
+        self.head_weight = None  # wte with zero rows up to lm_head.padded_vocab(V), GPU float32
+        Vp = lm_head.padded_vocab(cfg.vocab_size) if self.kernels else cfg.vocab_size
         if cfg.dtype == "bf16" and self.kernels:
             self.ops, self.mm = BF16_KERNEL_OPS, BF16_MATMULS
-            self.bf16_weights = bf16.Weights(self.params)
+            self.bf16_weights = bf16.Weights(self.params, head_rows=Vp)
+        elif Vp != cfg.vocab_size:
+            self.head_weight = xp.zeros((Vp, cfg.n_embd), dtype=self.params.dtype)
         self._init_weights(seed)
 
     def _init_weights(self, seed):
@@ -219,13 +213,22 @@ class GPT:
             x, _ = o.residual.forward(x, m)
             blocks.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj))
         xf, c_lnf = o.layernorm.forward(x, v["ln_f.weight"], v["ln_f.bias"])  # (B, T, C)
-        logits, c_head = mm.lm_head_forward(xf.reshape(B * T, -1), w["wte"])
-        logits = logits.reshape(B, T, -1)  # (B, T, V)
+        full, c_head = mm.lm_head_forward(xf.reshape(B * T, -1), self._lm_head_weight(w))
+        logits = full[:, :self.cfg.vocab_size].reshape(B, T, -1)  # (B, T, V): a view of the padded rows
         cache = {"emb": emb_c, "blocks": blocks, "lnf": c_lnf, "head": c_head}
         if targets is None:
             return logits, None, cache
         loss, cache["ce"] = o.crossentropy.forward(logits, targets)
         return None, loss, cache
+
+    def _lm_head_weight(self, w):
+        """wte as the LM head reads it: with zero padding rows on the GPU (llmpi.lm_head)."""
+        if self.bf16_weights is not None:
+            return self.bf16_weights.head
+        if self.head_weight is None:
+            return w["wte"]
+        self.head_weight[:self.cfg.vocab_size] = w["wte"]
+        return self.head_weight
 
     def _fc_gelu(self, x, W, b):
         """gelu(x @ W + b) -> (out, linear cache, gelu cache); the kernels fuse the bias into GELU."""

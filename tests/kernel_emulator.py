@@ -88,9 +88,7 @@ def library(file):
 
 def _c_argument(a):
     """The C value of a kernel argument, typed as CuPy would pass it (and as strictly)."""
-    if isinstance(a, np.ndarray):
-        if not a.flags.c_contiguous:
-            raise ValueError("kernel arrays must be C-contiguous")
+    if isinstance(a, np.ndarray):  # like a RawKernel, the address of the first element, views ignored
         return ctypes.c_void_p(a.ctypes.data)
     for kind, ctype in ((np.int32, ctypes.c_int32), (np.int64, ctypes.c_int64), (np.float32, ctypes.c_float)):
         if isinstance(a, kind):

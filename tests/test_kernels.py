@@ -296,11 +296,12 @@ def test_bf16_matmul(cp, transa, transb):
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_model_on_the_emulated_kernels(monkeypatch, precision):
-    """The GPT's kernel path (every non-matmul op through llmpi.gpu_ops) on the CPU kernel
-    emulator against the float64 layers: the dispatch and the caches between the kernels."""
+    """The GPT's kernel path (every non-matmul op through llmpi.gpu_ops, the padded LM head) on
+    the CPU kernel emulator against the float64 layers: the dispatch and the caches between
+    the kernels."""
     if UNDER_MPI or kernel_emulator.compiler() is None:
         pytest.skip("the kernel emulator runs in the single-process pass, with a C++20 compiler")
-    from llmpi import bf16, model as gpt
+    from llmpi import bf16, lm_head, model as gpt
     from llmpi.config import ModelConfig
     kernel_emulator.install(monkeypatch)
     monkeypatch.setenv("CUPY_TF32", "1" if precision == "tf32" else "0")
@@ -309,10 +310,12 @@ def test_model_on_the_emulated_kernels(monkeypatch, precision):
     emulated = gpt.GPT(ModelConfig(dtype="float32", **cfg), seed=3)
     emulated.params.data[...] = ref.params.data
     ref.params.data[...] = emulated.params.data  # both hold the same float32 values
-    emulated.kernels, emulated.ops = True, gpt.KERNEL_OPS  # NumPy arrays, kernels on the emulator
+    # NumPy arrays with the GPU model's set-up: kernels on the emulator, LM head rows padded 13 -> 64
+    emulated.kernels, emulated.ops = True, gpt.KERNEL_OPS
+    emulated.head_weight = np.zeros((lm_head.padded_vocab(13), 32), np.float32)
     if precision == "bf16":
         emulated.ops, emulated.mm = gpt.BF16_KERNEL_OPS, gpt.BF16_MATMULS
-        emulated.bf16_weights = bf16.Weights(emulated.params)
+        emulated.bf16_weights = bf16.Weights(emulated.params, head_rows=lm_head.padded_vocab(13))
     idx, tgt = np.random.default_rng(5).integers(0, 13, (2, 2, 16))
     _, loss_ref, cache = ref.forward(idx, tgt)
     ref.params.zero_grad()
@@ -324,3 +327,22 @@ def test_model_on_the_emulated_kernels(monkeypatch, precision):
     loose = precision != "fp32"
     assert abs(loss - loss_ref) < (1e-2 if loose else 1e-5) * loss_ref
     assert rel_error(emulated.params.grad, ref.params.grad) < (5e-2 if loose else 1e-4)
+
+
+def test_crossentropy_on_padded_rows(cp):
+    """The classifier on the first V columns of wider rows (the GPU LM head's padded logits):
+    same losses and gradients, padding columns untouched."""
+    r = np.random.default_rng(11)
+    B, T, V, Vp = 2, 5, 37, 64
+    full = r.standard_normal((B * T, Vp)) * 3
+    targets = r.integers(0, V, (B, T))
+    rloss, rcache = crossentropy.forward(full[:, :V].reshape(B, T, V).copy(), targets)
+    rd = crossentropy.backward(rcache, 2.0)
+    buf = f32(cp, full)
+    logits = buf[:, :V].reshape(B, T, V)
+    losses = gpu_ops.crossentropy_losses(logits, cp.asarray(targets))
+    assert abs(float(losses.mean()) - rloss) < 1e-5 * rloss
+    loss, cache = gpu_ops.crossentropy_forward(logits, cp.asarray(targets))
+    assert abs(loss - rloss) < 1e-5 * rloss
+    close(gpu_ops.crossentropy_backward(cache, 2.0), rd, 1e-4)
+    assert (to_host(buf)[:, V:] == full[:, V:].astype(np.float32)).all()
