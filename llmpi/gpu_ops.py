@@ -2,9 +2,10 @@
 kernel entry point (kernels/*.cu). The model can call these instead of the layer functions
 when its arrays live on the GPU.
 
-Every wrapper checks dtype (float32) and C-contiguity, because a RawKernel reads raw
-pointers, and passes sizes as np.int32 and scalars as np.float32: CuPy would otherwise send
-Python ints/floats as 64-bit values into 32-bit parameters.
+Every wrapper checks dtype (float32) and C-contiguity (the classifier: evenly strided rows),
+because a RawKernel reads raw pointers and ignores views, and passes sizes as np.int32 and
+scalars as np.float32: CuPy would otherwise send Python ints/floats as 64-bit values into
+32-bit parameters.
 Shape legend: B batch, T time, C channels, NH heads, HS head size, V vocab, N = B*T rows.
 """
 import math
