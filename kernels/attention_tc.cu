@@ -42,6 +42,13 @@ __device__ __forceinline__ void tc_mma(float (&d)[4], const unsigned (&a)[4], un
 
 __device__ __forceinline__ unsigned tc_bits(float x) { return __float_as_uint(x); }
 
+// Zero a warp's N accumulator tiles (C layout, 4 per thread).
+template <int N>
+__device__ __forceinline__ void tc_zero(float (&acc)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
+
 // Shared tile rows [r0, r0+TC_TILE) of a (T, HS) head slice with row stride `stride`, rounded
 // to TF32; rows past T are zero. Rows are padded by 4 floats so that the fragment reads of a
 // warp (8 rows x 4 columns, or 4 row pairs x 8 columns) hit 32 distinct banks.
@@ -106,8 +113,7 @@ template <int HS>
 __device__ __forceinline__ void tc_scores(float (&s)[TC_TILE / 8][4], const unsigned (&a)[HS / 8][4],
                                           const float (*tile)[HS + 4]) {
     int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-#pragma unroll
-    for (int n = 0; n < TC_TILE / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    tc_zero(s);
 #pragma unroll
     for (int k = 0; k < HS / 8; k++)
 #pragma unroll
@@ -159,8 +165,7 @@ __device__ void tc_forward(float* y, float* lse, const float* qkv, int T, int NH
     tc_load_rows<HS>(qa, base, C3, w0, T, scale * TC_LOG2E);
     float m[2] = {TC_NEG_INF, TC_NEG_INF}, l[2] = {0.0f, 0.0f};
     float o[HS / 8][4];
-#pragma unroll
-    for (int n = 0; n < HS / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    tc_zero(o);
     int last = min(i0 + TC_ROWS, T) - 1;
     for (int j0 = 0; j0 <= last; j0 += TC_TILE) {
         tc_load_keys_values<HS>(ks, vs, base, C, j0, T);
@@ -244,8 +249,7 @@ __device__ void tc_backward_dq(float* dqkv, const float* qkv, const float* dy, c
         dl[r] = row < T ? delta[(long long)blockIdx.y * T + row] : 0.0f;
     }
     float dq[HS / 8][4];
-#pragma unroll
-    for (int n = 0; n < HS / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+    tc_zero(dq);
     int last = min(i0 + TC_ROWS, T) - 1;
     for (int j0 = 0; j0 <= last; j0 += TC_TILE) {
         tc_load_keys_values<HS>(ks, vs, base, C, j0, T);
@@ -286,9 +290,8 @@ __device__ void tc_backward_dkv(float* dqkv, const float* qkv, const float* dy, 
     tc_load_rows<HS>(ka, base + C, C3, w0, T, scale * TC_LOG2E);
     tc_load_rows<HS>(va, base + 2 * C, C3, w0, T, 1.0f);
     float dk[HS / 8][4], dv[HS / 8][4];
-#pragma unroll
-    for (int n = 0; n < HS / 8; n++)
-        dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
+    tc_zero(dk);
+    tc_zero(dv);
     for (int it = j0; it < T; it += TC_TILE) {
         __syncthreads();
         tc_load_tile<HS>(qs, base, C3, it, T);
