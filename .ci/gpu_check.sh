@@ -29,7 +29,7 @@ if want tests; then
     timeout 150 "$PY" -m pytest tests/test_kernels.py tests/test_gpu_model.py -x -q -rs \
         -p no:cacheprovider -k "not nvcc and not emulated" 2>&1 | tee "$OUT/pytest.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    timeout 150 "$PY" -m pytest tests/test_gpu_train.py -x -q -rs -p no:cacheprovider 2>&1 \
+    timeout 150 "$PY" -m pytest tests/test_gpu_train.py tests/test_comm_device.py -x -q -rs -p no:cacheprovider 2>&1 \
         | tee -a "$OUT/pytest.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

@@ -68,6 +68,32 @@ def to_host(a):
     return np.asarray(a)
 
 
+def pinned_empty(n, dtype):
+    """A 1-D NumPy array of n elements in page-locked memory when a GPU is in use (the copy engine
+    then moves it by DMA, without a bounce buffer), plain host memory otherwise."""
+    if xp is np:
+        return np.empty(n, dtype=dtype)
+    import cupyx
+    return cupyx.empty_pinned((n,), dtype=dtype)
+
+
+def copy_to_host(a, out):
+    """out (NumPy) <- a (NumPy or CuPy), finished when this returns."""
+    if is_device_array(a):
+        a.get(out=out)
+    else:
+        np.copyto(out, a)
+
+
+def copy_to_device(host, a):
+    """a (NumPy or CuPy) <- host (NumPy), finished when this returns, so `host` may be reused."""
+    if is_device_array(a):
+        a.set(host)
+        array_module(a).cuda.get_current_stream().synchronize()
+    else:
+        np.copyto(a, host)
+
+
 def synchronize():
     """Wait for the current CuPy stream; needed before MPI touches device memory."""
     if xp is not np:

@@ -78,6 +78,7 @@ class ParallelConfig:
     allreduce: str = "mpi"     # mpi | ring | nccl
     bucket_mb: float = 0.0     # all-reduce in buckets of this many MiB; 0 = one call on the flat buffer
     overlap: bool = False      # start bucket reductions during backward (non-blocking)
+    cuda_aware_mpi: str = "auto"  # GPU buffers straight to MPI: auto (ask the library) | yes | no (pinned host staging)
     balance: str = "none"      # none | static | dynamic (llmpi.allocate)
     balance_interval: int = 20 # dynamic: re-allocate every K steps
     server: str = "sharded"    # async: sharded windows over all ranks | rank0 parameter server
@@ -103,6 +104,7 @@ CHOICES = {
     "train.device": ("cpu", "gpu", "auto"),
     "parallel.mode": ("sync", "async"),
     "parallel.allreduce": ("mpi", "ring", "nccl"),
+    "parallel.cuda_aware_mpi": ("auto", "yes", "no"),
     "parallel.balance": ("none", "static", "dynamic"),
     "parallel.server": ("sharded", "rank0"),
     "parallel.async_lr": ("auto", "per_sample", "sqrt", "full"),

@@ -6,7 +6,6 @@ settings and where the CUDA kernels are. Every rank takes part (the node count
 needs a collective); only rank 0 prints.
 """
 import argparse
-import ctypes
 import importlib.metadata
 import json
 import os
@@ -19,42 +18,17 @@ from mpi4py import MPI
 import llmpi
 
 from . import backend
+from .comm.device import mpi_cuda_support
 from .comm.util import rprint
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CUPY_DISTS = ("cupy", "cupy-cuda12x", "cupy-cuda11x", "cupy-cuda13x", "cupy-rocm-5-0")
 
 
-def _loaded_libmpi():
-    """Path of the MPI library mpi4py loaded (Linux: from /proc/self/maps), or None."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libmpi" in line and "/" in line}
-    except OSError:
-        return None
-    core = sorted(p for p in paths if os.path.basename(p).startswith("libmpi."))
-    return core[0] if core else None
-
-
 def cuda_aware_mpi() -> str:
-    """'yes' / 'no' / 'unknown (why)'. mpi4py does not wrap the MPIX query, but both
-    Open MPI (mpi-ext.h) and MPICH >= 4 export MPIX_Query_cuda_support(), so ask
-    the loaded library directly. MPICH answers for this run: GPU support is switched
-    on at run time with MPIR_CVAR_ENABLE_GPU=1."""
-    path = _loaded_libmpi()
-    if path is None:
-        return "unknown (could not locate the loaded MPI library)"
-    try:
-        query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
-    except OSError as err:
-        return f"unknown ({err})"
-    if query is None:
-        return f"unknown ({os.path.basename(path)} has no MPIX_Query_cuda_support)"
-    query.restype = ctypes.c_int
-    answer = "yes" if query() else "no"
-    if "MPICH" in MPI.Get_library_version():
-        answer += f" (MPIR_CVAR_ENABLE_GPU={os.environ.get('MPIR_CVAR_ENABLE_GPU', 'unset')})"
-    return answer
+    """'yes' / 'no' / 'unknown', with how it was found out (llmpi.comm.device)."""
+    supported, why = mpi_cuda_support()
+    return f"{ {True: 'yes', False: 'no', None: 'unknown'}[supported]} ({why})"
 
 
 def _version(dist_names):

@@ -21,7 +21,7 @@ from mpi4py import MPI  # noqa: E402
 
 from . import backend, checkpoint, config as config_mod, data as data_mod  # noqa: E402
 from .allocate import Balancer  # noqa: E402
-from .comm import util  # noqa: E402
+from .comm import device as comm_device, util  # noqa: E402
 from .comm.allreduce import Allreducer  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .metrics import MetricsLog, Progress  # noqa: E402
@@ -199,6 +199,9 @@ class Run:
                     f"B/token/layer x {micro} x {j.model.block_size} tokens)")
         util.rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "
                     f"{j.model.block_size} tokens")
+        if backend.xp is not np and self.world > 1:
+            util.rprint("gpu buffers: " + comm_device.describe(j.parallel.mode, j.parallel.allreduce,
+                                                               j.parallel.cuda_aware_mpi))
 
     def val_loss(self, eval_index):
         """This rank's mean val loss over eval_iters batches (no communication)."""
@@ -257,7 +260,8 @@ def micro_chunks(count, micro):
 def train_sync(run):
     job, comm, model, xp = run.job, run.comm, run.model, run.xp
     B, T = job.train.batch_size, job.model.block_size
-    reducer = Allreducer(comm, job.parallel.allreduce, int(job.parallel.bucket_mb * 2**20), job.parallel.overlap)
+    reducer = Allreducer(comm, job.parallel.allreduce, int(job.parallel.bucket_mb * 2**20), job.parallel.overlap,
+                         cuda_aware_mpi=job.parallel.cuda_aware_mpi)
     progress = Progress(job.train.max_iters, run.start_step)
     t_origin = time.perf_counter() - run.wall_offset
     samples_seen = run.start_step * B

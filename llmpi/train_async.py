@@ -60,13 +60,13 @@ def train_async(run):
     if rule == "auto":
         rule = "sqrt" if job.optim.name == "adamw" else "per_sample"
     push_scale = {"per_sample": 1.0 / P, "sqrt": P ** -0.5, "full": 1.0}[rule]
-    host = np.empty(params.data.size, dtype=backend.to_host(params.data[:1]).dtype)
-    window = ShardedWindow(comm, params.data.size, host.dtype, server=job.parallel.server)
+    # device parameters and pushes go through the window's pinned host staging (llmpi.comm.rma)
+    window = ShardedWindow(comm, params.data.size, np.dtype(params.data.dtype), server=job.parallel.server)
     version = VersionCounter(comm)
     stop_flag = VersionCounter(comm)
     start_version = int(run.resume_state["attrs"].get("version", 0)) if run.resume_state else 0
     if run.is_root:
-        window.put_all(backend.to_host(params.data))
+        window.put_all(params.data)
         if start_version:
             version.fetch_add(start_version)
     comm.Barrier()  # the windows hold the initial parameters before anyone pulls
@@ -78,8 +78,7 @@ def train_async(run):
     # A resumed run continues each rank's batch stream where the budget stood, not from the start.
     local_step, next_eval = start_version // P, _next_multiple(start_version, job.train.eval_interval * P)
     while True:
-        window.get(host)
-        params.data[...] = backend.xp.asarray(host)
+        window.get(params.data)
         v_pull = version.read()
         if v_pull >= budget or stop_flag.read() or run.stop.requested:
             break
@@ -90,8 +89,7 @@ def train_async(run):
         for _ in range(STALE_RETRIES if job.parallel.max_staleness >= 0 else 0):
             if version.read() - v_pull <= job.parallel.max_staleness:
                 break
-            window.get(host)
-            params.data[...] = backend.xp.asarray(host)
+            window.get(params.data)
             v_pull = version.read()
             loss = local_gradient(run, local_step * P + run.rank, count)
         if run.slowdown > 1.0:
@@ -102,7 +100,7 @@ def train_async(run):
         ticket = version.fetch_add(1)
         if ticket >= budget:
             break
-        window.accumulate(backend.to_host(delta))
+        window.accumulate(delta)
         comm_s = time.perf_counter() - t_c
         wall = time.perf_counter() - t_origin
         rows.append((ticket, wall, loss, lr, ticket - v_pull, comm_s))
@@ -118,8 +116,7 @@ def train_async(run):
     if run.stop.requested:
         stop_flag.fetch_add(1)
     comm.Barrier()  # every push has completed at its target once all ranks are here
-    window.get(host)
-    params.data[...] = backend.xp.asarray(host)
+    window.get(params.data)
     final_version = min(version.read(), budget)
     stopped_early = final_version < budget
     _gather_metrics(run, rows, P, B)

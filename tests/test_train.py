@@ -106,6 +106,7 @@ def test_sigusr1_checkpoints_and_exits_zero(tmp_path, corpus):
     ("optim.lrr=1", "unknown config key 'optim.lrr'"),
     ("parallel.allreduce=tree", "parallel.allreduce = 'tree' is not allowed; choose one of: mpi, ring, nccl"),
     ("model.n_head=3", "must be divisible by model.n_head"),
+    ("parallel.cuda_aware_mpi=maybe", "choose one of: auto, yes, no"),
 ])
 def test_bad_config_is_one_line_and_exit_2_on_every_rank(tmp_path, corpus, override, message):
     proc = train(tmp_path, corpus, "--set", override, np=3, check=False, timeout=60)

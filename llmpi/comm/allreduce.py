@@ -18,9 +18,10 @@ Algorithms (P ranks, n bytes):
   CuPy stream. The NCCL communicator is made once per MPI communicator (its unique id is
   broadcast over MPI). NCCL needs one GPU per rank: ranks sharing a GPU cannot use it.
 
-Device (CuPy) buffers: the stream is synchronised before MPI sees the buffer; "ring"
-and "rd" (which add with NumPy), and "mpi" unless MPI reports CUDA support, are
-staged through a host copy.
+Device (CuPy) buffers: the stream is synchronised before MPI sees the buffer. "mpi" hands
+it to MPI as it is when MPI is CUDA-aware (`cuda_aware_mpi`: detected with "auto", or
+"yes"/"no"; llmpi.comm.device); otherwise, and always for "ring" and "rd" (which add with
+NumPy), it is staged through page-locked host memory.
 """
 import os
 import time
@@ -30,6 +31,7 @@ from mpi4py import MPI
 
 from .. import backend
 from ..errors import UserError
+from .device import HostStage, device_direct
 
 ALGORITHMS = ("mpi", "ring", "rd", "auto", "nccl")
 DEFAULT_SEGMENT_BYTES = 1 << 20
@@ -42,6 +44,7 @@ AUTO_THRESHOLD_BYTES = 1 << 20
 _TAG = 0x4C4C  # our point-to-point traffic; below 32767, the smallest MPI_TAG_UB allowed
 
 _scratch = {}
+_stage = HostStage()  # for the blocking allreduce_sum; an Allreducer keeps its own
 # Waiting by Test + sched_yield instead of MPI's busy Wait hands the core to a rank
 # that has work when ranks outnumber cores; with a core per rank it costs nothing.
 YIELD_WHILE_WAITING = True
@@ -78,11 +81,6 @@ def _check(buf):
         raise ValueError("all-reduce needs a contiguous 1-D array")
     if buf.dtype not in (np.float32, np.float64):
         raise ValueError(f"all-reduce supports float32/float64, got {buf.dtype}")
-
-
-def _device_direct() -> bool:
-    query = getattr(MPI, "Query_cuda_support", None)
-    return bool(query and query())
 
 
 NCCL_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
@@ -138,7 +136,7 @@ def nccl_allreduce(buf, comm, synchronize=True):
     return buf
 
 
-def allreduce_sum(buf, comm, algorithm="mpi", segment_bytes=DEFAULT_SEGMENT_BYTES):
+def allreduce_sum(buf, comm, algorithm="mpi", segment_bytes=DEFAULT_SEGMENT_BYTES, cuda_aware_mpi="auto"):
     """buf <- sum over ranks of buf, in place, on every rank of comm."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; choose one of {ALGORITHMS}")
@@ -150,10 +148,10 @@ def allreduce_sum(buf, comm, algorithm="mpi", segment_bytes=DEFAULT_SEGMENT_BYTE
     if backend.is_device_array(buf):
         backend.synchronize()
         # Our ring and rd add with NumPy on host memory, so they always stage.
-        if algorithm != "mpi" or not _device_direct():
-            host = backend.to_host(buf)
+        if algorithm != "mpi" or not device_direct(cuda_aware_mpi):
+            host = _stage.download(buf)
             allreduce_sum(host, comm, algorithm, segment_bytes)
-            buf.set(host)
+            _stage.upload(host, buf)
             return buf
     if algorithm == "auto":
         algorithm = "rd" if buf.nbytes < AUTO_THRESHOLD_BYTES else "ring"
@@ -306,15 +304,18 @@ class Allreducer:
     """
 
     def __init__(self, comm, algorithm="mpi", bucket_bytes=0, overlap=False,
-                 segment_bytes=DEFAULT_SEGMENT_BYTES):
+                 segment_bytes=DEFAULT_SEGMENT_BYTES, cuda_aware_mpi="auto"):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; choose one of {ALGORITHMS}")
         self.comm, self.algorithm, self.overlap = comm, algorithm, overlap
         self.bucket_bytes, self.segment_bytes = int(bucket_bytes), segment_bytes
+        self.cuda_aware_mpi = cuda_aware_mpi
+        self.device_direct = device_direct(cuda_aware_mpi)
         if algorithm == "nccl" and comm.Get_size() > 1:
             nccl_communicator(comm)  # fail early, and collectively, rather than mid-step
         self.comm_seconds = 0.0
         self._requests = []
+        self._stage = HostStage()  # bucket [lo, hi) stages at offset lo, so buckets never overlap
         self._staged = []  # (device buffer, host copy) pairs to copy back after wait
         self._pending = None  # (buf, lo, hi) span not yet launched
         self._nccl_pending = False  # NCCL work queued on the stream since the last wait_all
@@ -326,7 +327,7 @@ class Allreducer:
     def reduce(self, buf):
         t0 = time.perf_counter()
         for lo, hi in self._buckets(0, buf.size, buf.itemsize):
-            allreduce_sum(buf[lo:hi], self.comm, self.algorithm, self.segment_bytes)
+            allreduce_sum(buf[lo:hi], self.comm, self.algorithm, self.segment_bytes, self.cuda_aware_mpi)
         self.comm_seconds += time.perf_counter() - t0
         return buf
 
@@ -352,10 +353,10 @@ class Allreducer:
                 nccl_allreduce(view, self.comm, synchronize=False)
                 self._nccl_pending = True
             elif self.algorithm != "mpi":
-                allreduce_sum(view, self.comm, self.algorithm, self.segment_bytes)
-            elif backend.is_device_array(view) and not _device_direct():
+                allreduce_sum(view, self.comm, self.algorithm, self.segment_bytes, self.cuda_aware_mpi)
+            elif backend.is_device_array(view) and not self.device_direct:
                 backend.synchronize()
-                host = backend.to_host(view)
+                host = self._stage.download(view, offset=lo)
                 self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM))
                 self._staged.append((view, host))
             else:
@@ -374,6 +375,6 @@ class Allreducer:
             backend.synchronize()
             self._nccl_pending = False
         for view, host in self._staged:
-            view.set(host)
+            self._stage.upload(host, view)
         self._requests, self._staged = [], []
         self.comm_seconds += time.perf_counter() - t0

@@ -25,6 +25,9 @@ MPI_Init (before `import mpi4py.MPI`) and check with this module's main.
 Exclusive locks would conflict with that epoch, so `put_all` (initialisation,
 resume) writes with Accumulate(MPI_REPLACE), an element-wise atomic put.
 `local` is the owner's shard (a read-only view for checkpoints and debugging).
+Device (CuPy) vectors are staged through page-locked host memory (llmpi.comm.device): RMA on
+device memory is not something MPI implementations offer reliably, and the windows live in
+host memory anyway.
 """
 import os
 import time
@@ -34,6 +37,7 @@ from mpi4py import MPI
 from mpi4py.util import dtlib
 
 from .. import backend
+from .device import HostStage
 
 DEFAULT_SEGMENT_BYTES = 16 << 20  # bounded message size per RMA call
 
@@ -98,6 +102,7 @@ class ShardedWindow(_EpochWindow):
         self.bounds = shard_bounds(self.n, comm.Get_size(), server)
         self.lo, self.hi = self.bounds[comm.Get_rank()]
         self.seg = max(1, segment_bytes // self.dtype.itemsize)
+        self._stage = HostStage()
         item = self.dtype.itemsize
         self.win = MPI.Win.Allocate((self.hi - self.lo) * item, item, comm=comm)
         mem = self.win.tomemory()
@@ -122,10 +127,10 @@ class ShardedWindow(_EpochWindow):
 
     def get(self, out):
         """out <- the whole vector (each element as some accumulate left it).
-        A device (CuPy) `out` is filled through a host copy."""
+        A device (CuPy) `out` is filled through a pinned host copy."""
         if backend.is_device_array(out):
-            host = self.get(np.empty(out.shape, dtype=out.dtype))
-            out.set(host)
+            host = self.get(self._stage.mirror(out.size, out.dtype)[:out.size])
+            self._stage.upload(host, out)
             return out
         for rank, pieces in self._targets(out):
             for view, disp in pieces:
@@ -135,14 +140,7 @@ class ShardedWindow(_EpochWindow):
 
     def accumulate(self, vec):
         """vector += vec, element-wise atomically, concurrently with other ranks."""
-        if backend.is_device_array(vec):
-            backend.synchronize()
-            vec = backend.to_host(vec)
-        for rank, pieces in self._targets(vec):
-            for view, disp in pieces:
-                self.win.Accumulate([view, self.mpi_type], rank,
-                                    target=(disp, view.size, self.mpi_type), op=MPI.SUM)
-            self.win.Flush(rank)
+        self._accumulate(vec, MPI.SUM)
 
     def put_all(self, vec):
         """vector <- vec (initialisation, resume), from any one rank.
@@ -150,13 +148,16 @@ class ShardedWindow(_EpochWindow):
         Accumulate with MPI_REPLACE is an element-wise atomic put, so it stays
         well-defined next to other ranks' accumulates inside the window's shared
         lock_all epoch, where an exclusive lock would break the MODE_NOCHECK promise."""
+        self._accumulate(vec, MPI.REPLACE)
+
+    def _accumulate(self, vec, op):
         if backend.is_device_array(vec):
             backend.synchronize()
-            vec = backend.to_host(vec)
+            vec = self._stage.download(vec)
         for rank, pieces in self._targets(vec):
             for view, disp in pieces:
                 self.win.Accumulate([view, self.mpi_type], rank,
-                                    target=(disp, view.size, self.mpi_type), op=MPI.REPLACE)
+                                    target=(disp, view.size, self.mpi_type), op=op)
             self.win.Flush(rank)
 
     def free(self):

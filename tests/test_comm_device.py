@@ -1,0 +1,142 @@
+"""Device buffers in communication (llmpi.comm.device), checked without a GPU.
+
+`FakeDeviceArray` stands in for a CuPy array: llmpi.backend takes it for device memory (its
+type's module name starts with "cupy") and it has no buffer interface, so MPI cannot read
+it: every all-reduce and RMA call below works only if the data really went through the
+host staging, and the bucketed non-blocking path only if each bucket had its own stage.
+The real device copies are covered by tests/test_gpu_train.py on a GPU.
+"""
+import types
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from llmpi import backend
+from llmpi.comm import device
+from llmpi.comm.allreduce import Allreducer, allreduce_sum
+from llmpi.comm.rma import ShardedWindow
+from llmpi.comm.util import world
+from mpi_helpers import agreed
+
+
+class FakeDeviceArray:
+    """A 1-D array in "device memory": reachable only through get(out=) and set()."""
+
+    __module__ = "cupy_stand_in"
+
+    def __init__(self, data):
+        self._data = data
+
+    def __getattr__(self, name):
+        if name in ("dtype", "size", "shape", "ndim", "itemsize", "nbytes", "flags"):
+            return getattr(self._data, name)
+        raise AttributeError(name)
+
+    def __getitem__(self, key):
+        return FakeDeviceArray(self._data[key])
+
+    def get(self, out):
+        np.copyto(out, self._data)
+
+    def set(self, host):
+        np.copyto(self._data, host)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    stream = types.SimpleNamespace(synchronize=lambda: None)
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: stream))
+    monkeypatch.setattr(backend, "array_module", lambda a: fake_cupy if backend.is_device_array(a) else np)
+
+
+def rank_data(n, rank):
+    return np.arange(n, dtype=np.float64) * (rank + 1)
+
+
+def expected_sum(n, p):
+    return np.arange(n, dtype=np.float64) * (p * (p + 1) // 2)
+
+
+# ids: pytest-mpi would read an id "mpi" as its marker and skip the case without --with-mpi
+@pytest.mark.parametrize("algorithm", ["mpi", "ring", "rd"], ids=["MPI_Allreduce", "ring", "rd"])
+def test_blocking_allreduce_stages_device_buffers(fake_gpu, algorithm):
+    comm = world()
+    host = rank_data(1001, comm.Get_rank())
+    allreduce_sum(FakeDeviceArray(host), comm, algorithm, segment_bytes=512, cuda_aware_mpi="no")
+    assert agreed(np.array_equal(host, expected_sum(1001, comm.Get_size())), comm)
+
+
+def test_overlapped_buckets_stage_into_disjoint_host_memory(fake_gpu):
+    """Several MPI_Iallreduce buckets in flight at once, each from its own slice of the stage."""
+    comm = world()
+    host = rank_data(1000, comm.Get_rank())
+    grad = FakeDeviceArray(host)
+    reducer = Allreducer(comm, "mpi", bucket_bytes=800, overlap=True, cuda_aware_mpi="no")
+    for lo in range(900, -1, -100):  # backward finishes the last layers first
+        reducer.start(grad, lo, lo + 100)
+    reducer.wait_all()
+    assert agreed(np.array_equal(host, expected_sum(1000, comm.Get_size())), comm)
+
+
+def test_rma_window_stages_device_vectors(fake_gpu):
+    comm = world()
+    p, n = comm.Get_size(), 777
+    with ShardedWindow(comm, n, np.float64, segment_bytes=256) as w:
+        if comm.Get_rank() == 0:
+            w.put_all(FakeDeviceArray(np.ones(n)))
+        comm.Barrier()
+        w.accumulate(FakeDeviceArray(rank_data(n, comm.Get_rank())))
+        comm.Barrier()
+        out = np.zeros(n)
+        w.get(FakeDeviceArray(out))
+        ok = np.array_equal(out, 1 + expected_sum(n, p))
+        comm.Barrier()  # every get is done before the window is freed
+    assert agreed(ok, comm)
+
+
+def test_host_stage_reuses_and_grows_its_mirror():
+    stage = device.HostStage()
+    a = stage.download(np.arange(5.0), offset=3)
+    assert a.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    first = stage.mirror(8, np.float64)
+    assert stage.mirror(4, np.float64) is first  # no new allocation while it fits
+    assert stage.mirror(9, np.float64).size == 9
+    out = np.zeros(5)
+    stage.upload(a, out)
+    assert out.tolist() == a.tolist()
+
+
+def test_cuda_aware_setting():
+    supported, why = device.mpi_cuda_support()
+    assert supported in (True, False, None) and why
+    assert device.device_direct("yes") and not device.device_direct("no")
+    assert device.device_direct("auto") == bool(supported)
+    with pytest.raises(ValueError, match="cuda_aware_mpi"):
+        device.device_direct("maybe")
+    line = device.describe("sync", "mpi", "no")
+    assert line.startswith("staged through pinned host buffers")
+    assert device.describe("sync", "ring", "yes").startswith("staged")  # the ring adds on the host
+    assert device.describe("sync", "mpi", "yes").startswith("MPI on device memory")
+    assert "NCCL" in device.describe("sync", "nccl", "auto")
+    assert "RMA" in device.describe("async", "mpi", "auto")
+
+
+def test_mpi_cannot_read_the_stand_in():
+    """The premise of the tests above: handing the stand-in to MPI directly fails."""
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        MPI.COMM_SELF.Allreduce(MPI.IN_PLACE, FakeDeviceArray(np.ones(3)), op=MPI.SUM)
+
+
+@pytest.mark.skipif(not backend.gpu_available(), reason="no GPU")
+def test_host_stage_round_trip_through_pinned_memory_on_the_gpu():
+    import cupy
+    stage = device.HostStage()
+    dev = cupy.arange(1000, dtype=cupy.float32)
+    host = stage.download(dev[100:], offset=100)
+    assert host.tolist() == list(range(100, 1000))
+    cuda_memory_type_host = 1  # cudaMemoryTypeHost: page-locked, registered with CUDA
+    assert cupy.cuda.runtime.pointerGetAttributes(host.ctypes.data).memoryType == cuda_memory_type_host
+    host *= 2
+    stage.upload(host, dev[100:])
+    assert cupy.asnumpy(dev).tolist() == list(range(100)) + [2 * i for i in range(100, 1000)]
