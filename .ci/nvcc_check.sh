@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile-check every kernels/*.cu for Ampere (sm_80) and Hopper (sm_90) with warnings as
-# errors. Needs only nvcc, no GPU: CPU CI runs it. Skips (exit 0) when nvcc is absent.
+# errors, and the timing kernel that llmpi/bench/kernels.py carries inline. Needs only nvcc,
+# no GPU: CPU CI runs it. Skips (exit 0) when nvcc is absent.
 set -u
 root="$(cd "$(dirname "$0")/.." && pwd)"
 if ! command -v nvcc >/dev/null 2>&1; then
@@ -10,7 +11,9 @@ fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 status=0
-for cu in "$root"/kernels/*.cu; do
+PYTHONPATH="$root" "${PYTHON:-python}" -c 'from llmpi.bench.kernels import SPIN_SOURCE; print(SPIN_SOURCE)' \
+    > "$out/bench_spin.cu" || status=1
+for cu in "$root"/kernels/*.cu "$out/bench_spin.cu"; do
     for arch in sm_80 sm_90; do
         name="$(basename "$cu" .cu)"
         if nvcc -arch="$arch" -cubin -std=c++17 -Werror all-warnings -Xcompiler -Wall \

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import types
 
 import numpy as np
@@ -68,7 +69,7 @@ def close(got, ref, tol=TOL):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_every_kernel_compiles_with_nvcc():
     r = subprocess.run(["bash", os.path.join(ROOT, ".ci", "nvcc_check.sh")], capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -4,14 +4,18 @@ C=768, NH=12, V=50257, AdamW over 124M parameters); `--shape small` is a seconds
 
 The references are the NumPy layers of llmpi.layers run on CuPy arrays (the same code as on
 the CPU; the embedding scatter-add runs on the host). Times are medians of CUDA-event
-intervals. Memory-bound kernels report GB/s of the bytes they must move at least, as a
-fraction of the measured device-to-device copy bandwidth; attention reports TFLOP/s as a
+intervals around 10 calls queued behind a spin kernel (the kernels' GPU time, as in a
+training step where the host runs ahead); the time of one call issued alone, launch gaps and
+the wrapper's allocations included, is printed and kept as `ms_single_call`. Memory-bound
+kernels report GB/s of the bytes they must move at least, as a fraction of the measured
+device-to-device copy bandwidth; attention reports TFLOP/s as a
 fraction of a measured float32 cuBLAS matmul (CUDA cores), and its TF32 tensor-core version
 (attention_tc.cu) as a fraction of the TF32 peak, taken as half a measured fp16 cuBLAS matmul.
 `ratio` is the geometric mean of the fractions.
 """
 import argparse
 import math
+import time
 import types
 
 import numpy as np
@@ -24,26 +28,64 @@ SHAPES = {
 }
 
 
-def gpu_time(xp, fn, repeats, warmup=2):
-    """Median seconds of fn() between two CUDA events."""
+# A one-thread kernel that keeps the GPU busy for a given number of nanoseconds (the global
+# timer, so no clock rate is needed), so the host can queue the timed calls behind it: the
+# events then time the GPU's work alone, not the Python between launches (which a training
+# step hides by running ahead of the GPU).
+SPIN_SOURCE = r"""
+extern "C" __global__ void spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+"""
+
+
+def _spin(xp, seconds):
+    xp.RawKernel(SPIN_SOURCE, "spin")((1,), (1,), (np.uint64(seconds * 1e9),))
+
+
+def gpu_time(xp, fn, repeats, warmup=2, calls=10):
+    """(queued, single): median GPU seconds per fn().
+
+    queued: `calls` calls queued behind a spin kernel and timed between two CUDA events, so
+    the GPU runs them back to back (the kernel's own time; a call that synchronizes the host
+    falls back to including its launch gaps). single: one call between two events right after
+    the host issued them, launch gaps and allocations included."""
     for _ in range(warmup):
         fn()
-    times = []
+    stream = xp.cuda.get_current_stream()
+    stream.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_seconds = time.perf_counter() - t0
+    stream.synchronize()
+    queued, single = [], []
     for _ in range(repeats):
         start, end = xp.cuda.Event(), xp.cuda.Event()
+        _spin(xp, 2 * host_seconds + 1e-3)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        queued.append(xp.cuda.get_elapsed_time(start, end) / 1e3 / calls)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(xp.cuda.get_elapsed_time(start, end) / 1e3)
-    return float(np.median(times))
+        single.append(xp.cuda.get_elapsed_time(start, end) / 1e3)
+    return float(np.median(queued)), float(np.median(single))
 
 
 def copy_bandwidth(xp, repeats):
     """Bytes/s of a device-to-device copy of 1 GiB, counting bytes read plus bytes written."""
     src = xp.ones(1 << 28, dtype=xp.float32)
     dst = xp.empty_like(src)
-    t = gpu_time(xp, lambda: xp.copyto(dst, src), repeats)
+    t, _ = gpu_time(xp, lambda: xp.copyto(dst, src), repeats, calls=3)
     return 2 * src.nbytes / t
 
 
@@ -52,7 +94,7 @@ def matmul_peak(xp, dtype, repeats, n=8192):
     try:
         a = xp.ones((n, n), dtype=dtype) * 0.01
         b = xp.ones((n, n), dtype=dtype) * 0.01
-        t = gpu_time(xp, lambda: xp.matmul(a, b), max(3, repeats // 4))
+        t, _ = gpu_time(xp, lambda: xp.matmul(a, b), max(3, repeats // 4), calls=3)
     except (TypeError, ValueError):
         return None
     return 2.0 * n ** 3 / t
@@ -198,7 +240,7 @@ def main(argv):
         ok = err <= tol
         if not ok:
             failed.append(name)
-        t = gpu_time(xp, run, args.repeats)
+        t, t_single = gpu_time(xp, run, args.repeats)
         if flops is not None and name.endswith("_tf32"):
             frac = flops / t / tf32_peak
             line = f"{flops / t / 1e12:7.2f} TFLOP/s  {frac:6.1%} of TF32 peak"
@@ -208,8 +250,9 @@ def main(argv):
         else:
             frac = nbytes / t / copy_bw
             line = f"{nbytes / t / 1e9:7.0f} GB/s     {frac:6.1%} of copy"
-        print(f"{name:20s} {'ok ' if ok else 'BAD'} err {err:.1e}  {t * 1e3:8.3f} ms  {line}", flush=True)
-        results[name] = dict(ms=t * 1e3, fraction=frac, error=err, ok=ok)
+        print(f"{name:20s} {'ok ' if ok else 'BAD'} err {err:.1e}  {t * 1e3:8.3f} ms  {line}  "
+              f"(one call alone {t_single * 1e3:.3f} ms)", flush=True)
+        results[name] = dict(ms=t * 1e3, ms_single_call=t_single * 1e3, fraction=frac, error=err, ok=ok)
         xp.get_default_memory_pool().free_all_blocks()
     ratio = math.exp(sum(math.log(r["fraction"]) for r in results.values()) / len(results))
     print(f"geometric mean fraction {ratio:.3f}" + (f"; WRONG: {', '.join(failed)}" if failed else ""))
