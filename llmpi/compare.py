@@ -5,7 +5,6 @@ wall time, updates/s, the time and samples needed to reach a target val loss,
 staleness (async runs) and the share of time spent communicating. The figure shows
 loss vs samples, loss vs wall time, and the staleness histogram.
 """
-import argparse
 import json
 import os
 import sys
@@ -13,6 +12,7 @@ import sys
 import numpy as np
 
 from . import metrics
+from .comm.util import ArgumentParser
 from .errors import UserError
 
 
@@ -109,7 +109,7 @@ def plot(runs, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llmpi.compare", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m llmpi.compare", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
     p.add_argument("--target-loss", type=float, default=None, help="val loss for time/samples-to-target")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write the figure here")

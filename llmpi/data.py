@@ -7,7 +7,6 @@
 
 File layout and the default corpus are documented in data/README.md.
 """
-import argparse
 import codecs
 import hashlib
 import os
@@ -18,6 +17,7 @@ import time
 import h5py
 import numpy as np
 
+from .comm.util import ArgumentParser, agree, rank
 from .errors import UserError
 from .sampler import STRATEGIES, Sampler, get_batch, splitmix64  # noqa: F401  (re-exported: the data API)
 from .tokenizers import (MAX_CODEPOINT, TOKENIZERS, ByteTokenizer, CharTokenizer, codepoints, make_tokenizer,
@@ -377,8 +377,8 @@ def _cmd_decode(args):
                 sink.close()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="llmpi.data", description="Prepare and inspect llmpi token files.")
+def _parser():
+    p = ArgumentParser(prog="llmpi.data", description="Prepare and inspect llmpi token files.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="tokenize text files into an HDF5 token file")
     pp.add_argument("--input", nargs="+", action="extend", help="files or directories (default: stdlib sources)")
@@ -393,7 +393,24 @@ def main(argv=None):
     pd.add_argument("file")
     pd.add_argument("--split", choices=("all", "train", "val"), default="all")
     pd.add_argument("--out", default=None, help="output file (default stdout)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    _run(_parser().parse_args(argv))
+    return 0
+
+
+def command(argv=None):
+    """`python -m llmpi.data`: a one-process tool, so under mpiexec rank 0 does the work instead
+    of N ranks writing and printing the same file. Every rank parses (so --help and a bad
+    argument end them all alike), and a UserError on rank 0 reaches every rank (agree)."""
+    args = _parser().parse_args(argv)
+    agree(lambda: _run(args) if rank() == 0 else None)
+    return 0
+
+
+def _run(args):
     if args.cmd == "prepare":
         out = prepare(args.input, args.tokenizer, args.val_fraction, args.out, progress=not args.quiet)
         with TokenFile(out, in_memory=False) as tf:
@@ -407,9 +424,8 @@ def main(argv=None):
             print(f"{args.file}: ok ({tf.n_train + tf.n_val} tokens, checksum {tf.attrs['checksum'][:16]}...)")
     else:
         _cmd_decode(args)
-    return 0
 
 
 if __name__ == "__main__":
     from llmpi.comm.util import run_main
-    sys.exit(run_main(main, prog="llmpi.data") or 0)
+    sys.exit(run_main(command, prog="llmpi.data") or 0)

@@ -5,7 +5,6 @@ versions, the MPI library and whether it takes GPU buffers, the world, thread
 settings and where the CUDA kernels are. Every rank takes part (the node count
 needs a collective); only rank 0 prints.
 """
-import argparse
 import importlib.metadata
 import json
 import os
@@ -19,7 +18,7 @@ import llmpi
 
 from . import backend
 from .comm.device import mpi_cuda_support
-from .comm.util import rprint
+from .comm.util import ArgumentParser, rprint
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 CUPY_DISTS = ("cupy", "cupy-cuda12x", "cupy-cuda11x", "cupy-cuda13x", "cupy-rocm-5-0")
@@ -112,7 +111,7 @@ def collect(comm=None) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llmpi info",
+    p = ArgumentParser(prog="python -m llmpi info",
                                 description="Print versions, the MPI world and thread settings (rank 0).")
     p.add_argument("--json", action="store_true", help="one JSON object instead of aligned lines")
     args = p.parse_args(argv)

@@ -1,16 +1,15 @@
 """`python -m llmpi.sample runs/NAME`: generate text from the newest checkpoint of a run."""
-import argparse
 import dataclasses
 import sys
 
 import numpy as np
 
-from .comm.util import run_main
+from .comm.util import ArgumentParser, run_main
 from .errors import UserError
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m llmpi.sample", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m llmpi.sample", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", help="run directory holding ckpt_*.h5, e.g. runs/default")
     ap.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     ap.add_argument("--tokens", type=int, default=200, help="tokens to generate")

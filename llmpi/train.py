@@ -35,7 +35,7 @@ FAULT_ENV = "LLMPI_FAULT"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = util.ArgumentParser(
         prog="python -m llmpi.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a GPT data-parallel under MPI (sync all-reduce or async RMA).",

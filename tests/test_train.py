@@ -115,6 +115,32 @@ def test_bad_config_is_one_line_and_exit_2_on_every_rank(tmp_path, corpus, overr
     assert len(lines) == 1 and lines[0].startswith("llmpi.train: error: ") and message in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("module,args,message", [
+    ("llmpi.train", ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ("llmpi.bench", ["allreduce", "--repeats", "many"], "argument --repeats: invalid int value"),
+])
+def test_bad_command_line_is_one_line_from_rank_0(tmp_path, module, args, message):
+    proc = run(["-m", module, *args], np=3, cwd=str(tmp_path), timeout=60)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+    assert message in lines[0] and "--help" in lines[0]
+
+
+def test_data_tool_under_mpiexec_runs_on_rank_0_only(tmp_path):
+    src = tmp_path / "text.txt"
+    src.write_text("to be or not to be\n" * 200)
+    out = str(tmp_path / "t.h5")
+    proc = run(["-m", "llmpi.data", "prepare", "--input", str(src), "--out", out, "--quiet"], np=3, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.count("wrote ") == 1, proc.stdout + proc.stderr
+    proc = run(["-m", "llmpi.data", "verify", str(tmp_path / "missing.h5")], np=3, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr
+
+
+def test_help_prints_once_under_mpiexec(tmp_path):
+    proc = run(["-m", "llmpi.train", "--help"], np=3, cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 0 and proc.stdout.count("usage: python -m llmpi.train") == 1, proc.stdout
+
+
 def test_missing_data_file_and_refused_checkpoint(tmp_path, corpus):
     proc = train(tmp_path, "/nonexistent/x.h5", np=2, check=False)
     assert proc.returncode == 2 and "/nonexistent/x.h5" in proc.stderr and "Traceback" not in proc.stderr

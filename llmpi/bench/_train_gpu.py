@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from .common import emit_json
+from ._common import emit_json
 
 SHAPES = {
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),

@@ -13,15 +13,14 @@ The ceiling column is the measured host memory-copy bandwidth.
 `--json`: the last line holds `ratio` (geometric mean of MPI/auto speed over sizes
 >= 1 MiB), `ratio_small` (same below 1 MiB), `ratio_ring` and per-size data.
 """
-import argparse
 import time
 
 import numpy as np
 from mpi4py import MPI
 
-from llmpi.bench.common import emit_json, machine, memcpy_bandwidth
+from llmpi.bench._common import emit_json, machine, memcpy_bandwidth
 from llmpi.comm.allreduce import ALGORITHMS, AUTO_THRESHOLD_BYTES, allreduce_sum
-from llmpi.comm.util import rprint, world
+from llmpi.comm.util import ArgumentParser, rprint, world
 from llmpi.errors import UserError
 
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "K": 1 << 10, "KB": 1 << 10, "MIB": 1 << 20, "M": 1 << 20,
@@ -78,7 +77,7 @@ def geomean(values):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m llmpi.bench allreduce", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m llmpi.bench allreduce", description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="last line: JSON summary")
     ap.add_argument("--min", default="4KiB", help="smallest message (default 4KiB)")
     ap.add_argument("--max", default="64MiB", help="largest message (default 64MiB)")

@@ -6,12 +6,13 @@ median step time after warm-up and the cut; the ideal cut for one rank at half s
 1 - P / (2P - 1): 33% at 2 ranks and 43% at 4 ranks. Also checks that the
 loss per sample is unchanged by balancing (max relative difference of the loss curves).
 """
-import argparse
 import tempfile
 
 import numpy as np
 
-from .common import emit_json, machine, run_training, step_seconds
+from llmpi.comm.util import ArgumentParser
+
+from ._common import emit_json, machine, run_training, step_seconds
 
 JOB = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64",
        "train.log_interval=1000", "train.eval_interval=0", "train.eval_iters=1",
@@ -26,7 +27,7 @@ def ideal_cut(P, factor=2.0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llmpi.bench balance")
+    p = ArgumentParser(prog="python -m llmpi.bench balance")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--batch", type=int, default=48, help="global batch (sequences)")
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])

@@ -5,14 +5,14 @@ tinyshakespeare (byte and char tokenizers, skipped when the file is absent); the
 host-side cost of one training batch (Sampler.starts + get_batch) in microseconds for
 the laptop job (batch 8, block 64) and the baby job (batch 12, block 64).
 """
-import argparse
 import os
 import tempfile
 import time
 
 import numpy as np
 
-from llmpi.bench.common import emit_json, machine, median_time
+from llmpi.bench._common import emit_json, machine, median_time
+from llmpi.comm.util import ArgumentParser
 from llmpi.data import Sampler, TokenFile, get_batch, prepare
 
 SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
@@ -44,7 +44,7 @@ def batch_us(tokens, batch, block, strategy, iters=2000):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="llmpi.bench data", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="llmpi.bench data", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print a JSON line last")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)

@@ -13,14 +13,15 @@ fraction of a measured float32 cuBLAS matmul (CUDA cores), and its TF32 tensor-c
 (attention_tc.cu) as a fraction of the TF32 peak, taken as half a measured fp16 cuBLAS matmul.
 `ratio` is the geometric mean of the fractions.
 """
-import argparse
 import math
 import time
 import types
 
 import numpy as np
 
-from .common import emit_json
+from llmpi.comm.util import ArgumentParser
+
+from ._common import emit_json
 
 SHAPES = {
     "gpt2": dict(B=8, T=1024, C=768, NH=12, V=50257, P=124_475_904),
@@ -212,7 +213,7 @@ def cases(xp, B, T, C, NH, V, P):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="python -m llmpi.bench kernels")
+    ap = ArgumentParser(prog="python -m llmpi.bench kernels")
     ap.add_argument("--json", action="store_true", help="end with one JSON line")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs per kernel (median)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2", help="kernel sizes")

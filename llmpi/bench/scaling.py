@@ -5,12 +5,13 @@ with a fixed per-rank batch, at 1 and 2 ranks (efficiency = tokens/s at 2 ranks 
 twice the tokens/s at 1), then at 4 ranks (on a 2-core machine these share cores) for
 the share of step time spent communicating, and overlap on/off at 2 ranks.
 """
-import argparse
 import tempfile
 
 import numpy as np
 
-from .common import emit_json, machine, run_training, step_seconds
+from llmpi.comm.util import ArgumentParser
+
+from ._common import emit_json, machine, run_training, step_seconds
 
 BABY = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64",
         "train.log_interval=1000", "train.eval_interval=0", "train.eval_iters=1"]
@@ -27,7 +28,7 @@ def measure(np_, per_rank, steps, out_dir, *extra):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llmpi.bench scaling")
+    p = ArgumentParser(prog="python -m llmpi.bench scaling")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--per-rank", type=int, default=12, help="sequences per rank per step")
     p.add_argument("--json", action="store_true")

@@ -16,8 +16,10 @@ from collections import defaultdict
 
 import numpy as np
 
+from llmpi.comm.util import ArgumentParser
+
 from . import _train_gpu
-from .common import emit_json, machine
+from ._common import emit_json, machine
 
 # nanoGPT's shakespeare_char "baby GPT" shape scaled to a quick CPU run
 CONFIGS = {
@@ -192,7 +194,7 @@ def _torch_available():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m llmpi.bench train", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m llmpi.bench train", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON line last")
     ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads for both sides")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CPU, 10 GPU)")

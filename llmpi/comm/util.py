@@ -8,6 +8,7 @@ Rules this module enforces:
 - `agree` turns a check that may fail on only some ranks into one that fails
   on all of them, so bad input never deadlocks the job.
 """
+import argparse
 import os
 import sys
 import time
@@ -52,6 +53,19 @@ def local_rank() -> int:
     return r
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for entry points launched on many ranks: help and usage print on rank 0 only,
+    and a bad argument raises UserError (run_main: one line from rank 0, exit 2 everywhere)
+    instead of one usage block per rank."""
+
+    def _print_message(self, message, file=None):
+        if rank() == 0:
+            super()._print_message(message, file)
+
+    def error(self, message):
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
 def abort_on_exception(exc_type, exc, tb):
     """sys.excepthook: print once with the rank, then end every rank of the job."""
     text = "".join(traceback.format_exception(exc_type, exc, tb))
@@ -84,6 +98,10 @@ def run_main(main, argv=None, prog="llmpi"):
         if rank() == 0:
             sys.stderr.write(f"{prog}: interrupted\n")
         sys.exit(130)
+    except BrokenPipeError:
+        # stdout went to a pager or `head` that has closed: stop quietly, not with a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except SystemExit:
         raise
     except BaseException:
