@@ -247,16 +247,24 @@ class GPT:
         dres += layernorm.backward(dout, cache, dw, db)
         return dres
 
+    def grad_spans(self):
+        """The flat spans backward hands to on_block_done, in its order: the last block together
+        with ln_f (contiguous at the end), the other blocks in reverse order, and last the
+        embeddings (wte is also the LM head, so it is final only at the very end). A rank with
+        no samples reports the same spans, so its bucketed all-reduces match the others'."""
+        p, L = self.params, self.cfg.n_layer
+        spans = [(p.spans[f"h.{i}.ln_1.weight"][0], p.size if i == L - 1 else p.spans[f"h.{i + 1}.ln_1.weight"][0])
+                 for i in reversed(range(L))]
+        return spans + [(0, p.spans["h.0.ln_1.weight"][0] if L else p.size)]
+
     def backward(self, cache, loss_scale=1.0, on_block_done=None):
         """Add into params.grad the gradient of loss_scale * mean token loss (consumes `cache`).
 
-        on_block_done(lo, hi) gets each flat span as soon as its gradients are final:
-        the last block together with ln_f (contiguous at the end), the other blocks in
-        reverse order, and last the embeddings (wte is also the LM head, so it is final
-        only at the very end).
+        on_block_done(lo, hi) gets each span of grad_spans() as soon as its gradients are final.
         """
-        p, g, o, mm = self.params, self.params.grad_views, self.ops, self.mm
+        g, o, mm = self.params.grad_views, self.ops, self.mm
         L = self.cfg.n_layer
+        spans = self.grad_spans() if on_block_done is not None else None
         dlogits = o.crossentropy.backward(cache.pop("ce"), loss_scale)  # (B, T, V)
         B, T, V = dlogits.shape
         d2 = dlogits.reshape(B * T, V)
@@ -278,12 +286,10 @@ class GPT:
             dres = self._layernorm_backward_into(dres, dln1, c_ln1, g[h + "ln_1.weight"], g[h + "ln_1.bias"])
             dx = dres
             if on_block_done is not None:
-                lo = p.spans[h + "ln_1.weight"][0]
-                hi = p.size if i == L - 1 else p.spans[f"h.{i + 1}.ln_1.weight"][0]
-                on_block_done(lo, hi)
+                on_block_done(*spans[L - 1 - i])
         o.embedding.backward(dx, cache["emb"], g["wte"], g["wpe"])
         if on_block_done is not None:
-            on_block_done(0, p.spans["h.0.ln_1.weight"][0] if L else p.size)
+            on_block_done(*spans[-1])
 
     def generate(self, idx, n, temperature=1.0, top_k=None, rng=None):
         """Append n sampled tokens to idx (B, T) int; returns a host int64 array (B, T + n)."""

@@ -148,6 +148,11 @@ class Run:
             raise UserError(f"--resume: no checkpoint in {self.run_dir}; check --run-name or drop --resume")
         state = checkpoint.load(path)
         checkpoint.check_model_matches(state["config"], self.job, path)
+        # sync keeps one optimizer state and counts steps, async one per rank and counts pushes
+        mode = str(state["attrs"].get("mode", self.job.parallel.mode))
+        if mode != self.job.parallel.mode:
+            raise UserError(f"checkpoint {path} was written in {mode} mode; resume it with "
+                            f"parallel.mode={mode}, or start a new --run-name")
         state["path"] = path
         return state
 
@@ -290,7 +295,8 @@ def train_sync(run):
             loss_sum += float(loss) * m
             done += m
         if job.parallel.overlap and not chunks:
-            reducer.start(model.params.grad, 0, model.params.grad.size)
+            for lo, hi in model.grad_spans():  # no samples here: the same buckets as the ranks' backward
+                reducer.start(model.params.grad, lo, hi)
         compute = time.perf_counter() - t0 - (reducer.comm_seconds - comm_before)
         if run.slowdown > 1.0:
             time.sleep((run.slowdown - 1.0) * compute)

@@ -30,6 +30,7 @@ from .comm.rma import ShardedWindow, VersionCounter
 from .metrics import Progress
 from .optim import clip_grad_norm
 
+IDLE_POLL_SECONDS = 0.01  # a rank without samples polls the version counter this often
 STALE_RETRIES = 3  # bounded staleness: recompute at most this often before pushing anyway
 
 
@@ -78,6 +79,11 @@ def train_async(run):
     # A resumed run continues each rank's batch stream where the budget stood, not from the start.
     local_step, next_eval = start_version // P, _next_multiple(start_version, job.train.eval_interval * P)
     while True:
+        if count == 0:  # no share of the batch (B < P, or balanced away): nothing to push
+            if version.read() >= budget or stop_flag.read() or run.stop.requested:
+                break
+            time.sleep(IDLE_POLL_SECONDS)
+            continue
         window.get(params.data)
         v_pull = version.read()
         if v_pull >= budget or stop_flag.read() or run.stop.requested:
@@ -107,7 +113,7 @@ def train_async(run):
         local_step += 1
         progress.add(count * T * P, comm_s)
         if run.is_root and local_step % job.train.log_interval == 0:
-            util.rprint(progress.line(ticket // P, loss, lr, f"version {ticket + 1}/{budget} "
+            util.rprint(progress.line((ticket + 1) // P - 1, loss, lr, f"version {ticket + 1}/{budget} "
                                       f"staleness {ticket - v_pull}"))
         if run.is_root and job.train.eval_interval and ticket >= next_eval:
             # Rank 0 evaluates its freshly pulled copy; no other rank waits for this.

@@ -102,6 +102,25 @@ def test_sigusr1_checkpoints_and_exits_zero(tmp_path, corpus):
     assert len(ckpts) == 1
 
 
+def test_a_rank_without_samples_takes_part(tmp_path, corpus):
+    """batch 2 on 3 ranks: rank 2 has no samples. The overlapped bucketed all-reduce must post
+    the same buckets there (it hung), and async mode must not divide by its zero share."""
+    few = ["--set", "train.batch_size=2", "--set", "train.max_iters=3", "--set", "train.eval_iters=1"]
+    train(tmp_path, corpus, *few, np=3, name="plain")
+    train(tmp_path, corpus, *few, "--set", "parallel.overlap=true", "--set", "parallel.bucket_mb=0",
+          np=3, name="overlap", timeout=60)
+    np.testing.assert_allclose(steps(tmp_path, "plain")["loss"], steps(tmp_path, "overlap")["loss"], rtol=2e-5)
+    proc = train(tmp_path, corpus, *few, "--set", "parallel.mode=async", np=3, name="async", timeout=60)
+    assert "eval: version 9" in proc.stdout, proc.stdout
+
+
+def test_resume_refuses_a_change_of_mode(tmp_path, corpus):
+    train(tmp_path, corpus, name="s")
+    proc = train(tmp_path, corpus, "--set", "parallel.mode=async", "--resume", name="s", np=2, check=False)
+    assert proc.returncode == 2 and "written in sync mode" in proc.stderr, proc.stderr
+    assert proc.stderr.count("error:") == 1
+
+
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=1", "unknown config key 'optim.lrr'"),
     ("parallel.allreduce=tree", "parallel.allreduce = 'tree' is not allowed; choose one of: mpi, ring, nccl"),
