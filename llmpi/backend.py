@@ -69,10 +69,8 @@ def to_host(a):
 
 
 def pinned_empty(n, dtype):
-    """A 1-D NumPy array of n elements in page-locked memory when a GPU is in use (the copy engine
-    then moves it by DMA, without a bounce buffer), plain host memory otherwise."""
-    if xp is np:
-        return np.empty(n, dtype=dtype)
+    """A 1-D NumPy array of n elements in page-locked memory: the GPU's copy engine moves it by DMA,
+    without a bounce buffer. Needs CuPy."""
     import cupyx
     return cupyx.empty_pinned((n,), dtype=dtype)
 
@@ -89,15 +87,17 @@ def copy_to_device(host, a):
     """a (NumPy or CuPy) <- host (NumPy), finished when this returns, so `host` may be reused."""
     if is_device_array(a):
         a.set(host)
-        array_module(a).cuda.get_current_stream().synchronize()
+        synchronize(a)
     else:
         np.copyto(a, host)
 
 
-def synchronize():
-    """Wait for the current CuPy stream; needed before MPI touches device memory."""
-    if xp is not np:
-        xp.cuda.get_current_stream().synchronize()
+def synchronize(a=None):
+    """Wait for the current CuPy stream (of a's module when `a` is given, so it is right even
+    before `select` ran); needed before MPI touches device memory."""
+    module = xp if a is None else array_module(a)
+    if module is not np:
+        module.cuda.get_current_stream().synchronize()
 
 
 def threads_hint() -> str:

@@ -146,7 +146,7 @@ def allreduce_sum(buf, comm, algorithm="mpi", segment_bytes=DEFAULT_SEGMENT_BYTE
     if algorithm == "nccl":
         return nccl_allreduce(buf, comm)
     if backend.is_device_array(buf):
-        backend.synchronize()
+        backend.synchronize(buf)
         # Our ring and rd add with NumPy on host memory, so they always stage.
         if algorithm != "mpi" or not device_direct(cuda_aware_mpi):
             host = _stage.download(buf)
@@ -355,12 +355,12 @@ class Allreducer:
             elif self.algorithm != "mpi":
                 allreduce_sum(view, self.comm, self.algorithm, self.segment_bytes, self.cuda_aware_mpi)
             elif backend.is_device_array(view) and not self.device_direct:
-                backend.synchronize()
+                backend.synchronize(view)
                 host = self._stage.download(view, offset=lo)
                 self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM))
                 self._staged.append((view, host))
             else:
-                backend.synchronize()
+                backend.synchronize(view)
                 self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, view, op=MPI.SUM))
         self.comm_seconds += time.perf_counter() - t0
 
@@ -372,7 +372,7 @@ class Allreducer:
         t0 = time.perf_counter()
         MPI.Request.Waitall(self._requests)
         if self._nccl_pending:
-            backend.synchronize()
+            backend.synchronize()  # NCCL ran on the current stream of the selected device
             self._nccl_pending = False
         for view, host in self._staged:
             self._stage.upload(host, view)

@@ -16,6 +16,8 @@ import ctypes
 import functools
 import os
 
+import numpy as np
+
 from .. import backend
 
 SETTINGS = ("auto", "yes", "no")
@@ -72,16 +74,19 @@ class HostStage:
     def __init__(self):
         self._mirrors = {}
 
-    def mirror(self, n, dtype):
-        key = str(dtype)
+    def mirror(self, n, dtype, pinned=True):
+        key = (str(dtype), pinned)
         buf = self._mirrors.get(key)
         if buf is None or buf.size < n:
-            buf = backend.pinned_empty(max(n, 1), dtype)
+            size = max(n, 1)
+            buf = backend.pinned_empty(size, dtype) if pinned else np.empty(size, dtype=dtype)
             self._mirrors[key] = buf
         return buf
 
     def download(self, dev, offset=0):
-        host = self.mirror(offset + dev.size, dev.dtype)[offset:offset + dev.size]
+        """Pinned for device arrays; host arrays (tests) get plain memory."""
+        pinned = backend.is_device_array(dev)
+        host = self.mirror(offset + dev.size, dev.dtype, pinned)[offset:offset + dev.size]
         backend.copy_to_host(dev, host)
         return host
 
