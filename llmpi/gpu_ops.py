@@ -45,9 +45,16 @@ def _f32(*arrays):
                              f"{'contiguous' if a.flags.c_contiguous else 'strided'} {a.shape}")
 
 
+# The kernels index with 32-bit ints, and a grid-stride loop steps i past n by up to one grid
+# (MAX_BLOCKS * THREADS threads): sizes must leave that much headroom below 2^31, or i wraps
+# negative and still passes `i < n`.
+MAX_KERNEL_SIZE = 2 ** 31 - 1 - MAX_BLOCKS * THREADS
+
+
 def _i32(n):
-    if n >= 2 ** 31:
-        raise ValueError(f"size {n} does not fit the kernels' 32-bit int")
+    if n > MAX_KERNEL_SIZE:
+        raise ValueError(f"size {n} is beyond the kernels' 32-bit indexing (at most {MAX_KERNEL_SIZE}); "
+                         "use a smaller model or batch per rank")
     return np.int32(n)
 
 
@@ -219,7 +226,10 @@ def _att_dims(qkv, n_head):
 
 def tf32_allowed() -> bool:
     """CuPy's switch for TF32 tensor-core matmuls (CUPY_TF32=1); attention follows it."""
-    return os.environ.get("CUPY_TF32", "0") == "1"
+    try:  # CuPy's own reading of the variable: any positive integer switches TF32 on
+        return int(os.environ.get("CUPY_TF32", "0")) > 0
+    except ValueError:
+        return False
 
 
 def attention_tc_possible(qkv, n_head) -> bool:
@@ -296,10 +306,12 @@ def _row_stride(a):
     item = a.dtype.itemsize
     if a.ndim < 2 or a.strides[-1] != item:
         raise ValueError(f"the classifier needs rows with a contiguous last axis, got strides {a.strides}")
-    for i in range(a.ndim - 2):
-        if a.shape[i] > 1 and a.strides[i] != a.strides[i + 1] * a.shape[i + 1]:
+    # axes of length 1 take no step, and their strides mean nothing (NumPy and CuPy may give any)
+    lead = [(n, st) for n, st in zip(a.shape[:-1], a.strides[:-1]) if n > 1]
+    for (_, outer), (n, inner) in zip(lead, lead[1:]):
+        if outer != inner * n:
             raise ValueError(f"the classifier needs evenly spaced rows, got strides {a.strides}")
-    return a.strides[-2] // item
+    return (lead[-1][1] if lead else a.shape[-1] * item) // item
 
 
 def _crossentropy(logits, targets, write_grad):

@@ -170,7 +170,8 @@ def cases(xp, B, T, C, NH, V, P):
     qkv, dy = rand(B, T, 3 * C), rand(B, T, C)
     fwd_flops = 2.0 * B * NH * T * T * HS  # QK^T and PV, half of each under the causal mask
 
-    for tc in (False, True):  # CUDA cores (attention.cu), TF32 tensor cores (attention_tc.cu)
+    # CUDA cores (attention.cu), and TF32 tensor cores (attention_tc.cu) where the head size has them
+    for tc in (False, True) if HS in G.ATT_TC_HEAD_SIZES else (False,):
         att, att_cache = G.attention_forward(qkv, NH, tensor_cores=tc)
         tol, suffix = (3e-3, "_tf32") if tc else (1e-4, "")
         out.append(("attention_forward" + suffix,
