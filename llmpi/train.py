@@ -84,14 +84,20 @@ def parse_slowdown(spec: str, world: int) -> dict:
 
 
 class StopFlag:
-    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) ask for checkpoint-and-exit."""
+    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) and a first Ctrl-C ask for
+    checkpoint-and-exit at the end of the step (the request travels in the step's collective,
+    so every rank stops at the same step); a second Ctrl-C aborts the job (run_main)."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if not self.requested:
+                util.rprint("interrupt: checkpointing at the end of this step (Ctrl-C again aborts)")
         self.requested = True
 
 

@@ -36,12 +36,15 @@ export OMP_NUM_THREADS="${threads}" OPENBLAS_NUM_THREADS="${threads}" MKL_NUM_TH
 
 out_dir="${LLMPI_OUT_DIR:-runs}"
 args=()
+previous=""
 for a in "$@"; do
-    if [[ "${a}" != -* && "${a}" == *.*=* ]]; then
+    # a bare section.key=value becomes --set; one that already follows --set stays as it is
+    if [[ "${a}" != -* && "${a}" == *.*=* && "${previous}" != --set ]]; then
         args+=(--set "${a}")
     else
         args+=("${a}")
     fi
+    previous="${a}"
 done
 if [[ -n "${LLMPI_OUT_DIR:-}" ]]; then
     args=(--set "train.out_dir=${out_dir}" "${args[@]}")

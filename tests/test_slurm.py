@@ -83,10 +83,12 @@ def test_train_defaults_under_sbatch(tmp_path):
 
 def test_threads_follow_cpus_per_task_and_overrides_become_set(tmp_path):
     _, [(_, args, env)] = submit(tmp_path, "train.sh", "jobs/x.toml", "train.max_iters=5", "--slowdown", "1=2",
-                                 SLURM_CPUS_PER_TASK=3, FAKE_JOB_ID=77, SLURM_JOB_NAME="mine")
+                                 "--set", "train.seed=3", SLURM_CPUS_PER_TASK=3, FAKE_JOB_ID=77,
+                                 SLURM_JOB_NAME="mine")
     assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    # the README's form `--set key=value` passes as it is (it was wrapped in a second --set)
     assert trainer_args(args) == ["--run-name", "mine-77", "jobs/x.toml", "--set", "train.max_iters=5",
-                                  "--slowdown", "1=2"]
+                                  "--slowdown", "1=2", "--set", "train.seed=3"]
 
 
 @pytest.mark.parametrize("restart, checkpoint, resume", [

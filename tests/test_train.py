@@ -82,7 +82,10 @@ def test_crash_on_one_rank_ends_the_job_with_one_traceback(tmp_path, corpus):
     assert "injected failure on rank 2 at step 3" in proc.stderr
 
 
-def test_sigusr1_checkpoints_and_exits_zero(tmp_path, corpus):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "Ctrl-C"])
+def test_signal_checkpoints_and_exits_zero(tmp_path, corpus, sig):
+    """SIGUSR1 (Slurm's warning) or a Ctrl-C to mpiexec: every rank stops at the same step and
+    checkpoints (a Ctrl-C used to leave one rank exiting while the others waited in a collective)."""
     cmd = [mpiexec(), "-n", "2", sys.executable, "-u", "-m", "llmpi.train", *TINY, "--set", f"data.path={corpus}",
            "--set", "train.max_iters=100000", "--set", "train.log_interval=5", "--run-name", "sig"]
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=clean_env(), stdout=subprocess.PIPE,
@@ -91,7 +94,7 @@ def test_sigusr1_checkpoints_and_exits_zero(tmp_path, corpus):
         for line in proc.stdout:
             if line.startswith("step"):
                 break
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -94,9 +94,14 @@ def run_main(main, argv=None, prog="llmpi"):
     except UserError as err:
         user_error_exit(err, prog)
     except KeyboardInterrupt:
-        # Ctrl-C reaches every rank at once: one line, no traceback wall.
+        # Ctrl-C reaches every rank, but not at the same point: one may leave while the others
+        # already wait inside a collective, so with several ranks the job is aborted, not exited.
         if rank() == 0:
             sys.stderr.write(f"{prog}: interrupted\n")
+            sys.stderr.flush()
+        MPI = _mpi()
+        if MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(130)
         sys.exit(130)
     except BrokenPipeError:
         # stdout went to a pager or `head` that has closed: stop quietly, not with a traceback
