@@ -111,7 +111,7 @@ def load(path: str) -> dict:
                 m = re.match(r"(\w+)_rank(\d+)$", name)
                 if m:
                     out["per_rank"].setdefault(m.group(1), {})[int(m.group(2))] = _read_group(f, name)
-        except (OSError, KeyError) as err:
+        except (OSError, KeyError, ValueError, TypeError) as err:  # TOMLDecodeError is a ValueError
             raise UserError(f"checkpoint {path} is damaged ({err}); delete it to resume from an older one") \
                 from None
     return out

@@ -221,6 +221,17 @@ def validate(job: Job):
     for k, v in nonneg.items():
         if v < 0:
             raise UserError(f"{k} must be >= 0 (got {v})")
+    o = job.optim
+    for k, v in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2), ("optim.momentum", o.momentum)):
+        if not 0 <= v < 1:
+            raise UserError(f"{k} must be in [0, 1) (got {v})")
+    if o.eps <= 0:
+        raise UserError(f"optim.eps must be positive (got {o.eps})")
+    if not 0 <= job.schedule.min_lr <= o.lr:
+        raise UserError(f"schedule.min_lr must be between 0 and optim.lr = {o.lr} (got {job.schedule.min_lr}); "
+                        "set both when lowering the learning rate")
+    if job.parallel.max_staleness < -1:
+        raise UserError(f"parallel.max_staleness must be -1 (unbounded) or >= 0 (got {job.parallel.max_staleness})")
     if t.threads > 1 and (job.parallel.overlap or t.device != "cpu"):
         raise UserError("train.threads > 1 splits the batch over CPU threads: it needs train.device = 'cpu' "
                         "and parallel.overlap = false")

@@ -29,7 +29,13 @@ class MetricsLog:
         """Reload an earlier log, dropping rows after the checkpoint's step."""
         if not (self.enabled and os.path.isfile(self.path)):
             return 0.0
-        data = read(self.path)
+        try:
+            data = read(self.path)
+        except (OSError, KeyError) as err:  # only rank 0 logs: no error here, or the others would wait
+            kept = f"{self.path}.unreadable"
+            os.replace(self.path, kept)
+            print(f"warning: {self.path} is unreadable ({err}); moved to {kept}, starting a new log", flush=True)
+            return 0.0
         for group, store in (("steps", self.steps), ("evals", self.evals)):
             rows = data[group]
             keep = rows["step"] <= up_to_step if len(rows.get("step", [])) else []

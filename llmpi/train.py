@@ -131,17 +131,25 @@ class Run:
         self.start_step, self.wall_offset = 0, 0.0
         self.stop = StopFlag()
         self.fault = self._fault()
-        if self.is_root:
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        util.agree(lambda: self._write_run_dir() if self.is_root else None, comm)
+
+    def _write_run_dir(self):
+        """Rank 0: the run directory with the resolved config.toml; on a fresh start (or
+        --overwrite) without old checkpoints, so no stale one can win a later --resume."""
+        try:
             os.makedirs(self.run_dir, exist_ok=True)
-            if self.resume_state is None:  # a fresh start (or --overwrite): no stale checkpoint may win later
+            if self.resume_state is None:
                 for old in checkpoint.list_checkpoints(self.run_dir):
                     os.remove(old)
             config_path = os.path.join(self.run_dir, "config.toml")
             with open(config_path + ".tmp", "w") as f:
-                f.write(config_mod.to_toml(job))
+                f.write(config_mod.to_toml(self.job))
             os.replace(config_path + ".tmp", config_path)
-        if self.resume_state is not None:
-            self._restore(self.resume_state)
+        except OSError as err:
+            raise UserError(f"cannot write the run directory {self.run_dir} ({err.strerror}); "
+                            "set train.out_dir to a writable directory") from None
 
     def _find_resume(self, args):
         path = checkpoint.latest(self.run_dir)
@@ -159,14 +167,30 @@ class Run:
         if mode != self.job.parallel.mode:
             raise UserError(f"checkpoint {path} was written in {mode} mode; resume it with "
                             f"parallel.mode={mode}, or start a new --run-name")
+        ranks = int(state["attrs"].get("world_size", self.world))
+        if mode == "async" and ranks != self.world:
+            raise UserError(f"async checkpoint {path} was written by {ranks} ranks (its update count and "
+                            f"per-rank optimizer states are per rank); resume it with {ranks} ranks")
+        if state["step"] >= self.job.train.max_iters:
+            raise UserError(f"run {self.run_dir} is already at step {state['step']} (train.max_iters = "
+                            f"{self.job.train.max_iters}); raise train.max_iters to train further")
         state["path"] = path
         return state
 
     def _restore(self, st):
+        # every rank reads the same file, so a mismatch raises the same UserError everywhere
+        if st["params"].shape != self.model.params.data.shape:
+            raise UserError(f"checkpoint {st['path']} holds {st['params'].size:,} parameters, the model has "
+                            f"{self.model.params.data.size:,}: it is damaged; delete it to resume from an older one")
         self.model.params.data[...] = self.xp.asarray(st["params"])
         optim_state = st["optim"] or st["per_rank"].get("optim", {}).get(self.rank, {})
         if optim_state:
-            self.optimizer.load_state_dict(optim_state)
+            try:
+                self.optimizer.load_state_dict(optim_state)
+            except (KeyError, ValueError) as err:
+                raise UserError(f"checkpoint {st['path']} has optimizer state that does not fit "
+                                f"optim.name = {self.job.optim.name!r} ({err}); resume with the optimizer "
+                                "it was written with, or delete it") from None
         sampler_states = st["per_rank"].get("sampler", {})
         if self.rank in sampler_states and int(st["attrs"].get("world_size", self.world)) == self.world:
             self.sampler.load_state_dict(sampler_states[self.rank])

@@ -129,6 +129,8 @@ def test_resume_refuses_a_change_of_mode(tmp_path, corpus):
     ("parallel.allreduce=tree", "parallel.allreduce = 'tree' is not allowed; choose one of: mpi, ring, nccl"),
     ("model.n_head=3", "must be divisible by model.n_head"),
     ("parallel.cuda_aware_mpi=maybe", "choose one of: auto, yes, no"),
+    ("optim.beta2=1.5", "optim.beta2 must be in [0, 1)"),
+    ("schedule.min_lr=0.1", "schedule.min_lr must be between 0 and optim.lr"),
 ])
 def test_bad_config_is_one_line_and_exit_2_on_every_rank(tmp_path, corpus, override, message):
     proc = train(tmp_path, corpus, "--set", override, np=3, check=False, timeout=60)
@@ -180,6 +182,38 @@ def test_corrupt_checkpoint_is_refused_cleanly(tmp_path, corpus):
         f.truncate(100)
     proc = train(tmp_path, corpus, "--resume", name="c", np=2, check=False)
     assert proc.returncode == 2 and "not a readable HDF5 file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_damaged_checkpoint_contents_and_log_are_handled(tmp_path, corpus):
+    import h5py
+    train(tmp_path, corpus, name="d")
+    log = os.path.join(str(tmp_path), "runs", "d", "metrics.h5")
+    with open(log, "w") as f:
+        f.write("junk")
+    more = ["--set", "train.max_iters=14", "--resume"]
+    proc = train(tmp_path, corpus, *more, name="d", np=2)  # an unreadable log is set aside, not fatal
+    assert "starting a new log" in proc.stdout and os.path.isfile(log + ".unreadable")
+    assert steps(tmp_path, "d")["step"].tolist() == [13, 14]
+    newest = sorted(glob.glob(os.path.join(str(tmp_path), "runs", "d", "ckpt_*.h5")))[-1]
+    with h5py.File(newest, "r+") as f:
+        del f["params"]
+        f["params"] = np.ones(10, np.float32)
+    proc = train(tmp_path, corpus, "--set", "train.max_iters=16", "--resume", name="d", np=2, check=False)
+    assert proc.returncode == 2 and "holds 10 parameters" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_refusals_name_the_fix(tmp_path, corpus):
+    train(tmp_path, corpus, name="f")
+    proc = train(tmp_path, corpus, "--resume", name="f", np=2, check=False)
+    assert proc.returncode == 2 and "already at step 12" in proc.stderr
+    train(tmp_path, corpus, "--set", "parallel.mode=async", name="a2", np=2)
+    proc = train(tmp_path, corpus, "--set", "parallel.mode=async", "--set", "train.max_iters=20", "--resume",
+                 name="a2", np=3, check=False)
+    assert proc.returncode == 2 and "resume it with 2 ranks" in proc.stderr
+    (tmp_path / "afile").write_text("")
+    proc = train(tmp_path, corpus, "--set", "train.out_dir=afile", name="x", np=2, check=False)
+    assert proc.returncode == 2 and "set train.out_dir to a writable directory" in proc.stderr
+    assert proc.stderr.count("error:") == 1
 
 
 @pytest.mark.parametrize("np_", [1, 2, 3, 4])
