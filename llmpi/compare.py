@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from . import metrics
-from .comm.util import ArgumentParser
+from .comm.util import ArgumentParser, rank
 from .errors import UserError
 
 
@@ -115,8 +115,12 @@ def main(argv=None):
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write the figure here")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON object last")
     args = p.parse_args(argv)
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise UserError(f"--plot {args.plot}: its directory does not exist; create it or choose another path")
     runs = [load_run(r) for r in args.runs]
     rows = [summarize(m, args.target_loss) for m in runs]
+    if rank() != 0:  # under mpiexec every rank reads the same logs; one reports
+        return 0
     print(table(rows, args.target_loss))
     if args.plot:
         plot(runs, args.plot)

@@ -10,6 +10,7 @@ File layout and the default corpus are documented in data/README.md.
 import codecs
 import hashlib
 import os
+import signal
 import sys
 import sysconfig
 import time
@@ -365,16 +366,24 @@ def _cmd_info(args):
 
 
 def _cmd_decode(args):
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UserError(f"--out {args.out}: its directory does not exist; create it or choose another path")
     with TokenFile(args.file, in_memory=False) as tf:
         splits = {"all": [tf.train, tf.val], "train": [tf.train], "val": [tf.val]}[args.split]
-        sink = open(args.out, "wb") if args.out else sys.stdout.buffer
+        tmp = f"{args.out}.tmp{os.getpid()}" if args.out else None  # no half-written --out file
+        sink = open(tmp, "wb") if tmp else sys.stdout.buffer
         try:
             for ds in splits:
                 for lo in range(0, ds.shape[0], 1 << 22):
                     sink.write(tf.tokenizer.to_bytes(ds[lo:lo + (1 << 22)]))
-        finally:
-            if args.out:
+            if tmp:
                 sink.close()
+                os.replace(tmp, args.out)
+        finally:
+            if tmp:
+                sink.close()
+                if os.path.exists(tmp):
+                    os.remove(tmp)
 
 
 def _parser():
@@ -406,6 +415,9 @@ def command(argv=None):
     of N ranks writing and printing the same file. Every rank parses (so --help and a bad
     argument end them all alike), and a UserError on rank 0 reaches every rank (agree)."""
     args = _parser().parse_args(argv)
+    # SIGTERM (timeout, Slurm, kill) unwinds like Ctrl-C, so prepare and decode remove their
+    # temporary files instead of leaving them behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     agree(lambda: _run(args) if rank() == 0 else None)
     return 0
 

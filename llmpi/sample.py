@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from .comm.util import ArgumentParser, run_main
+from .comm.util import ArgumentParser, rank, run_main
 from .errors import UserError
 
 
@@ -44,8 +44,9 @@ def main(argv=None):
         ids = np.zeros(1, dtype=np.int64)
     out = model.generate(ids[None, :], args.tokens, temperature=args.temperature,
                          top_k=args.top_k or None, rng=np.random.default_rng(args.seed))
-    print(f"# {args.run_dir} step {ckpt['step']}", file=sys.stderr)
-    print(tok.decode(out[0]))
+    if rank() == 0:  # under mpiexec every rank draws the same sample; one prints it
+        print(f"# {args.run_dir} step {ckpt['step']}", file=sys.stderr)
+        print(tok.decode(out[0]))
     return 0
 
 

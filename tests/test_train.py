@@ -158,6 +158,19 @@ def test_data_tool_under_mpiexec_runs_on_rank_0_only(tmp_path):
     assert proc.returncode == 0 and proc.stdout.count("wrote ") == 1, proc.stdout + proc.stderr
     proc = run(["-m", "llmpi.data", "verify", str(tmp_path / "missing.h5")], np=3, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr
+    proc = run(["-m", "llmpi.data", "decode", out, "--out", str(tmp_path / "nodir" / "x.txt")], np=3, timeout=60)
+    assert proc.returncode == 2 and "its directory does not exist" in proc.stderr, proc.stderr
+
+
+def test_compare_and_sample_report_once_under_mpiexec(tmp_path, corpus):
+    train(tmp_path, corpus, name="r")
+    run_dir = str(tmp_path / "runs" / "r")
+    proc = run(["-m", "llmpi.compare", run_dir], np=3, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.count("val loss") == 1, proc.stdout
+    proc = run(["-m", "llmpi.compare", run_dir, "--plot", str(tmp_path / "nodir" / "x.png")], np=3, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr
+    proc = run(["-m", "llmpi.sample", run_dir, "--tokens", "5"], np=3, timeout=60)
+    assert proc.returncode == 0 and proc.stderr.count("step 12") == 1, proc.stderr
 
 
 def test_help_prints_once_under_mpiexec(tmp_path):
