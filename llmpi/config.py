@@ -163,6 +163,8 @@ def find_job_file(name: str) -> str:
     """A path as given, or a name looked up in jobs/ (repo checkout or installed package)."""
     candidates = [name]
     base = name if name.endswith(".toml") else name + ".toml"
+    if os.path.dirname(base) == "jobs":  # `jobs/default.toml` typed outside the checkout
+        base = os.path.basename(base)
     candidates += [os.path.join(JOBS_DIR, base), os.path.join(PACKAGED_JOBS_DIR, base)]
     for c in candidates:
         if os.path.isfile(c):

@@ -283,10 +283,11 @@ class TokenFile:
         if self.n_train == 0:
             self._fail("the training split is empty", "prepare it from a non-empty corpus")
         if block_size:
-            for name, n in (("train", self.n_train), ("val", self.n_val)):
-                if n and n < block_size + 1:
+            for name, n, fix in (("train", self.n_train, "a smaller --val-fraction"),
+                                 ("val", self.n_val, "a larger --val-fraction")):
+                if n < block_size + 1:  # training evaluates on val, so neither split may be short
                     self._fail(f"the {name} split has {n} tokens, fewer than block_size + 1 = {block_size + 1}",
-                               "use a bigger corpus (or a smaller --val-fraction) or a smaller block_size")
+                               f"prepare it again from a bigger corpus or with {fix}, or use a smaller block_size")
         self.dtype = f["train"].dtype
         nbytes = (self.n_train + self.n_val) * self.dtype.itemsize
         if in_memory if in_memory is not None else nbytes < IN_MEMORY_BYTES:

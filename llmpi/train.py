@@ -117,8 +117,12 @@ class Run:
         if job.model.vocab_size == 0:
             job.model.vocab_size = self.tokens.vocab_size
         self.resume_state = util.agree(lambda: self._find_resume(args), comm)
-        self.model = GPT(job.model, xp=self.xp, seed=job.train.seed)
-        self.optimizer = make_optimizer(job.optim, self.model.params)
+        try:
+            self.model = GPT(job.model, xp=self.xp, seed=job.train.seed)
+            self.optimizer = make_optimizer(job.optim, self.model.params)
+        except MemoryError as err:  # every rank builds the same model, so all of them land here
+            raise UserError(f"the model does not fit in memory ({err}); make model.n_layer / n_embd / "
+                            "block_size smaller") from None
         self.threads = ThreadedGrad(self.model, job.train.threads) if job.train.threads > 1 else None
         self.sampler = data_mod.Sampler(len(self.tokens.train), job.model.block_size, job.train.seed,
                                         self.rank, self.world, job.data.sharding)

@@ -11,9 +11,11 @@ import tempfile
 import numpy as np
 
 from llmpi.comm.util import ArgumentParser
+from llmpi.errors import UserError
 
 from ._common import emit_json, machine, run_training, step_seconds
 
+SKIP_STEPS = 30  # warm-up and the first rebalance interval, left out of the step times
 JOB = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64",
        "train.log_interval=1000", "train.eval_interval=0", "train.eval_iters=1",
        "parallel.balance_interval=10", "parallel.slowdown=1=2"]
@@ -33,6 +35,9 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.steps < SKIP_STEPS + 3 or args.batch < max(args.ranks) or min(args.ranks) < 2:
+        raise UserError(f"--steps must be at least {SKIP_STEPS + 3} (the first {SKIP_STEPS} are warm-up and the first "
+                        "rebalance), --ranks at least 2 and --batch at least the largest rank count")
     result = {"machine": machine()}
     with tempfile.TemporaryDirectory() as out:
         for P in args.ranks:
@@ -41,7 +46,7 @@ def main(argv=None):
                 runs[mode] = run_training(P, [*JOB, f"train.batch_size={args.batch}", f"train.max_iters={args.steps}",
                                               f"parallel.balance={mode}", f"train.run_name=bal{P}{mode}"], out)
             # Skip warm-up and the first rebalance interval before comparing step times.
-            t_none, t_dyn = step_seconds(runs["none"], 30), step_seconds(runs["dynamic"], 30)
+            t_none, t_dyn = step_seconds(runs["none"], SKIP_STEPS), step_seconds(runs["dynamic"], SKIP_STEPS)
             a, b = runs["none"]["steps"]["loss"], runs["dynamic"]["steps"]["loss"]
             drift = float(np.max(np.abs(a - b) / np.abs(a)))
             cut = 1 - t_dyn / t_none

@@ -10,9 +10,11 @@ import tempfile
 import numpy as np
 
 from llmpi.comm.util import ArgumentParser
+from llmpi.errors import UserError
 
 from ._common import emit_json, machine, run_training, step_seconds
 
+WARMUP_STEPS = 5  # steps left out of the step-time and comm medians
 BABY = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64",
         "train.log_interval=1000", "train.eval_interval=0", "train.eval_iters=1"]
 
@@ -21,9 +23,9 @@ def measure(np_, per_rank, steps, out_dir, *extra):
     name = f"scale{np_}{'-'.join(e.replace('=', '') for e in extra)}"
     m = run_training(np_, [*BABY, f"train.batch_size={per_rank * np_}", f"train.max_iters={steps}",
                            f"train.run_name={name}", *extra], out_dir)
-    t = step_seconds(m)
+    t = step_seconds(m, WARMUP_STEPS)
     tokens = per_rank * np_ * 64
-    comm = float(np.median(m["steps"]["comm"][5:]))
+    comm = float(np.median(m["steps"]["comm"][WARMUP_STEPS:]))
     return {"ranks": np_, "step_ms": 1000 * t, "tokens_per_s": tokens / t, "comm_share": comm / t}
 
 
@@ -33,6 +35,9 @@ def main(argv=None):
     p.add_argument("--per-rank", type=int, default=12, help="sequences per rank per step")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.steps < WARMUP_STEPS + 3 or args.per_rank < 1:
+        raise UserError(f"--steps must be at least {WARMUP_STEPS + 3} (the first {WARMUP_STEPS} are warm-up) "
+                        "and --per-rank at least 1")
     with tempfile.TemporaryDirectory() as out:
         rows = [measure(n, args.per_rank, args.steps, out) for n in (1, 2, 4)]
         overlap = measure(2, args.per_rank, args.steps, out, "parallel.overlap=true", "parallel.bucket_mb=0.5")

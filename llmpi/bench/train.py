@@ -17,6 +17,7 @@ from collections import defaultdict
 import numpy as np
 
 from llmpi.comm.util import ArgumentParser
+from llmpi.errors import UserError
 
 from . import _train_gpu
 from ._common import emit_json, machine
@@ -209,6 +210,8 @@ def main(argv=None):
     ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=("llmpi", "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 0:
+        raise UserError("--steps and --repeats must be at least 1, --warmup at least 0")
     if args.device == "gpu":
         args.steps = args.steps or 10
         return _train_gpu.main(args)
