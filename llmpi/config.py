@@ -232,6 +232,9 @@ def validate(job: Job):
     if not 0 <= job.schedule.min_lr <= o.lr:
         raise UserError(f"schedule.min_lr must be between 0 and optim.lr = {o.lr} (got {job.schedule.min_lr}); "
                         "set both when lowering the learning rate")
+    if job.parallel.mode == "async" and job.parallel.balance != "none":
+        raise UserError("parallel.balance applies to sync mode (async ranks already push at their own "
+                        "pace); set parallel.balance = 'none' with parallel.mode = 'async'")
     if job.parallel.max_staleness < -1:
         raise UserError(f"parallel.max_staleness must be -1 (unbounded) or >= 0 (got {job.parallel.max_staleness})")
     if t.threads > 1 and (job.parallel.overlap or t.device != "cpu"):

@@ -131,9 +131,10 @@ def test_resume_refuses_a_change_of_mode(tmp_path, corpus):
     ("parallel.cuda_aware_mpi=maybe", "choose one of: auto, yes, no"),
     ("optim.beta2=1.5", "optim.beta2 must be in [0, 1)"),
     ("schedule.min_lr=0.1", "schedule.min_lr must be between 0 and optim.lr"),
+    ("parallel.balance=dynamic --set parallel.mode=async", "parallel.balance applies to sync mode"),
 ])
 def test_bad_config_is_one_line_and_exit_2_on_every_rank(tmp_path, corpus, override, message):
-    proc = train(tmp_path, corpus, "--set", override, np=3, check=False, timeout=60)
+    proc = train(tmp_path, corpus, *f"--set {override}".split(), np=3, check=False, timeout=60)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("llmpi.train: error: ") and message in lines[0], proc.stderr
