@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from . import metrics
-from .comm.util import ArgumentParser, rank
+from .comm.util import ArgumentParser, agree, rank
 from .errors import UserError
 
 
@@ -108,28 +108,40 @@ def plot(runs, out):
     os.replace(tmp, out)
 
 
-def main(argv=None):
+def _parser():
     p = ArgumentParser(prog="python -m llmpi.compare", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
     p.add_argument("--target-loss", type=float, default=None, help="val loss for time/samples-to-target")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write the figure here")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON object last")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    _run(_parser().parse_args(argv))
+    return 0
+
+
+def command(argv=None):
+    """`python -m llmpi.compare`: under mpiexec rank 0 reports, and its errors end every rank."""
+    args = _parser().parse_args(argv)
+    agree(lambda: _run(args) if rank() == 0 else None)
+    return 0
+
+
+def _run(args):
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         raise UserError(f"--plot {args.plot}: its directory does not exist; create it or choose another path")
     runs = [load_run(r) for r in args.runs]
     rows = [summarize(m, args.target_loss) for m in runs]
-    if rank() != 0:  # under mpiexec every rank reads the same logs; one reports
-        return 0
     print(table(rows, args.target_loss))
     if args.plot:
         plot(runs, args.plot)
         print(f"figure: {args.plot}")
     if args.json:
         print(json.dumps({"runs": rows}))
-    return 0
 
 
 if __name__ == "__main__":
     from .comm.util import run_main
-    sys.exit(run_main(main, prog="llmpi.compare") or 0)
+    sys.exit(run_main(command, prog="llmpi.compare") or 0)

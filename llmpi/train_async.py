@@ -84,8 +84,10 @@ def train_async(run):
                 break
             time.sleep(IDLE_POLL_SECONDS)
             continue
+        t_p = time.perf_counter()
         window.get(params.data)
         v_pull = version.read()
+        pull_s = time.perf_counter() - t_p  # the pull is communication too, counted with the push
         if v_pull >= budget or stop_flag.read() or run.stop.requested:
             break
         run.check_fault(local_step)
@@ -95,8 +97,10 @@ def train_async(run):
         for _ in range(STALE_RETRIES if job.parallel.max_staleness >= 0 else 0):
             if version.read() - v_pull <= job.parallel.max_staleness:
                 break
+            t_p = time.perf_counter()
             window.get(params.data)
             v_pull = version.read()
+            pull_s += time.perf_counter() - t_p
             loss = local_gradient(run, local_step * P + run.rank, count)
         if run.slowdown > 1.0:
             time.sleep((run.slowdown - 1.0) * (time.perf_counter() - t0))
@@ -107,7 +111,7 @@ def train_async(run):
         if ticket >= budget:
             break
         window.accumulate(delta)
-        comm_s = time.perf_counter() - t_c
+        comm_s = pull_s + time.perf_counter() - t_c
         wall = time.perf_counter() - t_origin
         rows.append((ticket, wall, loss, lr, ticket - v_pull, comm_s))
         local_step += 1
