@@ -18,6 +18,7 @@ from .backend import array_module, is_device_array
 
 THREADS = 256
 MAX_BLOCKS = 1 << 16  # grid-stride kernels cover any size with at most this many blocks
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
 ATT_WARPS = 8  # query/key rows per attention block, kernels/attention.cu
 ATT_MAX_HS = 128
 ATT_TC_ROWS = 64  # query/key rows per tensor-core attention block (4 warps), kernels/attention_tc.cu
@@ -145,11 +146,12 @@ def layernorm_backward(dout, cache, dw, db, dx=None):
         rows_per_block = THREADS // 32
         _launch("layernorm.cu", "layernorm_backward_dx", (-(-N // rows_per_block),), (THREADS,),
                 dx, dout, x, w, mean, rstd, _i32(N), _i32(C), np.int32(accumulate))
-        P = -(-N // LN_ROWS)
+        rows = max(LN_ROWS, -(-N // MAX_GRID_Y))  # P partials go on grid y
+        P = -(-N // rows)
         partial = xp.empty((2, P, C), dtype=xp.float32)
         cblocks = -(-C // THREADS)
         _launch("layernorm.cu", "layernorm_backward_params_partial", (cblocks, P), (THREADS,),
-                partial, dout, x, mean, rstd, _i32(N), _i32(C), _i32(LN_ROWS))
+                partial, dout, x, mean, rstd, _i32(N), _i32(C), _i32(rows))
     _launch("layernorm.cu", "layernorm_backward_params_finish", (-(-C // 32),), (LN_FINISH_THREADS,),
             dw, db, partial, _i32(P), _i32(C))
     return dx
@@ -221,6 +223,9 @@ def _att_dims(qkv, n_head):
     if HS * n_head * 3 != C3 or HS > ATT_MAX_HS:
         raise ValueError(f"attention kernel needs 3*NH*HS columns with HS <= {ATT_MAX_HS}, "
                          f"got {C3} columns for {n_head} heads")
+    if B * n_head > MAX_GRID_Y:  # one (batch, head) per grid row
+        raise ValueError(f"attention kernels take at most {MAX_GRID_Y} batch x heads per call, got "
+                         f"{B} x {n_head}; use a smaller micro-batch (train.micro_batch)")
     return B, T, C, HS
 
 

@@ -206,7 +206,6 @@ class Run:
         self.start_step = st["step"]
         # Async logs count versions (pushes), sync logs count steps.
         self.wall_offset = self.metrics.resume_from(int(st["attrs"].get("version", self.start_step)))
-        util.rprint(f"resumed from {st['path']} at step {self.start_step}")
 
     def _fault(self):
         parts = os.environ.get(FAULT_ENV, "").split(":")
@@ -238,6 +237,8 @@ class Run:
                     f"B/token/layer x {micro} x {j.model.block_size} tokens)")
         util.rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "
                     f"{j.model.block_size} tokens")
+        if self.resume_state is not None:
+            util.rprint(f"resumed from {self.resume_state['path']} at step {self.start_step}")
         if backend.xp is not np and self.world > 1:
             util.rprint("gpu buffers: " + comm_device.describe(j.parallel.mode, j.parallel.allreduce,
                                                                j.parallel.cuda_aware_mpi))
