@@ -228,6 +228,8 @@ class Balancer:
         if t is None:
             return False
         new = allocate(t, self._caps, self.global_batch)
+        if self.mode == "dynamic":
+            new = self._keep_one_each(new, t)
         if self.mode == "static":
             self.rebalances += 1
         elif step_time(new, t) >= step_time(self.counts, t) * (1.0 - self.hysteresis):
@@ -237,6 +239,22 @@ class Balancer:
         if self.mode == "dynamic" and changed:
             self.rebalances += 1
         return changed
+
+    def _keep_one_each(self, counts, t):
+        """A rank with no samples measures nothing and keeps its old estimate, so under dynamic
+        balancing it could never win samples back (with a fixed per-step cost, a rank given few
+        samples looks slow per sample, gets fewer, and ends at 0). When the batch allows, such a
+        rank gets one sample from the rank that finishes last."""
+        counts = list(counts)
+        if self.global_batch < self.world_size:
+            return counts
+        for r in range(self.world_size):
+            if counts[r] == 0 and self._caps[r] > 0:
+                donor = max((q for q in range(self.world_size) if counts[q] > 1),
+                            key=lambda q: (counts[q] * t[q], q))
+                counts[donor] -= 1
+                counts[r] += 1
+        return counts
 
     def state_dict(self):
         """Plain ints and floats (lists of them), for the HDF5 checkpoint."""

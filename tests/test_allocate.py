@@ -229,3 +229,18 @@ def test_exchange_repairs_any_start():
     from llmpi.allocate import _exchange
     assert _exchange([0, 4, 0], [1.0, 1.0, 2.0], [4, 4, 4]) == [2, 2, 0]
     assert _exchange([3, 0], [1.0, 1.0], [3, 1]) == [2, 1]
+
+
+def test_dynamic_keeps_a_sample_on_every_rank_so_it_can_be_measured():
+    """A rank at 0 samples reports no speed and keeps its old estimate: under dynamic balancing
+    it could never get samples back. Static balancing allocates once, exactly."""
+    dynamic = Balancer(2, 16, mode="dynamic", warmup=0, interval=1)
+    dynamic.observe([1.0, 100.0])
+    assert dynamic.maybe_rebalance(0) and dynamic.counts == [15, 1]
+    static = Balancer(2, 16, mode="static", warmup=0)
+    static.observe([1.0, 100.0])
+    assert static.maybe_rebalance(0) and static.counts == allocate([1.0, 100.0], None, 16) == [16, 0]
+    small = Balancer(3, 2, mode="dynamic", warmup=0, interval=1)  # batch < ranks: someone gets 0
+    small.observe([1.0, 1.0, 100.0])
+    small.maybe_rebalance(0)
+    assert sorted(small.counts) == [0, 1, 1]
