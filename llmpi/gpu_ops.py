@@ -290,7 +290,11 @@ def attention_backward(dout, cache):
             (THREADS,), delta, dout, out, _i32(B), _i32(T), _i32(NH), _i32(HS))
     dqkv = xp.empty_like(qkv)
     scale = np.float32(1.0 / math.sqrt(HS))
-    if tensor_cores and address(dout) % 16 == 0:
+    if tensor_cores:
+        # the forward's lse came from TF32 scores, so the backward stays on tensor cores too; its
+        # float4 row loads need an aligned dout (a fresh copy is)
+        if address(dout) % 16:
+            dout = dout.copy()
         grid = (-(-T // ATT_TC_ROWS), B * NH)
         args = (dqkv, qkv, dout, lse, delta, _i32(T), _i32(NH), scale)
         _launch("attention_tc.cu", f"attention_backward_dq_tc{HS}", grid, (ATT_TC_THREADS,), *args)

@@ -195,6 +195,22 @@ def test_attention(cp, monkeypatch, tf32, B, T, NH, HS):
     close(dqkv, attention.backward(dout, rcache), tol)
 
 
+def test_tensor_core_backward_takes_an_unaligned_dout(cp):
+    """A forward on tensor cores keeps its backward there even when dout's rows are not 16-byte
+    aligned (it used to fall back to CUDA cores, mixing fp32 scores with the TF32 lse)."""
+    B, T, NH, HS = 1, 9, 2, 16
+    r = np.random.default_rng(6)
+    qkv = f32(cp, r.standard_normal((B, T, 3 * NH * HS)))
+    out, cache = gpu_ops.attention_forward(qkv, NH, tensor_cores=True)
+    dout = r.standard_normal((B, T, NH * HS))
+    spare = cp.zeros(dout.size + 1, cp.float32)
+    spare[1:] = f32(cp, dout).reshape(-1)
+    unaligned = spare[1:].reshape(dout.shape)
+    assert gpu_ops.address(unaligned) % 16
+    np.testing.assert_array_equal(to_host(gpu_ops.attention_backward(unaligned, cache)),
+                                  to_host(gpu_ops.attention_backward(f32(cp, dout), cache)))
+
+
 @pytest.mark.parametrize("B,T,V", [(1, 1, 5), (2, 7, 65), pytest.param(2, 33, 1000, marks=large), pytest.param(1, 4, 50257, marks=large)])
 def test_crossentropy(cp, B, T, V):
     r = np.random.default_rng(5)
