@@ -35,6 +35,22 @@ def _write_group(f, name, d):
         g.create_dataset(k, data=np.asarray(v))
 
 
+def _durable_replace(tmp, path):
+    """Rename tmp to path so that it survives a power loss or kernel crash too: the data reaches
+    the disk before the rename, and the rename before the caller prunes older checkpoints."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def save(path: str, params, step: int, job, optim_state=None, per_rank=None, balancer=None, attrs=None):
     """Write a checkpoint atomically. `per_rank` maps a group prefix ("sampler", "optim")
     to a list with one state dict per rank."""
@@ -54,7 +70,7 @@ def save(path: str, params, step: int, job, optim_state=None, per_rank=None, bal
             f.attrs["config"] = config_mod.to_toml(job)
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
-        os.replace(tmp, path)
+        _durable_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -219,7 +219,8 @@ def validate(job: Job):
               "train.eval_interval": t.eval_interval, "train.ckpt_interval": t.ckpt_interval,
               "schedule.warmup_iters": job.schedule.warmup_iters, "schedule.decay_iters": job.schedule.decay_iters,
               "optim.lr": job.optim.lr, "optim.weight_decay": job.optim.weight_decay,
-              "optim.grad_clip": job.optim.grad_clip, "parallel.bucket_mb": job.parallel.bucket_mb}
+              "optim.grad_clip": job.optim.grad_clip, "parallel.bucket_mb": job.parallel.bucket_mb,
+              "train.seed": t.seed}
     for k, v in nonneg.items():
         if v < 0:
             raise UserError(f"{k} must be >= 0 (got {v})")

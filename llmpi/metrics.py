@@ -57,14 +57,18 @@ class MetricsLog:
         if not self.enabled:
             return
         tmp = f"{self.path}.tmp.{os.getpid()}"
-        with h5py.File(tmp, "w") as f:
-            for group, store in (("steps", self.steps), ("evals", self.evals)):
-                g = f.create_group(group)
-                for k, v in store.items():
-                    g.create_dataset(k, data=np.asarray(v, dtype=np.float64))
-            for k, v in self.attrs.items():
-                f.attrs[k] = v
-        os.replace(tmp, self.path)
+        try:
+            with h5py.File(tmp, "w") as f:
+                for group, store in (("steps", self.steps), ("evals", self.evals)):
+                    g = f.create_group(group)
+                    for k, v in store.items():
+                        g.create_dataset(k, data=np.asarray(v, dtype=np.float64))
+                for k, v in self.attrs.items():
+                    f.attrs[k] = v
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def read(path: str) -> dict:

@@ -84,10 +84,16 @@ class Sampler:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "world": self.world,
-                "rank": self.rank, "n_tokens": self.n_tokens, "block_size": self.T}
+                "rank": self.rank, "n_tokens": self.n_tokens, "block_size": self.T,
+                "strategy": STRATEGIES.index(self.strategy)}
 
     def load_state_dict(self, state: dict):
         if self.strategy != "random":
+            saved = int(state.get("strategy", STRATEGIES.index(self.strategy)))  # older checkpoints lack it
+            if STRATEGIES[saved] != self.strategy:
+                raise UserError(f"the checkpoint's data sampler used sharding {STRATEGIES[saved]!r}, this run "
+                                f"{self.strategy!r}: its position means another order; resume with "
+                                f"data.sharding = {STRATEGIES[saved]!r}")
             for key in ("seed", "world", "n_tokens", "block_size"):
                 if int(state[key]) != getattr(self, "T" if key == "block_size" else key):
                     raise UserError(f"the checkpoint's data sampler has {key} = {int(state[key])}, this run "

@@ -150,6 +150,8 @@ def test_sampler_state_round_trip():
     assert np.array_equal(a.starts(1, 0, 0, 300), b.starts(1, 0, 0, 300))
     with pytest.raises(UserError, match="world"):
         Sampler(5001, 10, seed=2, rank=0, world=3, strategy="hashed").load_state_dict(state)
+    with pytest.raises(UserError, match="used sharding 'hashed'"):  # a position in another order
+        Sampler(5001, 10, seed=2, rank=0, world=2, strategy="strided").load_state_dict(state)
 
 
 def test_val_starts_same_set_at_any_world_size():

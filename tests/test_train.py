@@ -129,6 +129,7 @@ def test_resume_refuses_a_change_of_mode(tmp_path, corpus):
     ("parallel.allreduce=tree", "parallel.allreduce = 'tree' is not allowed; choose one of: mpi, ring, nccl"),
     ("model.n_head=3", "must be divisible by model.n_head"),
     ("parallel.cuda_aware_mpi=maybe", "choose one of: auto, yes, no"),
+    ("train.seed=-1", "train.seed must be >= 0"),
     ("optim.beta2=1.5", "optim.beta2 must be in [0, 1)"),
     ("schedule.min_lr=0.1", "schedule.min_lr must be between 0 and optim.lr"),
     ("parallel.balance=dynamic --set parallel.mode=async", "parallel.balance applies to sync mode"),
