@@ -73,7 +73,8 @@ def train_async(run):
     comm.Barrier()  # the windows hold the initial parameters before anyone pulls
 
     count = run.balancer.counts[run.rank]
-    rows = []  # (ticket, wall, loss, lr, staleness) of this rank's applied pushes
+    rows = []  # (ticket, wall, loss, lr, staleness, comm seconds, samples) of this rank's applied pushes
+    evals = []  # rank 0's (version, wall, val loss), logged once the samples behind each version are known
     progress = Progress(job.train.max_iters, start_version // P)
     t_origin = time.perf_counter() - run.wall_offset
     # A resumed run continues each rank's batch stream where the budget stood, not from the start.
@@ -113,7 +114,7 @@ def train_async(run):
         window.accumulate(delta)
         comm_s = pull_s + time.perf_counter() - t_c
         wall = time.perf_counter() - t_origin
-        rows.append((ticket, wall, loss, lr, ticket - v_pull, comm_s))
+        rows.append((ticket, wall, loss, lr, ticket - v_pull, comm_s, count))
         local_step += 1
         progress.add(count * T * P, comm_s)
         if run.is_root and local_step % job.train.log_interval == 0:
@@ -122,20 +123,20 @@ def train_async(run):
         if run.is_root and job.train.eval_interval and ticket >= next_eval:
             # Rank 0 evaluates its freshly pulled copy; no other rank waits for this.
             next_eval = _next_multiple(ticket + 1, job.train.eval_interval * P)
-            _eval_and_log(run, ticket + 1, wall, (ticket + 1) * B // P)
+            evals.append((ticket + 1, wall, _evaluate(run, ticket + 1)))
     if run.stop.requested:
         stop_flag.fetch_add(1)
     comm.Barrier()  # every push has completed at its target once all ranks are here
     window.get(params.data)
     final_version = min(version.read(), budget)
     stopped_early = final_version < budget
-    _gather_metrics(run, rows, P, B)
     wall = time.perf_counter() - t_origin
     val = run.evaluate(final_version)
-    run.metrics.log_eval(step=final_version, wall=wall, samples=final_version * B // P, val_loss=val)
     util.rprint(f"eval: version {final_version} | val loss {val:.4f}")
+    evals.append((final_version, wall, val))
+    samples = _log_metrics(run, rows, evals, _resumed_samples(run, start_version, B, P))
     run.save(final_version // P, extra_per_rank={"optim": _host_state(run.optimizer)},
-             attrs={"version": final_version})
+             attrs={"version": final_version, "samples": samples})
     for w in (window, version, stop_flag):
         w.free()
     if stopped_early:
@@ -151,18 +152,35 @@ def _host_state(optimizer):
     return {k: backend.to_host(v) for k, v in optimizer.state_dict().items()}
 
 
-def _eval_and_log(run, version, wall, samples):
+def _evaluate(run, version):
     val = run.val_loss(version)
-    run.metrics.log_eval(step=version, wall=wall, samples=samples, val_loss=val)
     util.rprint(f"eval: version {version} | val loss {val:.4f}")
+    return val
 
 
-def _gather_metrics(run, rows, P, B):
-    """Every rank's pushes, ordered by ticket, into rank 0's metrics log."""
+def _resumed_samples(run, start_version, B, P):
+    """Samples behind the checkpoint a run resumes from (estimated for checkpoints that predate the record)."""
+    if not run.resume_state:
+        return 0
+    return int(run.resume_state["attrs"].get("samples", start_version * B // P))
+
+
+def _log_metrics(run, rows, evals, base_samples):
+    """Every rank's pushes, ordered by ticket, into rank 0's metrics log, each with the exact
+    number of samples behind it (ranks' shares differ when P does not divide B), then rank 0's
+    evaluations at their versions. Returns the samples behind the final version (on every rank)."""
     everything = run.comm.gather(rows, root=0)
-    if not run.is_root:
-        return
-    merged = sorted(r for part in everything for r in part)
-    for ticket, wall, loss, lr, stale, comm_s in merged:
-        run.metrics.log_step(step=ticket + 1, wall=wall, loss=loss, lr=lr, tokens=B // P * run.job.model.block_size,
-                             samples=(ticket + 1) * B // P, comm=comm_s, staleness=stale)
+    total = None
+    if run.is_root:
+        merged = sorted(r for part in everything for r in part)
+        samples_at = {}  # version -> samples behind it
+        total = base_samples
+        T = run.job.model.block_size
+        for ticket, wall, loss, lr, stale, comm_s, count in merged:
+            total += count
+            samples_at[ticket + 1] = total
+            run.metrics.log_step(step=ticket + 1, wall=wall, loss=loss, lr=lr, tokens=count * T,
+                                 samples=total, comm=comm_s, staleness=stale)
+        for version, wall, val in evals:
+            run.metrics.log_eval(step=version, wall=wall, samples=samples_at.get(version, total), val_loss=val)
+    return run.comm.bcast(total, root=0)

@@ -236,9 +236,18 @@ def test_resume_refusals_name_the_fix(tmp_path, corpus):
 @pytest.mark.parametrize("np_", [1, 2, 3, 4])
 def test_async_terminates_at_every_world_size(tmp_path, corpus, np_):
     train(tmp_path, corpus, "--set", "parallel.mode=async", np=np_, name="a", timeout=90)
-    s = steps(tmp_path, "a")
+    logged = metrics.read(os.path.join(str(tmp_path), "runs", "a", "metrics.h5"))
+    s, e = logged["steps"], logged["evals"]
     assert len(s["step"]) == 12 * np_  # exactly the update budget lands
-    np.testing.assert_array_equal(np.sort(s["step"]), np.arange(1, 12 * np_ + 1))
+    order = np.argsort(s["step"])
+    np.testing.assert_array_equal(s["step"][order], np.arange(1, 12 * np_ + 1))
+    # samples count each push's own share: 8 = 3 + 3 + 2 at 3 ranks, so not version * B / P
+    pushed = np.diff(s["samples"][order], prepend=0)
+    np.testing.assert_array_equal(pushed, s["tokens"][order] // 16)
+    assert set(pushed.tolist()) <= {8 // np_, -(-8 // np_)}
+    at_version = dict(zip(s["step"].tolist(), s["samples"].tolist()))
+    assert [at_version[v] for v in e["step"].tolist()] == e["samples"].tolist()
+    assert e["step"][-1] == 12 * np_
 
 
 def test_async_with_one_rank_equals_sgd_step_for_step(tmp_path, corpus):
@@ -260,4 +269,6 @@ def test_async_checkpoint_on_signal_and_resume(tmp_path, corpus):
     assert 2 <= len(first["step"]) < 24
     train(tmp_path, corpus, *args, "--resume", np=2, name="ar")
     s = steps(tmp_path, "ar")
-    np.testing.assert_array_equal(np.sort(s["step"]), np.arange(1, 25))
+    order = np.argsort(s["step"])
+    np.testing.assert_array_equal(s["step"][order], np.arange(1, 25))
+    np.testing.assert_array_equal(s["samples"][order], 4 * np.arange(1, 25))  # resumed from the saved count
