@@ -1,5 +1,7 @@
 // GELU, tanh approximation (GPT-2): gelu(x) = 0.5 x (1 + tanh(k (x + 0.044715 x^3))),
 // k = sqrt(2/pi). Forward optionally fused with the preceding bias add of c_fc.
+// Every kernel takes float4 steps when its pointers are 16-byte aligned (a scalar tail for
+// n % 4) and scalar steps otherwise.
 
 #define GELU_K 0.7978845608028654f
 #define GELU_A 0.044715f
@@ -8,24 +10,32 @@ __device__ float gelu_f(float x) {
     return 0.5f * x * (1.0f + tanhf(GELU_K * (x + GELU_A * x * x * x)));
 }
 
-// float4 when out and x are 16-byte aligned (scalar tail of n % 4), scalar otherwise.
+__device__ float gelu_grad(float v) {
+    float t = tanhf(GELU_K * (v + GELU_A * v * v * v));
+    float dt = GELU_K * (1.0f + 3.0f * GELU_A * v * v);
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * dt;
+}
+
+// F on each component; a template argument, so the call is inlined, not made through a pointer.
+template <float (*F)(float)>
+__device__ float4 gelu_map4(float4 v) {
+    return make_float4(F(v.x), F(v.y), F(v.z), F(v.w));
+}
+
+__device__ bool gelu_aligned(const void* a, const void* b, const void* c) {
+    return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b) |
+             reinterpret_cast<unsigned long long>(c)) & 15ull) == 0;
+}
+
 extern "C" __global__ void gelu_forward(float* out, const float* x, int n) {
     int tid = blockIdx.x * blockDim.x + threadIdx.x;
     int stride = gridDim.x * blockDim.x;
     int start = 0;
-    if (((reinterpret_cast<unsigned long long>(out) | reinterpret_cast<unsigned long long>(x)) &
-         15ull) == 0) {
+    if (gelu_aligned(out, x, x)) {
         int n4 = n / 4;
         float4* o4 = reinterpret_cast<float4*>(out);
         const float4* x4 = reinterpret_cast<const float4*>(x);
-        for (int i = tid; i < n4; i += stride) {
-            float4 v = x4[i];
-            v.x = gelu_f(v.x);
-            v.y = gelu_f(v.y);
-            v.z = gelu_f(v.z);
-            v.w = gelu_f(v.w);
-            o4[i] = v;
-        }
+        for (int i = tid; i < n4; i += stride) o4[i] = gelu_map4<gelu_f>(x4[i]);
         start = 4 * n4;
     }
     for (int i = start + tid; i < n; i += stride) out[i] = gelu_f(x[i]);
@@ -33,31 +43,22 @@ extern "C" __global__ void gelu_forward(float* out, const float* x, int n) {
 
 // pre (N,OC) += bias (OC) in place (backward needs the pre-activation), out = gelu(pre).
 // Saves one full read+write of pre compared with a separate bias kernel.
-// float4 when OC % 4 == 0 and out, pre, bias are 16-byte aligned, scalar otherwise.
+// The float4 path also needs OC % 4 == 0, so that a float4 of pre meets one float4 of bias.
 extern "C" __global__ void bias_gelu_forward(float* out, float* pre, const float* bias, int n,
                                              int OC) {
     int tid = blockIdx.x * blockDim.x + threadIdx.x;
     int stride = gridDim.x * blockDim.x;
     int start = 0;
-    if (OC % 4 == 0 && ((reinterpret_cast<unsigned long long>(out) |
-                         reinterpret_cast<unsigned long long>(pre) |
-                         reinterpret_cast<unsigned long long>(bias)) & 15ull) == 0) {
+    if (OC % 4 == 0 && gelu_aligned(out, pre, bias)) {
         int n4 = n / 4, oc4 = OC / 4;
         float4* o4 = reinterpret_cast<float4*>(out);
         float4* p4 = reinterpret_cast<float4*>(pre);
         const float4* b4 = reinterpret_cast<const float4*>(bias);
         for (int i = tid; i < n4; i += stride) {
             float4 h = p4[i], bv = b4[i % oc4];
-            h.x += bv.x;
-            h.y += bv.y;
-            h.z += bv.z;
-            h.w += bv.w;
+            h = make_float4(h.x + bv.x, h.y + bv.y, h.z + bv.z, h.w + bv.w);
             p4[i] = h;
-            h.x = gelu_f(h.x);
-            h.y = gelu_f(h.y);
-            h.z = gelu_f(h.z);
-            h.w = gelu_f(h.w);
-            o4[i] = h;
+            o4[i] = gelu_map4<gelu_f>(h);
         }
         start = 4 * n4;
     }
@@ -69,30 +70,18 @@ extern "C" __global__ void bias_gelu_forward(float* out, float* pre, const float
 }
 
 // dx = dout * gelu'(x); dx may alias dout.
-__device__ float gelu_grad(float v) {
-    float t = tanhf(GELU_K * (v + GELU_A * v * v * v));
-    float dt = GELU_K * (1.0f + 3.0f * GELU_A * v * v);
-    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * dt;
-}
-
-// float4 when dx, x, dout are 16-byte aligned (scalar tail of n % 4), scalar otherwise.
 extern "C" __global__ void gelu_backward(float* dx, const float* x, const float* dout, int n) {
     int tid = blockIdx.x * blockDim.x + threadIdx.x;
     int stride = gridDim.x * blockDim.x;
     int start = 0;
-    if (((reinterpret_cast<unsigned long long>(dx) | reinterpret_cast<unsigned long long>(x) |
-          reinterpret_cast<unsigned long long>(dout)) & 15ull) == 0) {
+    if (gelu_aligned(dx, x, dout)) {
         int n4 = n / 4;
         float4* g4 = reinterpret_cast<float4*>(dx);
         const float4* x4 = reinterpret_cast<const float4*>(x);
         const float4* d4 = reinterpret_cast<const float4*>(dout);
         for (int i = tid; i < n4; i += stride) {
-            float4 v = x4[i], d = d4[i];
-            d.x *= gelu_grad(v.x);
-            d.y *= gelu_grad(v.y);
-            d.z *= gelu_grad(v.z);
-            d.w *= gelu_grad(v.w);
-            g4[i] = d;
+            float4 g = gelu_map4<gelu_grad>(x4[i]), d = d4[i];
+            g4[i] = make_float4(d.x * g.x, d.y * g.y, d.z * g.z, d.w * g.w);
         }
         start = 4 * n4;
     }

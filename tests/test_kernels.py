@@ -139,7 +139,7 @@ def test_layernorm(cp, B, T, C):
     close(acc, rdx + 2.0, 1e-4)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 4 * 72), (2, 7, 4 * 72), pytest.param((1, 65, 4 * 768), marks=large)])
+@pytest.mark.parametrize("shape", [(1, 1, 4 * 72), (2, 7, 4 * 72), (1, 3, 75), pytest.param((1, 65, 4 * 768), marks=large)])
 def test_gelu_and_bias_gelu(cp, shape):
     r = np.random.default_rng(2)
     x, dout, b = r.standard_normal(shape) * 2, r.standard_normal(shape), r.standard_normal(shape[-1])
