@@ -47,28 +47,65 @@ __device__ void att_load_tiles(float (*ta)[ATT_MAX_HS + 1], float (*tb)[ATT_MAX_
     }
 }
 
+// What every block of the three tile kernels starts from: its (batch, head) and its rows.
+struct AttBlock {
+    int C;            // NH * HS
+    long long C3;     // row stride of qkv
+    int warp, lane;
+    int row0, row;    // the block's first row and this warp's row (a query, or a key in dkv)
+    const float* qkv; // head slice: q at qkv[t*C3 + d], k at + C, v at + 2C
+    long long y_off;  // where the head's (T, HS) slice starts in a (B,T,C) array (y, dy)
+};
+
+__device__ AttBlock att_block(const float* qkv, int T, int NH, int HS) {
+    AttBlock a;
+    a.C = NH * HS;
+    a.C3 = 3LL * a.C;
+    int b = blockIdx.y / NH, h = blockIdx.y % NH;
+    a.warp = threadIdx.x / 32;
+    a.lane = threadIdx.x % 32;
+    a.row0 = blockIdx.x * ATT_WARPS;
+    a.row = a.row0 + a.warp;
+    a.qkv = qkv + (long long)b * T * a.C3 + h * HS;
+    a.y_off = (long long)b * T * a.C + h * HS;
+    return a;
+}
+
+// acc[r] += w * src[d] over this lane's output dims d = lane + 32*r.
+__device__ void att_axpy(float (&acc)[ATT_DPL], float w, const float* src, int lane, int HS) {
+#pragma unroll
+    for (int r = 0; r < ATT_DPL; r++) {
+        int d = lane + 32 * r;
+        if (d < HS) acc[r] += w * src[d];
+    }
+}
+
+// dst[d] = acc[r] * mul over this lane's output dims.
+__device__ void att_store(float* dst, const float (&acc)[ATT_DPL], float mul, int lane, int HS) {
+#pragma unroll
+    for (int r = 0; r < ATT_DPL; r++) {
+        int d = lane + 32 * r;
+        if (d < HS) dst[d] = acc[r] * mul;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_forward(float* y, float* lse, const float* qkv, int T, int NH, int HS, float scale) {
     __shared__ float ks[ATT_TILE][ATT_MAX_HS + 1];  // +1: lane-strided rows hit distinct banks
     __shared__ float vs[ATT_TILE][ATT_MAX_HS + 1];
     __shared__ float qs[ATT_WARPS][ATT_MAX_HS];
-    int C = NH * HS;
-    long long C3 = 3LL * C;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int i0 = blockIdx.x * ATT_WARPS;
-    int i = i0 + warp;
-    const float* base = qkv + (long long)b * T * C3 + h * HS;
+    AttBlock a = att_block(qkv, T, NH, HS);
+    int warp = a.warp, lane = a.lane, i = a.row;
     if (i < T)
-        for (int d = lane; d < HS; d += 32) qs[warp][d] = base[i * C3 + d] * scale;
+        for (int d = lane; d < HS; d += 32) qs[warp][d] = a.qkv[i * a.C3 + d] * scale;
     float m = ATT_NEG_INF, l = 0.0f;
     float acc[ATT_DPL];
 #pragma unroll
     for (int r = 0; r < ATT_DPL; r++) acc[r] = 0.0f;
-    int last = min(i0 + ATT_WARPS, T) - 1;  // the block's last query sees keys up to itself
+    int last = min(a.row0 + ATT_WARPS, T) - 1;  // the block's last query sees keys up to itself
     for (int j0 = 0; j0 <= last; j0 += ATT_TILE) {
         __syncthreads();  // qs written / previous tile consumed
-        att_load_tiles(ks, vs, base + C, C3, base + 2 * C, C3, j0, T, HS);
+        att_load_tiles(ks, vs, a.qkv + a.C, a.C3, a.qkv + 2 * a.C, a.C3, j0, T, HS);
         __syncthreads();
         if (i < T && j0 <= i) {  // warp-uniform; key j0 <= i keeps the running max finite
             int j = j0 + lane;
@@ -83,25 +120,12 @@ attention_forward(float* y, float* lse, const float* qkv, int T, int NH, int HS,
             int jn = min(ATT_TILE, i - j0 + 1);
 #pragma unroll
             for (int r = 0; r < ATT_DPL; r++) acc[r] *= corr;
-            for (int jj = 0; jj < jn; jj++) {
-                float pj = __shfl_sync(ATT_FULL, p, jj);
-#pragma unroll
-                for (int r = 0; r < ATT_DPL; r++) {
-                    int d = lane + 32 * r;
-                    if (d < HS) acc[r] += pj * vs[jj][d];
-                }
-            }
+            for (int jj = 0; jj < jn; jj++) att_axpy(acc, __shfl_sync(ATT_FULL, p, jj), vs[jj], lane, HS);
             m = mnew;
         }
     }
     if (i < T) {
-        float inv = 1.0f / l;
-        float* yr = y + ((long long)b * T + i) * C + h * HS;
-#pragma unroll
-        for (int r = 0; r < ATT_DPL; r++) {
-            int d = lane + 32 * r;
-            if (d < HS) yr[d] = acc[r] * inv;
-        }
+        att_store(y + a.y_off + (long long)i * a.C, acc, 1.0f / l, lane, HS);
         if (lane == 0) lse[(long long)blockIdx.y * T + i] = m + logf(l);
     }
 }
@@ -130,18 +154,13 @@ attention_backward_dq(float* dqkv, const float* qkv, const float* dy, const floa
     __shared__ float vs[ATT_TILE][ATT_MAX_HS + 1];
     __shared__ float qs[ATT_WARPS][ATT_MAX_HS];
     __shared__ float dys[ATT_WARPS][ATT_MAX_HS];
-    int C = NH * HS;
-    long long C3 = 3LL * C;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int i0 = blockIdx.x * ATT_WARPS;
-    int i = i0 + warp;
-    const float* base = qkv + (long long)b * T * C3 + h * HS;
+    AttBlock a = att_block(qkv, T, NH, HS);
+    int warp = a.warp, lane = a.lane, i = a.row;
     float lse_i = 0.0f, delta_i = 0.0f;
     if (i < T) {
-        const float* dyr = dy + ((long long)b * T + i) * C + h * HS;
+        const float* dyr = dy + a.y_off + (long long)i * a.C;
         for (int d = lane; d < HS; d += 32) {
-            qs[warp][d] = base[i * C3 + d] * scale;
+            qs[warp][d] = a.qkv[i * a.C3 + d] * scale;
             dys[warp][d] = dyr[d];
         }
         lse_i = lse[(long long)blockIdx.y * T + i];
@@ -150,10 +169,10 @@ attention_backward_dq(float* dqkv, const float* qkv, const float* dy, const floa
     float acc[ATT_DPL];
 #pragma unroll
     for (int r = 0; r < ATT_DPL; r++) acc[r] = 0.0f;
-    int last = min(i0 + ATT_WARPS, T) - 1;
+    int last = min(a.row0 + ATT_WARPS, T) - 1;
     for (int j0 = 0; j0 <= last; j0 += ATT_TILE) {
         __syncthreads();
-        att_load_tiles(ks, vs, base + C, C3, base + 2 * C, C3, j0, T, HS);
+        att_load_tiles(ks, vs, a.qkv + a.C, a.C3, a.qkv + 2 * a.C, a.C3, j0, T, HS);
         __syncthreads();
         if (i < T && j0 <= i) {
             int j = j0 + lane;
@@ -165,24 +184,10 @@ attention_backward_dq(float* dqkv, const float* qkv, const float* dy, const floa
             }
             float ds = j > i ? 0.0f : expf(s - lse_i) * (dp - delta_i);
             int jn = min(ATT_TILE, i - j0 + 1);
-            for (int jj = 0; jj < jn; jj++) {
-                float dsj = __shfl_sync(ATT_FULL, ds, jj);
-#pragma unroll
-                for (int r = 0; r < ATT_DPL; r++) {
-                    int d = lane + 32 * r;
-                    if (d < HS) acc[r] += dsj * ks[jj][d];
-                }
-            }
+            for (int jj = 0; jj < jn; jj++) att_axpy(acc, __shfl_sync(ATT_FULL, ds, jj), ks[jj], lane, HS);
         }
     }
-    if (i < T) {
-        float* out = dqkv + ((long long)b * T + i) * C3 + h * HS;
-#pragma unroll
-        for (int r = 0; r < ATT_DPL; r++) {
-            int d = lane + 32 * r;
-            if (d < HS) out[d] = acc[r] * scale;
-        }
-    }
+    if (i < T) att_store(dqkv + (a.qkv - qkv) + i * a.C3, acc, scale, lane, HS);
 }
 
 // dv_j = sum_i p_ij dy_i,  dk_j = scale * sum_i p_ij (dy_i . v_j - delta_i) q_i, over i >= j.
@@ -195,27 +200,21 @@ attention_backward_dkv(float* dqkv, const float* qkv, const float* dy, const flo
     __shared__ float vw[ATT_WARPS][ATT_MAX_HS];
     __shared__ float lset[ATT_TILE];
     __shared__ float deltat[ATT_TILE];
-    int C = NH * HS;
-    long long C3 = 3LL * C;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int j0 = blockIdx.x * ATT_WARPS;
-    int j = j0 + warp;
-    const float* base = qkv + (long long)b * T * C3 + h * HS;
-    const float* dybase = dy + (long long)b * T * C + h * HS;
+    AttBlock a = att_block(qkv, T, NH, HS);
+    int warp = a.warp, lane = a.lane, j = a.row;  // this warp's row is a key
     const float* lse_bh = lse + (long long)blockIdx.y * T;
     const float* delta_bh = delta + (long long)blockIdx.y * T;
     if (j < T)
         for (int d = lane; d < HS; d += 32) {
-            kw[warp][d] = base[j * C3 + C + d];
-            vw[warp][d] = base[j * C3 + 2 * C + d];
+            kw[warp][d] = a.qkv[j * a.C3 + a.C + d];
+            vw[warp][d] = a.qkv[j * a.C3 + 2 * a.C + d];
         }
     float dk[ATT_DPL], dv[ATT_DPL];
 #pragma unroll
     for (int r = 0; r < ATT_DPL; r++) dk[r] = dv[r] = 0.0f;
-    for (int it = (j0 / ATT_TILE) * ATT_TILE; it < T; it += ATT_TILE) {
+    for (int it = (a.row0 / ATT_TILE) * ATT_TILE; it < T; it += ATT_TILE) {
         __syncthreads();
-        att_load_tiles(qt, dyt, base, C3, dybase, C, it, T, HS);
+        att_load_tiles(qt, dyt, a.qkv, a.C3, dy + a.y_off, a.C, it, T, HS);
         if (threadIdx.x < ATT_TILE) {
             int r = it + threadIdx.x;
             lset[threadIdx.x] = r < T ? lse_bh[r] : 0.0f;
@@ -234,28 +233,14 @@ attention_backward_dkv(float* dqkv, const float* qkv, const float* dy, const flo
             float p = valid ? expf(s * scale - lset[lane]) : 0.0f;
             float ds = p * (dp - deltat[lane]);
             for (int ii = max(0, j - it); ii < ATT_TILE; ii++) {
-                float pi = __shfl_sync(ATT_FULL, p, ii);
-                float dsi = __shfl_sync(ATT_FULL, ds, ii);
-#pragma unroll
-                for (int r = 0; r < ATT_DPL; r++) {
-                    int d = lane + 32 * r;
-                    if (d < HS) {
-                        dv[r] += pi * dyt[ii][d];
-                        dk[r] += dsi * qt[ii][d];
-                    }
-                }
+                att_axpy(dv, __shfl_sync(ATT_FULL, p, ii), dyt[ii], lane, HS);
+                att_axpy(dk, __shfl_sync(ATT_FULL, ds, ii), qt[ii], lane, HS);
             }
         }
     }
     if (j < T) {
-        float* out = dqkv + ((long long)b * T + j) * C3 + h * HS;
-#pragma unroll
-        for (int r = 0; r < ATT_DPL; r++) {
-            int d = lane + 32 * r;
-            if (d < HS) {
-                out[C + d] = dk[r] * scale;
-                out[2 * C + d] = dv[r];
-            }
-        }
+        float* out = dqkv + (a.qkv - qkv) + j * a.C3;
+        att_store(out + a.C, dk, scale, lane, HS);
+        att_store(out + 2 * a.C, dv, 1.0f, lane, HS);
     }
 }
