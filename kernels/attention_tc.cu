@@ -132,6 +132,29 @@ __device__ __forceinline__ void tc_accumulate(float (&out)[HS / 8][4], const flo
         tc_mma(out[n], a, tc_bits(tile[k0 + 2 * t][n * 8 + g]), tc_bits(tile[k0 + 2 * t + 1][n * 8 + g]));
 }
 
+// The (batch, head) of this block, from blockIdx.y = b*NH + h, and this thread's place in its warp.
+struct TcHead {
+    int C;            // NH * HS
+    long long C3;     // row stride of qkv
+    const float* qkv; // head slice: q at qkv[t*C3 + d], k at + C, v at + 2C
+    long long y_off;  // where the head's (T, HS) slice starts in a (B,T,C) array (y, dy)
+    int warp, g, t;   // lane = 4*g + t
+};
+
+template <int HS>
+__device__ TcHead tc_head(const float* qkv, int T, int NH) {
+    TcHead a;
+    a.C = NH * HS;
+    a.C3 = 3LL * a.C;
+    int b = blockIdx.y / NH, h = blockIdx.y % NH;
+    a.qkv = qkv + (long long)b * T * a.C3 + h * HS;
+    a.y_off = (long long)b * T * a.C + h * HS;
+    a.warp = threadIdx.x / 32;
+    a.g = (threadIdx.x % 32) / 4;
+    a.t = threadIdx.x % 4;
+    return a;
+}
+
 // Rows row0+g and row0+g+8 (< T) of out[n] (C layout), times mul, to dst (row stride `stride`).
 template <int HS>
 __device__ void tc_store_rows(float* dst, long long stride, const float (&out)[HS / 8][4], int row0,
@@ -154,15 +177,13 @@ template <int HS>
 __device__ void tc_forward(float* y, float* lse, const float* qkv, int T, int NH, float scale) {
     __shared__ __align__(16) float ks[TC_TILE][HS + 4];
     __shared__ __align__(16) float vs[TC_TILE][HS + 4];
-    int C = NH * HS;
-    long long C3 = 3LL * C;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    TcHead a = tc_head<HS>(qkv, T, NH);
+    int C = a.C, g = a.g, t = a.t;
     int i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;  // longest rows first
-    int w0 = i0 + warp * 16;                          // this warp's first query
-    const float* base = qkv + (long long)b * T * C3 + h * HS;
+    int w0 = i0 + a.warp * 16;                        // this warp's first query
+    const float* base = a.qkv;
     unsigned qa[HS / 8][4];
-    tc_load_rows<HS>(qa, base, C3, w0, T, scale * TC_LOG2E);
+    tc_load_rows<HS>(qa, base, a.C3, w0, T, scale * TC_LOG2E);
     float m[2] = {TC_NEG_INF, TC_NEG_INF}, l[2] = {0.0f, 0.0f};
     float o[HS / 8][4];
     tc_zero(o);
@@ -216,7 +237,7 @@ __device__ void tc_forward(float* y, float* lse, const float* qkv, int T, int NH
         l[r] += __shfl_xor_sync(TC_FULL, l[r], 1);
         l[r] += __shfl_xor_sync(TC_FULL, l[r], 2);
     }
-    tc_store_rows<HS>(y + (long long)b * T * C + h * HS, C, o, w0, T, 1.0f / l[0], 1.0f / l[1]);
+    tc_store_rows<HS>(y + a.y_off, C, o, w0, T, 1.0f / l[0], 1.0f / l[1]);
     if (t == 0)
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -231,16 +252,14 @@ __device__ void tc_backward_dq(float* dqkv, const float* qkv, const float* dy, c
                                const float* delta, int T, int NH, float scale) {
     __shared__ __align__(16) float ks[TC_TILE][HS + 4];
     __shared__ __align__(16) float vs[TC_TILE][HS + 4];
-    int C = NH * HS;
-    long long C3 = 3LL * C;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    TcHead a = tc_head<HS>(qkv, T, NH);
+    int C = a.C, g = a.g, t = a.t;
     int i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;
-    int w0 = i0 + warp * 16;
-    const float* base = qkv + (long long)b * T * C3 + h * HS;
+    int w0 = i0 + a.warp * 16;
+    const float* base = a.qkv;
     unsigned qa[HS / 8][4], da[HS / 8][4];
-    tc_load_rows<HS>(qa, base, C3, w0, T, scale * TC_LOG2E);
-    tc_load_rows<HS>(da, dy + (long long)b * T * C + h * HS, C, w0, T, 1.0f);
+    tc_load_rows<HS>(qa, base, a.C3, w0, T, scale * TC_LOG2E);
+    tc_load_rows<HS>(da, dy + a.y_off, C, w0, T, 1.0f);
     float lse2[2], dl[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -268,7 +287,7 @@ __device__ void tc_backward_dq(float* dqkv, const float* qkv, const float* dy, c
             tc_accumulate<HS>(dq, s, ks, n * 8);
         }
     }
-    tc_store_rows<HS>(dqkv + (long long)b * T * C3 + h * HS, C3, dq, w0, T, scale, scale);
+    tc_store_rows<HS>(dqkv + (base - qkv), a.C3, dq, w0, T, scale, scale);
 }
 
 // dv_j = sum_i p_ij dy_i,  dk_j = scale * sum_i p_ij (dy_i . v_j - delta_i) q_i over queries i >= j.
@@ -278,14 +297,13 @@ __device__ void tc_backward_dkv(float* dqkv, const float* qkv, const float* dy, 
     __shared__ __align__(16) float qs[TC_TILE][HS + 4];
     __shared__ __align__(16) float dys[TC_TILE][HS + 4];
     __shared__ float lse2s[TC_TILE], dls[TC_TILE];
-    int C = NH * HS;
-    long long C3 = 3LL * C;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    TcHead a = tc_head<HS>(qkv, T, NH);
+    int C = a.C, g = a.g, t = a.t;
+    long long C3 = a.C3;
     int j0 = blockIdx.x * TC_ROWS;  // the first blocks see the most queries
-    int w0 = j0 + warp * 16;        // this warp's first key
-    const float* base = qkv + (long long)b * T * C3 + h * HS;
-    const float* dybase = dy + (long long)b * T * C + h * HS;
+    int w0 = j0 + a.warp * 16;      // this warp's first key
+    const float* base = a.qkv;
+    const float* dybase = dy + a.y_off;
     unsigned ka[HS / 8][4], va[HS / 8][4];
     tc_load_rows<HS>(ka, base + C, C3, w0, T, scale * TC_LOG2E);
     tc_load_rows<HS>(va, base + 2 * C, C3, w0, T, 1.0f);
@@ -320,7 +338,7 @@ __device__ void tc_backward_dkv(float* dqkv, const float* qkv, const float* dy, 
             tc_accumulate<HS>(dk, ds, qs, n * 8);
         }
     }
-    float* out = dqkv + (long long)b * T * C3 + h * HS;
+    float* out = dqkv + (base - qkv);
     tc_store_rows<HS>(out + C, C3, dk, w0, T, scale, scale);
     tc_store_rows<HS>(out + 2 * C, C3, dv, w0, T, 1.0f, 1.0f);
 }
