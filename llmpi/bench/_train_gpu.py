@@ -11,6 +11,8 @@ Each variant runs in its own subprocess (its own CUDA context and memory pool):
 - torch bf16: the same under bf16 autocast (fp32 master weights).
 A step is zero_grad + forward + backward + clip + AdamW on random tokens; the median of
 the timed steps counts (a device synchronize closes each step), warm-up steps excluded.
+After them each llmpi variant runs PROFILED_STEPS more with CUDA events around every op
+(llmpi.bench._profile): the per-op milliseconds ("breakdown_ms" in its JSON).
 
 MFU: model FLOPs per token = 6 N + 6 L T C, N the parameters without wpe (wte counted once,
 as the LM head matmul), 6 L T C the causal attention matmuls (QK^T and AV forward, twice
@@ -25,6 +27,7 @@ import time
 
 import numpy as np
 
+from . import _profile
 from ._common import emit_json
 
 SHAPES = {
@@ -32,6 +35,8 @@ SHAPES = {
     "small": dict(vocab_size=500, block_size=128, n_layer=2, n_head=2, n_embd=128),
 }
 PEAK = {"tf32": 494.5e12, "bf16": 989e12}  # H100 SXM dense tensor-core peaks
+PROFILED_STEPS = 3  # steps timed op by op after the timed steps
+BREAKDOWN_SHOWN = 12  # largest entries printed per llmpi run (the JSON has them all)
 VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("llmpi", "bf16"), ("torch", "tf32"), ("torch", "bf16"))
 
 
@@ -67,17 +72,22 @@ def _llmpi_child(s, batch, warmup, steps, precision):
     x, y = (r.integers(0, s["vocab_size"], (batch, s["block_size"])) for _ in range(2))
     losses = []
 
-    def step():
-        m.params.zero_grad()
+    def step(timed=_profile.untimed):
+        timed("zero_grad", m.params.zero_grad)
         _, loss, cache = m.forward(x, y)
         m.backward(cache)
-        clip_grad_norm(m.params.grad, 1.0)
-        opt.step()
+        timed("clip", clip_grad_norm, m.params.grad, 1.0)
+        timed("adamw", opt.step)
         losses.append(loss)
 
     t = _time_steps(step, backend.synchronize, warmup, steps)
     peak = cp.get_default_memory_pool().total_bytes()
-    return dict(step_s=t, peak_mem_mb=peak / 2**20, first_loss=losses[0], last_loss=losses[-1])
+    # then a few steps with CUDA events around every op, for the breakdown
+    n = min(steps, PROFILED_STEPS)
+    with _profile.timed_ops(m, _profile.EventClock(cp)) as clock:
+        profiled_s = _time_steps(lambda: step(clock.time), backend.synchronize, 0, n)
+    return dict(step_s=t, peak_mem_mb=peak / 2**20, first_loss=float(losses[0]), last_loss=float(losses[-1]),
+                breakdown_ms=_profile.per_step_ms(clock, n, profiled_s))
 
 
 def _torch_child(s, batch, warmup, steps, precision):
@@ -189,6 +199,9 @@ def main(args):
         print(f"{key:12s}: {tps:10.0f} tok/s  {r['step_s'] * 1e3:8.1f} ms/step  {r['tflops']:6.1f} TFLOP/s  "
               f"MFU {100 * r['mfu']:5.1f}% of {'bf16' if precision == 'bf16' else 'TF32'} peak  "
               f"mem {r['peak_mem_mb']:.0f} MiB  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+        if "breakdown_ms" in r:
+            print("    by op (ms per step, CUDA events): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in list(r["breakdown_ms"].items())[:BREAKDOWN_SHOWN]))
     runs = result["runs"]
     for ours, ref in (("llmpi_tf32", "torch_tf32"), ("llmpi_fp32", "torch_tf32"), ("llmpi_bf16", "torch_bf16"),
                       ("llmpi_bf16", "torch_tf32")):

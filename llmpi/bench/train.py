@@ -12,14 +12,13 @@ import resource
 import subprocess
 import sys
 import time
-from collections import defaultdict
 
 import numpy as np
 
 from llmpi.comm.util import ArgumentParser
 from llmpi.errors import UserError
 
-from . import _train_gpu
+from . import _profile, _train_gpu
 from ._common import emit_json, machine
 
 # nanoGPT's shakespeare_char "baby GPT" shape scaled to a quick CPU run
@@ -54,7 +53,6 @@ def _timed(step, batches):
 def _llmpi_child(shape, steps, threads=1):
     from llmpi import model as model_mod
     from llmpi.config import ModelConfig
-    from llmpi.layers import attention, crossentropy, embedding, gelu, layernorm, linear, residual
     from llmpi.optim import AdamW, clip_grad_norm
     from llmpi.threaded import ThreadedGrad
 
@@ -63,40 +61,22 @@ def _llmpi_child(shape, steps, threads=1):
     opt = AdamW(m.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     grad = ThreadedGrad(m, threads)  # threads == 1: plain forward + backward
 
-    def step(x, y):
-        m.params.zero_grad()
+    def step(x, y, timed=_profile.untimed):
+        timed("zero_grad", m.params.zero_grad)
         grad.forward_backward(x, y)
-        clip_grad_norm(m.params.grad, 1.0)
-        opt.step()
+        timed("clip", clip_grad_norm, m.params.grad, 1.0)
+        timed("adamw", opt.step)
 
     batches = _batches(shape, steps + WARMUP)
     step_s, cpu_s = _timed(step, batches)
-    # breakdown: wrap each layer's forward/backward with a timer, then time a few more steps
-    acc = defaultdict(float)
-    mods = dict(attention=attention, crossentropy=crossentropy, embedding=embedding, gelu=gelu,
-                layernorm=layernorm, linear=linear, residual=residual)
-
-    def wrap(key, fn):
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            out = fn(*a, **k)
-            acc[key] += time.perf_counter() - t0
-            return out
-        return timed
-
-    for name, mod in mods.items():
-        for d in ("forward", "backward"):
-            setattr(mod, d, wrap(f"{name}.{d}", getattr(mod, d)))
-    orig_step = opt.step
-    opt.step = wrap("adamw.step", orig_step)
+    # then a few more steps with every op timed, for the breakdown
     n = max(3, min(steps, 10))
-    t0 = time.perf_counter()
-    for x, y in batches[:n]:
-        step(x, y)
-    per_step = (time.perf_counter() - t0) / n
-    acc = {k: v / n for k, v in acc.items()}
-    acc["other (lm head, clip, python)"] = max(per_step - sum(acc.values()), 0.0)
-    return step_s, cpu_s, dict(sorted(acc.items(), key=lambda kv: -kv[1]))
+    with _profile.timed_ops(m, _profile.HostClock()) as clock:
+        t0 = time.perf_counter()
+        for x, y in batches[:n]:
+            step(x, y, clock.time)
+        per_step = (time.perf_counter() - t0) / n
+    return step_s, cpu_s, _profile.per_step_ms(clock, n, per_step)
 
 
 def torch_gpt(shape):
@@ -175,7 +155,7 @@ def child(args):
         (step_s, cpu_s), breakdown = _torch_child(shape, args.steps, args.threads), {}
     tokens = shape["batch"] * shape["block_size"]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps(dict(step_s=step_s, cpu_s=cpu_s, tokens_per_s=tokens / step_s, peak_rss_mb=rss_mb, breakdown=breakdown)))
+    print(json.dumps(dict(step_s=step_s, cpu_s=cpu_s, tokens_per_s=tokens / step_s, peak_rss_mb=rss_mb, breakdown_ms=breakdown)))
     return 0
 
 
@@ -240,7 +220,7 @@ def main(argv=None):
               "llmpi_tokens_per_s": ours["tokens_per_s"], "llmpi_step_ms": ours["step_s"] * 1e3,
               "llmpi_cpu_ms_per_step": ours["cpu_s"] * 1e3,
               "llmpi_peak_rss_mb": ours["peak_rss_mb"],
-              "llmpi_breakdown_ms": {k: v * 1e3 for k, v in ours["breakdown"].items()}}
+              "llmpi_breakdown_ms": ours["breakdown_ms"]}
     print(f"llmpi : {ours['tokens_per_s']:10.0f} tok/s  {ours['step_s'] * 1e3:8.2f} ms/step  "
           f"{ours['cpu_s'] * 1e3:8.2f} CPU ms/step  peak RSS {ours['peak_rss_mb']:.0f} MiB")
     if have_torch:

@@ -1,0 +1,107 @@
+"""llmpi.bench._profile: every op of a training step is timed under its own key, on the CPU
+layers and on the kernel path (CPU kernel emulator, CUDA events from a stand-in), and the
+original functions come back afterwards."""
+import json
+import os
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import kernel_emulator
+from cli import run, single_process_only
+from llmpi import gpu_ops, lm_head, model as gpt
+from llmpi.bench import _profile
+from llmpi.config import ModelConfig
+from llmpi.layers import layernorm, linear
+
+UNDER_MPI = any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
+L = 2
+CFG = dict(vocab_size=13, block_size=16, n_layer=L, n_head=2, n_embd=32)
+# calls per forward + backward of an L-layer GPT
+EXPECTED_CALLS = {
+    "embedding.forward": 1, "layernorm.forward": 2 * L + 1, "linear.forward": 4 * L, "attention.forward": L,
+    "gelu.forward": L, "residual.forward": 2 * L, "lm_head.forward": 1, "crossentropy.forward": 1,
+    "crossentropy.backward": 1, "lm_head.backward": 1, "layernorm.backward": 2 * L + 1, "residual.backward": 2 * L,
+    "linear.backward": 4 * L, "gelu.backward": L, "attention.backward": L, "embedding.backward": 1,
+}
+
+
+class _StandInEvent:
+    """cupy.cuda.Event on the host clock (the kernels ran synchronously on the emulator)."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+STAND_IN_CUPY = SimpleNamespace(cuda=SimpleNamespace(Event=_StandInEvent,
+                                                     get_elapsed_time=lambda s, e: (e.t - s.t) * 1e3))
+
+
+def _step(model, clock, steps=2):
+    idx, tgt = np.random.default_rng(0).integers(0, 13, (2, 2, 16))
+    for _ in range(steps):
+        model.params.zero_grad()
+        _, loss, cache = model.forward(idx, tgt)
+        model.backward(cache)
+    return loss
+
+
+def test_every_op_of_the_cpu_model_is_timed_and_then_restored():
+    originals = (layernorm.forward, linear.backward)
+    m = gpt.GPT(ModelConfig(**CFG), seed=0)
+    with _profile.timed_ops(m, _profile.HostClock()) as clock:
+        _step(m, clock)
+    assert dict(clock.calls) == {k: 2 * n for k, n in EXPECTED_CALLS.items()}
+    assert all(t >= 0 for t in clock.seconds().values())
+    assert (layernorm.forward, linear.backward) == originals
+    ms = _profile.per_step_ms(clock, 2, step_seconds=1.0)
+    assert list(ms.values()) == sorted(ms.values(), reverse=True)
+    assert sum(ms.values()) == pytest.approx(1e3)  # "other" is the rest of the step
+
+
+def test_a_failing_step_still_restores_the_ops():
+    m = gpt.GPT(ModelConfig(**CFG), seed=0)
+    original = gpt.LAYER_OPS.attention.forward
+    with pytest.raises(ValueError):
+        with _profile.timed_ops(m, _profile.HostClock()):
+            m.forward(np.zeros((1, 17), np.int64))  # longer than block_size
+    assert gpt.LAYER_OPS.attention.forward is original
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kernel_path_ops_are_timed_by_events(monkeypatch, precision):
+    """The GPU model's set-up on NumPy (kernels on the CPU emulator): the fused bias+GELU and the
+    in-place LayerNorm backward, which bypass `ops`, and the bf16 casts are timed too."""
+    if UNDER_MPI or kernel_emulator.compiler() is None:
+        pytest.skip("the kernel emulator runs in the single-process pass, with a C++20 compiler")
+    from llmpi import bf16
+    kernel_emulator.install(monkeypatch)
+    m = gpt.GPT(ModelConfig(dtype="float32", **CFG), seed=0)
+    m.kernels, m.ops = True, gpt.KERNEL_OPS
+    m.head_weight = np.zeros((lm_head.padded_vocab(13), 32), np.float32)
+    if precision == "bf16":
+        m.ops, m.mm = gpt.BF16_KERNEL_OPS, gpt.BF16_MATMULS
+        m.bf16_weights = bf16.Weights(m.params, head_rows=lm_head.padded_vocab(13))
+    originals = (gpu_ops.bias_gelu_forward, gpu_ops.layernorm_backward, gpt.BF16_MATMULS.project)
+    with _profile.timed_ops(m, _profile.EventClock(STAND_IN_CUPY)) as clock:
+        loss = _step(m, clock, steps=1)
+    expected = dict(EXPECTED_CALLS, **({"bf16 weight casts": 1} if precision == "bf16" else {}))
+    assert dict(clock.calls) == expected
+    assert set(clock.seconds()) == set(expected)
+    assert (gpu_ops.bias_gelu_forward, gpu_ops.layernorm_backward, gpt.BF16_MATMULS.project) == originals
+    if precision == "bf16":
+        assert "refresh" not in vars(m.bf16_weights)  # the class's method again
+    assert np.isfinite(loss)
+
+
+@single_process_only
+def test_bench_train_reports_the_breakdown():
+    proc = run(["-m", "llmpi.bench", "train", "--config", "tiny", "--steps", "3", "--repeats", "1", "--json"],
+               check=True, timeout=300)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(EXPECTED_CALLS) | {"adamw", "clip", "zero_grad", "other (host, gaps)"} == set(result["llmpi_breakdown_ms"])
