@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (run on a machine with a CUDA GPU and CuPy): the kernel tests, the whole
 # model on the GPU, GPU training under mpirun (2 ranks sharing the GPU, and NCCL at 1 rank),
-# then the kernel benchmark and llmpi-vs-PyTorch training throughput at GPT-2 124M.
+# then the kernel benchmark, llmpi-vs-PyTorch training throughput at GPT-2 124M (with the
+# per-op breakdown of llmpi's step), and the baby config in float32 vs bf16 (CORPUS: the
+# tinyshakespeare text, default ../shared/data/tinyshakespeare.txt).
 # Everything is teed into $OUT (default /tmp/llmpi_gpu_check); bench_*.json are the
 # benchmarks' JSON lines. Budget: about 7 minutes at most, usually much less.
-# ONLY=tests|kernels|train runs one part (a rerun after a fix).
+# ONLY=tests|kernels|train|baby runs one part (a rerun after a fix).
 # Exit status: 0 only if the tests and the benchmarks' reference checks all passed.
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -45,6 +47,37 @@ if want train; then
         | tee "$OUT/bench_train.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     tail -n 1 "$OUT/bench_train.txt" > "$OUT/bench_train.json"
+fi
+
+if want baby; then
+    # bf16 accuracy: the baby config (jobs/shakespeare_char.toml) in float32 and in bf16 on the GPU;
+    # the final val losses must agree within 1%. The runs live in a temporary directory (only
+    # the log comes back in $OUT).
+    corpus="${CORPUS:-../shared/data/tinyshakespeare.txt}"
+    if [ -f "$corpus" ]; then
+        runs="$(mktemp -d)"
+        {
+            "$PY" -m llmpi.data prepare --input "$corpus" --tokenizer char --out "$runs/shakespeare_char.h5" &&
+            for dtype in float32 bf16; do
+                timeout 150 "$PY" -m llmpi.train shakespeare_char --device gpu --run-name "$dtype" \
+                    --set "data.path=$runs/shakespeare_char.h5" --set "model.dtype=$dtype" \
+                    --set "train.out_dir=$runs" --set train.log_interval=500 || exit 1
+            done &&
+            "$PY" -m llmpi.compare "$runs/float32" "$runs/bf16" &&
+            "$PY" - "$runs" <<'PY'
+import sys
+from llmpi import metrics
+fp32, bf16 = (metrics.read(f"{sys.argv[1]}/{r}/metrics.h5")["evals"]["val_loss"][-1] for r in ("float32", "bf16"))
+gap = abs(bf16 - fp32) / fp32
+print(f"baby val loss: float32 {fp32:.4f}, bf16 {bf16:.4f}, gap {100 * gap:.2f}% (target <= 1%)")
+sys.exit(0 if gap <= 0.01 else 1)
+PY
+        } 2>&1 | tee "$OUT/baby.txt"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        rm -rf "$runs"
+    else
+        echo "baby: no corpus at $corpus (set CORPUS), skipped" | tee "$OUT/baby.txt"
+    fi
 fi
 
 echo "gpu_check ($ONLY): exit $status" | tee -a "$OUT/device.txt"
