@@ -4,7 +4,9 @@
 type's module name starts with "cupy") and it has no buffer interface, so MPI cannot read
 it: every all-reduce and RMA call below works only if the data really went through the
 host staging, and the bucketed non-blocking path only if each bucket had its own stage.
-The real device copies are covered by tests/test_gpu_train.py on a GPU.
+The NCCL path runs on a stand-in cupy.cuda.nccl that sums over MPI (the unique-id exchange
+and the call into NCCL across ranks). The real device copies are covered by
+tests/test_gpu_train.py on a GPU.
 """
 import types
 
@@ -45,7 +47,7 @@ class FakeDeviceArray:
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    stream = types.SimpleNamespace(synchronize=lambda: None)
+    stream = types.SimpleNamespace(synchronize=lambda: None, ptr=0)
     fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: stream))
     monkeypatch.setattr(backend, "array_module", lambda a: fake_cupy if backend.is_device_array(a) else np)
     monkeypatch.setattr(backend, "pinned_empty", lambda n, dtype: np.empty(n, dtype=dtype))  # needs CuPy
@@ -141,3 +143,61 @@ def test_host_stage_round_trip_through_pinned_memory_on_the_gpu():
     host *= 2
     stage.upload(host, dev[100:])
     assert cupy.asnumpy(dev).tolist() == list(range(100)) + [2 * i for i in range(100, 1000)]
+
+
+class StandInNccl:
+    """cupy.cuda.nccl for ranks without GPUs: a communicator is built from (size, unique id,
+    rank) as NCCL's is, and its allReduce sums over MPI the FakeDeviceArray whose address it
+    gets. Each rank draws its own id: only rank 0's may reach NcclCommunicator."""
+
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = 7, 8, 0
+
+    def __init__(self, comm, id_as_bytes):
+        self.comm, self.id_as_bytes = comm, id_as_bytes
+        self.buffers = {}  # address -> FakeDeviceArray
+        self.built = []  # (size, uid, rank) of each NcclCommunicator
+
+    @staticmethod
+    def id_bytes(rank):
+        return np.random.default_rng(1000 + rank).integers(-128, 128, 128, dtype=np.int8).tobytes()
+
+    def get_unique_id(self):
+        raw = self.id_bytes(self.comm.Get_rank())
+        return raw if self.id_as_bytes else tuple(np.frombuffer(raw, np.int8).tolist())
+
+    def NcclCommunicator(self, size, uid, rank):  # noqa: N802 (CuPy's name)
+        self.built.append((size, uid, rank))
+        nccl = self
+
+        class Communicator:
+            def allReduce(self, send, recv, count, datatype, op, stream):  # noqa: N802
+                assert send == recv and op == nccl.NCCL_SUM
+                data = nccl.buffers[recv]._data
+                assert count == data.size and datatype == {np.float32: nccl.NCCL_FLOAT32,
+                                                           np.float64: nccl.NCCL_FLOAT64}[data.dtype.type]
+                nccl.comm.Allreduce(MPI.IN_PLACE, data, op=MPI.SUM)
+
+        return Communicator()
+
+
+@pytest.mark.parametrize("id_as_bytes", [True, False], ids=["cupy13_bytes_id", "old_cupy_tuple_id"])
+def test_nccl_allreduce_builds_one_communicator_from_rank0s_id(fake_gpu, monkeypatch, id_as_bytes):
+    from llmpi.comm import allreduce as allreduce_mod
+    comm = world().Dup()  # a communicator of its own: the NCCL one is cached per MPI communicator
+    nccl = StandInNccl(comm, id_as_bytes)
+    monkeypatch.setattr(allreduce_mod, "_nccl_module", lambda: nccl)
+    host = rank_data(300, comm.Get_rank()).astype(np.float32)
+    buf = FakeDeviceArray(host)
+    buf.data = types.SimpleNamespace(ptr=12345)
+    nccl.buffers[12345] = buf
+    for _ in range(2):
+        allreduce_sum(buf, comm, "nccl")
+    p = comm.Get_size()
+    ok = np.array_equal(host, expected_sum(300, p) * p)  # twice: every rank held the sum before the second
+    ok &= len(nccl.built) == (1 if p > 1 else 0)  # built once, on first use; one process needs none
+    for size, uid, rank in nccl.built:
+        ok &= size == p and rank == comm.Get_rank() and type(uid) is (bytes if id_as_bytes else tuple)
+        ok &= (uid if id_as_bytes else np.asarray(uid, np.int8).tobytes()) == StandInNccl.id_bytes(0)
+    allreduce_mod._nccl_comms.pop(id(comm), None)
+    comm.Free()
+    assert agreed(ok, world())
