@@ -25,7 +25,7 @@ class MetricsLog:
         self.evals = {k: [] for k in EVAL_FIELDS}
         self.attrs = {}
 
-    def resume_from(self, up_to_step: int, wall_offset_out: list = None):
+    def resume_from(self, up_to_step: int):
         """Reload an earlier log, dropping rows after the checkpoint's step."""
         if not (self.enabled and os.path.isfile(self.path)):
             return 0.0

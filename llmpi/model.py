@@ -221,6 +221,15 @@ class GPT:
         loss, cache["ce"] = o.crossentropy.forward(logits, targets)
         return None, loss, cache
 
+    def loss(self, idx, targets):
+        """Mean token loss of idx (B, T) -> targets (B, T), for evaluation: nothing is kept for
+        backward, and on the kernel path the classifier runs without writing dlogits."""
+        logits, _, _ = self.forward(idx)
+        if not self.kernels:
+            return float(self.ops.crossentropy.forward(logits, targets)[0])
+        losses = gpu_ops.crossentropy_losses(logits, targets)
+        return float(losses.sum(dtype=self.xp.float64)) / losses.size
+
     def _lm_head_weight(self, w):
         """wte as the LM head reads it: with zero padding rows on the GPU (llmpi.lm_head)."""
         if self.bf16_weights is not None:

@@ -69,15 +69,6 @@ class FlatParams:
                 mask[o:o + n] = 1.0
         return self.xp.asarray(mask)
 
-    def span_of(self, names):
-        """(lo, hi) flat range covering `names`, which must be contiguous in the layout."""
-        los = [self.spans[n][0] for n in names]
-        his = [self.spans[n][0] + self.spans[n][1] for n in names]
-        lo, hi = min(los), max(his)
-        if sum(self.spans[n][1] for n in names) != hi - lo:
-            raise ValueError("parameters are not contiguous in the layout")
-        return lo, hi
-
     def load(self, flat):
         """Copy a flat host or device array into `data`."""
         if flat.shape != self.data.shape:

@@ -251,7 +251,7 @@ class Run:
         for i in range(j.train.eval_iters):
             starts = self.val_sampler.val_starts(eval_index * j.train.eval_iters + i, n)
             x, y = data_mod.get_batch(self.tokens.val, starts, j.model.block_size, self.xp)
-            total += float(self.model.forward(x, y)[1])
+            total += self.model.loss(x, y)
         return total / j.train.eval_iters
 
     def evaluate(self, eval_index):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from llmpi.comm.allreduce import Allreducer, allreduce_sum, weighted_mean
+from llmpi.comm.allreduce import Allreducer, allreduce_sum
 from llmpi.comm.util import world
 from mpi_helpers import agreed, subcomms
 
@@ -108,20 +108,6 @@ def test_allreducer_buckets_and_overlap_equal_one_shot(algorithm, bucket_bytes):
     ok &= red.comm_seconds >= 0 and red_o.comm_seconds >= 0
     if bucket_bytes == 0:
         ok &= np.array_equal(bucketed, one_shot)
-    assert agreed(ok, comm)
-
-
-def test_weighted_mean():
-    comm = world()
-    r, p = comm.Get_rank(), comm.Get_size()
-    buf = np.full(33, float(r + 1))
-    total = weighted_mean(buf, weight=r + 2, comm=comm)
-    weights = np.arange(p) + 2.0
-    expected = float(np.sum(weights * (np.arange(p) + 1)) / weights.sum())
-    ok = total == weights.sum() and np.allclose(buf, expected, rtol=1e-12)
-    zero = np.ones(5)
-    weighted_mean(zero, weight=0, comm=comm, algorithm="ring")
-    ok &= np.array_equal(zero, np.zeros(5))
     assert agreed(ok, comm)
 
 

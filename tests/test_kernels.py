@@ -343,6 +343,7 @@ def test_model_on_the_emulated_kernels(monkeypatch, precision):
     emulated.backward(cache)
     loose = precision != "fp32"
     assert abs(loss - loss_ref) < (1e-2 if loose else 1e-5) * loss_ref
+    assert abs(emulated.loss(idx, tgt) - loss) < 1e-6 * loss  # evaluation: the classifier without dlogits
     assert rel_error(emulated.params.grad, ref.params.grad) < (5e-2 if loose else 1e-4)
 
 

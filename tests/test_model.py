@@ -87,6 +87,7 @@ def test_logits_without_targets_and_loss_consistency():
     ref = -np.take_along_axis(lp, y[..., None], -1).mean()
     none, loss, _ = m.forward(x, y)
     assert none is None and abs(loss - ref) < 1e-12
+    assert abs(m.loss(x, y) - ref) < 1e-12  # the evaluation path
 
 
 def test_on_block_done_spans_cover_buffer_in_backward_order():

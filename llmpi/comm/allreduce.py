@@ -272,23 +272,6 @@ def recursive_doubling_allreduce(buf, comm, segment_bytes=DEFAULT_SEGMENT_BYTES)
     return buf
 
 
-def weighted_mean(buf, weight, comm, algorithm="mpi"):
-    """buf <- sum_r(weight_r * buf_r) / sum_r(weight_r); returns the total weight.
-
-    With a zero total weight buf becomes zeros (nothing contributed)."""
-    w = np.array([weight], dtype=np.float64)
-    if comm.Get_size() > 1:
-        comm.Allreduce(MPI.IN_PLACE, w, op=MPI.SUM)
-    total = float(w[0])
-    buf *= weight
-    allreduce_sum(buf, comm, algorithm)
-    if total == 0:
-        buf[...] = 0
-    else:
-        buf *= 1.0 / total
-    return total
-
-
 class Allreducer:
     """The trainer's gradient all-reduce: whole buffer, buckets, or overlapped spans.
 
