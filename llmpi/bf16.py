@@ -2,8 +2,9 @@
 
 The weights stay float32 (the master copy, the gradients and the optimizer state); every matmul
 of the model (the 6N FLOPs per token) runs on bf16 inputs with float32 accumulation and float32
-outputs through cuBLAS GemmEx. Everything else (LayerNorm, GELU, softmax, attention on TF32
-tensor cores) stays float32. The bf16 copies are made by kernels/cast.cu (round to nearest even):
+outputs through cuBLAS GemmEx; the attention runs on bf16 tensor cores too (kernels/attention_tc.cu,
+bf16 products, float32 softmax and accumulators). Everything else (LayerNorm, GELU, the
+classifier) stays float32. The bf16 copies are made by kernels/cast.cu (round to nearest even):
 the weights once per forward pass, each activation where it enters a matmul.
 
 CuPy has no bfloat16 dtype, so bf16 arrays are uint16 arrays of bit patterns that only cuBLAS

@@ -24,6 +24,10 @@ ATT_MAX_HS = 128
 ATT_TC_ROWS = 64  # query/key rows per tensor-core attention block (4 warps), kernels/attention_tc.cu
 ATT_TC_THREADS = 128
 ATT_TC_HEAD_SIZES = (16, 32, 64)  # head sizes with tensor-core entry points
+# attention precisions: float32 on CUDA cores (attention.cu), or tensor cores in TF32 or bf16
+# (attention_tc.cu, entry points named attention_<pass>_<suffix><HS>)
+ATT_PRECISIONS = ("fp32", "tf32", "bf16")
+ATT_TC_SUFFIX = {"tf32": "tc", "bf16": "bf16_"}
 LN_EPS = 1e-5  # llmpi.layers.layernorm.EPS
 NORM_BLOCKS = 1024  # fixed, so the sum of squares has the same bits on every device
 LN_ROWS = 32  # rows per partial sum of the LayerNorm parameter gradients
@@ -247,41 +251,44 @@ def _tc_possible(HS, qkv):
     return HS in ATT_TC_HEAD_SIZES and address(qkv) % 16 == 0
 
 
-def _attention_tc(HS, qkv, requested=None):
-    """Whether attention runs on tensor cores (attention_tc.cu); requested=None takes them when
-    TF32 is allowed and possible."""
+def _attention_precision(HS, qkv, requested=None):
+    """The precision attention runs in: `requested`, or with None TF32 tensor cores when TF32 is
+    allowed and possible, else float32 on CUDA cores."""
     possible = _tc_possible(HS, qkv)
     if requested is None:
-        return tf32_allowed() and possible
-    if requested and not possible:
+        return "tf32" if tf32_allowed() and possible else "fp32"
+    if requested not in ATT_PRECISIONS:
+        raise ValueError(f"attention precision must be one of {ATT_PRECISIONS}, got {requested!r}")
+    if requested != "fp32" and not possible:
         raise ValueError(f"tensor-core attention needs head size in {ATT_TC_HEAD_SIZES} and 16-byte "
                          f"aligned qkv, got head size {HS}")
     return requested
 
 
-def attention_forward(qkv, n_head, tensor_cores=None):
-    """qkv (B, T, 3C) -> out (B, T, C); cache (qkv, out, lse (B, NH, T), n_head, tensor_cores).
-    tensor_cores: None follows tf32_allowed(); backward takes the forward's choice."""
+def attention_forward(qkv, n_head, precision=None):
+    """qkv (B, T, 3C) -> out (B, T, C); cache (qkv, out, lse (B, NH, T), n_head, precision).
+    precision: "fp32" | "tf32" | "bf16", or None to follow tf32_allowed(); backward takes the
+    forward's (its lse came from those scores)."""
     xp = array_module(qkv)
     _f32(qkv)
     B, T, C, HS = _att_dims(qkv, n_head)
     out = xp.empty((B, T, C), dtype=xp.float32)
     lse = xp.empty((B, n_head, T), dtype=xp.float32)
     scale = np.float32(1.0 / math.sqrt(HS))
-    tensor_cores = _attention_tc(HS, qkv, tensor_cores)
-    if tensor_cores:
-        _launch("attention_tc.cu", f"attention_forward_tc{HS}", (-(-T // ATT_TC_ROWS), B * n_head),
-                (ATT_TC_THREADS,), out, lse, qkv, _i32(T), _i32(n_head), scale)
+    precision = _attention_precision(HS, qkv, precision)
+    if precision != "fp32":
+        _launch("attention_tc.cu", f"attention_forward_{ATT_TC_SUFFIX[precision]}{HS}",
+                (-(-T // ATT_TC_ROWS), B * n_head), (ATT_TC_THREADS,), out, lse, qkv, _i32(T), _i32(n_head), scale)
     else:
         _launch("attention.cu", "attention_forward", (-(-T // ATT_WARPS), B * n_head),
                 (ATT_WARPS * 32,), out, lse, qkv, _i32(T), _i32(n_head), _i32(HS), scale)
-    return out, (qkv, out, lse, n_head, tensor_cores)
+    return out, (qkv, out, lse, n_head, precision)
 
 
 def attention_backward(dout, cache):
     """dout (B, T, C) -> dqkv (B, T, 3C)."""
     xp = array_module(dout)
-    qkv, out, lse, NH, tensor_cores = cache
+    qkv, out, lse, NH, precision = cache
     _f32(dout, qkv, out, lse)
     B, T, C, HS = _att_dims(qkv, NH)
     delta = xp.empty((B, NH, T), dtype=xp.float32)
@@ -290,15 +297,15 @@ def attention_backward(dout, cache):
             (THREADS,), delta, dout, out, _i32(B), _i32(T), _i32(NH), _i32(HS))
     dqkv = xp.empty_like(qkv)
     scale = np.float32(1.0 / math.sqrt(HS))
-    if tensor_cores:
-        # the forward's lse came from TF32 scores, so the backward stays on tensor cores too; its
-        # float4 row loads need an aligned dout (a fresh copy is)
+    if precision != "fp32":
+        # the tensor-core kernels' row loads (float2/float4) need an aligned dout (a fresh copy is)
         if address(dout) % 16:
             dout = dout.copy()
         grid = (-(-T // ATT_TC_ROWS), B * NH)
         args = (dqkv, qkv, dout, lse, delta, _i32(T), _i32(NH), scale)
-        _launch("attention_tc.cu", f"attention_backward_dq_tc{HS}", grid, (ATT_TC_THREADS,), *args)
-        _launch("attention_tc.cu", f"attention_backward_dkv_tc{HS}", grid, (ATT_TC_THREADS,), *args)
+        suffix = ATT_TC_SUFFIX[precision]
+        _launch("attention_tc.cu", f"attention_backward_dq_{suffix}{HS}", grid, (ATT_TC_THREADS,), *args)
+        _launch("attention_tc.cu", f"attention_backward_dkv_{suffix}{HS}", grid, (ATT_TC_THREADS,), *args)
     else:
         grid = (-(-T // ATT_WARPS), B * NH)
         args = (dqkv, qkv, dout, lse, delta, _i32(T), _i32(NH), _i32(HS), scale)

@@ -58,13 +58,14 @@ BF16_MATMULS = SimpleNamespace(
     project=bf16.project, lm_head_forward=bf16.lm_head_forward, lm_head_backward=bf16.lm_head_backward)
 
 
-def _attention_forward_tc_when_possible(qkv, n_head):
-    """bf16 models take the TF32 tensor-core attention whatever CUPY_TF32 says."""
-    return gpu_ops.attention_forward(qkv, n_head, tensor_cores=gpu_ops.attention_tc_possible(qkv, n_head))
+def _attention_forward_bf16_when_possible(qkv, n_head):
+    """bf16 models take the bf16 tensor-core attention where it has entry points, whatever CUPY_TF32 says."""
+    precision = "bf16" if gpu_ops.attention_tc_possible(qkv, n_head) else "fp32"
+    return gpu_ops.attention_forward(qkv, n_head, precision=precision)
 
 
 BF16_KERNEL_OPS = SimpleNamespace(**{**vars(KERNEL_OPS), "attention": SimpleNamespace(
-    forward=_attention_forward_tc_when_possible, backward=gpu_ops.attention_backward)})
+    forward=_attention_forward_bf16_when_possible, backward=gpu_ops.attention_backward)})
 
 BLOCK_PARAMS = [
     ("ln_1.weight", lambda C: (C,)), ("ln_1.bias", lambda C: (C,)),
@@ -152,7 +153,7 @@ class GPT:
     def precision(self) -> str:
         """What the matmuls and the rest compute in, for the startup line."""
         if self.bf16_weights is not None:
-            return "bf16 matmuls (float32 master weights and other ops)"
+            return "bf16 matmuls and attention products (float32 master weights and other ops)"
         if self.cfg.dtype == "bf16":
             return "float32 (bf16 is a GPU mode; the CPU computes it in float32)"
         if self.kernels and gpu_ops.tf32_allowed():

@@ -95,6 +95,49 @@ inline void emu_mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned
     }
 }
 
+// cvt.rn.bf16x2.f32: hi and lo rounded to bf16 (nearest even), hi in the upper half.
+inline unsigned emu_bf16_bits(float x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+inline unsigned emu_bf16x2(float hi, float lo) { return (emu_bf16_bits(hi) << 16) | emu_bf16_bits(lo); }
+inline float emu_bf16_value(unsigned bits16) { return __uint_as_float(bits16 << 16); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += a b, with the PTX ISA's fragment
+// layout: lane = 4g + t, two bf16 per register (the lower column or row in the low half);
+// A a0..a3 at (g, 2t..2t+1) (g+8, 2t..2t+1) (g, 2t+8..2t+9) (g+8, 2t+8..2t+9);
+// B b0, b1 at rows 2t..2t+1 and 2t+8..2t+9 of column g; D as for m16n8k8.
+inline void emu_mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    for (int i = 0; i < 4; i++) emu_fragment[w][l][i] = a[i];
+    emu_fragment[w][l][4] = b0;
+    emu_fragment[w][l][5] = b1;
+    emu_warp_barrier[w]->arrive_and_wait();
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < 32; lane++) {
+        int g = lane / 4, t = lane % 4;
+        const unsigned* f = emu_fragment[w][lane];
+        for (int h = 0; h < 2; h++) {  // the low and the high half of each register
+            int shift = 16 * h;
+            A[g][2 * t + h] = emu_bf16_value((f[0] >> shift) & 0xffffu);
+            A[g + 8][2 * t + h] = emu_bf16_value((f[1] >> shift) & 0xffffu);
+            A[g][2 * t + 8 + h] = emu_bf16_value((f[2] >> shift) & 0xffffu);
+            A[g + 8][2 * t + 8 + h] = emu_bf16_value((f[3] >> shift) & 0xffffu);
+            B[2 * t + h][g] = emu_bf16_value((f[4] >> shift) & 0xffffu);
+            B[2 * t + 8 + h][g] = emu_bf16_value((f[5] >> shift) & 0xffffu);
+        }
+    }
+    emu_warp_barrier[w]->arrive_and_wait();
+    int g = l / 4, t = l % 4;
+    for (int e = 0; e < 4; e++) {
+        int r = g + 8 * (e >> 1), c = 2 * t + (e & 1);
+        float s = 0.0f;
+        for (int k = 0; k < 16; k++) s += A[r][k] * B[k][c];
+        d[e] += s;
+    }
+}
+
 // A returned thread stops counting at the barriers, as an exited CUDA thread does.
 inline void emu_end_thread() {
     emu_block_barrier->arrive_and_drop();
@@ -127,3 +170,4 @@ void emu_run_grid(unsigned gx, unsigned gy, unsigned threads, Kernel kernel) {
             for (auto& t : pool) t.join();
         }
 }
+

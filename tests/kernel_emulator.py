@@ -2,9 +2,9 @@
 
 Each kernel file is compiled by the host C++ compiler (C++20) against kernel_emulator.h, which
 runs every CUDA thread of a block as a host thread with __syncthreads and the warp operations
-as barriers; the two inline-PTX instructions the kernels use (TF32 rounding and the m16n8k8
-TF32 mma) become calls into that header. `install(monkeypatch)` makes llmpi.cuda.kernel hand
-out these instead of CuPy RawKernels, so llmpi.gpu_ops runs its kernels on NumPy arrays (and
+as barriers; the inline-PTX instructions the kernels use (TF32 rounding, the m16n8k8 TF32
+mma, the bf16x2 conversion and the m16n8k16 bf16 mma) become calls into that header.
+`install(monkeypatch)` makes llmpi.cuda.kernel hand out these instead of CuPy RawKernels, so llmpi.gpu_ops runs its kernels on NumPy arrays (and
 llmpi.bf16's GEMMs go to a NumPy version of cublasGemmEx).
 One host thread per CUDA thread is slow: small shapes only.
 """
@@ -29,6 +29,12 @@ PTX = [  # (inline PTX statement, the emulator's equivalent)
                 r':\s*"\+f"\((\w+)\[0\]\)[^:]*:\s*"r"\((\w+)\[0\]\),\s*"r"\(\w+\[1\]\),\s*"r"\(\w+\[2\]\),'
                 r'\s*"r"\(\w+\[3\]\),\s*"r"\(([^()]*)\),\s*"r"\(([^()]*)\)\);'),
      r"emu_mma(\1, \2, \3, \4);"),
+    (re.compile(r'asm\("cvt\.rn\.bf16x2\.f32 %0, %1, %2;" : "=r"\((\w+)\) : "f"\((\w+)\), "f"\((\w+)\)\);'),
+     r"\1 = emu_bf16x2(\2, \3);"),
+    (re.compile(r'asm volatile\("mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32 "\s*"[^"]*"\s*'
+                r':\s*"\+f"\((\w+)\[0\]\)[^:]*:\s*"r"\((\w+)\[0\]\),\s*"r"\(\w+\[1\]\),\s*"r"\(\w+\[2\]\),'
+                r'\s*"r"\(\w+\[3\]\),\s*"r"\(([^()]*)\),\s*"r"\(([^()]*)\)\);'),
+     r"emu_mma_bf16(\1, \2, \3, \4);"),
 ]
 ENTRY_POINT = re.compile(r'extern "C"\s+void\s+(\w+)\s*\(([^)]*)\)\s*\{')
 

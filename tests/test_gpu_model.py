@@ -67,7 +67,7 @@ def test_tf32_attention_tracks_cpu(cp, monkeypatch):
     ref.params.zero_grad()
     ref.backward(cache)
     _, loss, cache = gpu.forward(cp.asarray(idx), cp.asarray(tgt))
-    assert cache["blocks"][0][2][-1], "attention did not take the tensor-core path"
+    assert cache["blocks"][0][2][-1] == "tf32", "attention did not take the TF32 tensor-core path"
     gpu.params.zero_grad()
     gpu.backward(cache)
     assert abs(loss - loss_ref) < 2e-3 * loss_ref
@@ -75,8 +75,8 @@ def test_tf32_attention_tracks_cpu(cp, monkeypatch):
 
 
 def test_bf16_matmuls_track_cpu(cp):
-    """model.dtype = "bf16": bf16 GEMM inputs, float32 everywhere else; loss within 1% and
-    gradients within a few percent of the float64 model."""
+    """model.dtype = "bf16": bf16 GEMM and attention inputs, float32 everywhere else; loss within
+    1% and gradients within a few percent of the float64 model."""
     ref, _ = pair(cp)
     cfg = dict(vocab_size=67, block_size=40, n_layer=2, n_head=2, n_embd=32)
     gpu = GPT(ModelConfig(dtype="bf16", **cfg), xp=cp, seed=3)
@@ -88,6 +88,7 @@ def test_bf16_matmuls_track_cpu(cp):
     ref.params.zero_grad()
     ref.backward(cache)
     _, loss, cache = gpu.forward(cp.asarray(idx), cp.asarray(tgt))
+    assert cache["blocks"][0][2][-1] == "bf16", "attention did not take the bf16 tensor-core path"
     gpu.params.zero_grad()
     gpu.backward(cache)
     assert abs(loss - loss_ref) < 1e-2 * loss_ref

@@ -159,32 +159,42 @@ def test_residual(cp):
     close(out, residual.forward(x, fx.copy())[0])
 
 
-def test_attention_uses_tensor_cores_only_when_tf32_is_allowed(monkeypatch):
+def test_attention_precision_follows_tf32_unless_asked(monkeypatch):
     qkv = np.zeros((1, 3, 3 * 64), np.float32)
     monkeypatch.setenv("CUPY_TF32", "0")
-    assert not gpu_ops._attention_tc(64, qkv)
+    assert gpu_ops._attention_precision(64, qkv) == "fp32"
     monkeypatch.setenv("CUPY_TF32", "1")
-    assert gpu_ops._attention_tc(64, qkv)
-    assert not gpu_ops._attention_tc(40, qkv)  # no entry point for this head size
-    assert not gpu_ops._attention_tc(64, qkv.reshape(-1)[1:])  # rows not 16-byte aligned
+    assert gpu_ops._attention_precision(64, qkv) == "tf32"
+    assert gpu_ops._attention_precision(40, qkv) == "fp32"  # no tensor-core entry point for this head size
+    assert gpu_ops._attention_precision(64, qkv.reshape(-1)[1:]) == "fp32"  # rows not 16-byte aligned
+    assert gpu_ops._attention_precision(64, qkv, "bf16") == "bf16"
+    with pytest.raises(ValueError, match="head size in"):
+        gpu_ops._attention_precision(40, qkv, "bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        gpu_ops._attention_precision(64, qkv, "fp16")
 
 
 ATTENTION_SHAPES = [(1, 1, 1, 16), (2, 7, 3, 16), (1, 65, 2, 64), pytest.param(1, 129, 2, 64, marks=large),
                     pytest.param(2, 40, 1, 128, marks=large), (1, 33, 2, 40), (2, 70, 2, 32),
                     pytest.param(1, 200, 1, 64, marks=large)]
+# rel. error allowed: float32 on CUDA cores; TF32 inputs (10-bit mantissa); bf16 inputs and
+# probabilities (8-bit mantissa)
+ATTENTION_TOLERANCE = {"fp32": 1e-4, "tf32": 3e-3, "bf16": 2e-2}
 
 
-@pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
+@pytest.mark.parametrize("precision", gpu_ops.ATT_PRECISIONS)
 @pytest.mark.parametrize("B,T,NH,HS", ATTENTION_SHAPES)
-def test_attention(cp, monkeypatch, tf32, B, T, NH, HS):
-    """fp32: attention.cu on CUDA cores; tf32: attention_tc.cu where the head size has entry
-    points, whose TF32 inputs (10-bit mantissa) allow about 1e-3 relative error."""
-    monkeypatch.setenv("CUPY_TF32", "1" if tf32 else "0")
-    tol = 3e-3 if gpu_ops._attention_tc(HS, cp.empty(16, cp.float32)) else 1e-4
+def test_attention(cp, precision, B, T, NH, HS):
+    """fp32: attention.cu on CUDA cores; tf32 and bf16: attention_tc.cu where the head size has
+    entry points (others fall back to CUDA cores)."""
+    if HS not in gpu_ops.ATT_TC_HEAD_SIZES:
+        precision = "fp32"
+    tol = ATTENTION_TOLERANCE[precision]
     r = np.random.default_rng(4)
     C = NH * HS
     qkv, dout = r.standard_normal((B, T, 3 * C)), r.standard_normal((B, T, C))
-    out, cache = gpu_ops.attention_forward(f32(cp, qkv), NH)
+    out, cache = gpu_ops.attention_forward(f32(cp, qkv), NH, precision=precision)
+    assert cache[-1] == precision
     ref, rcache = attention.forward(qkv, NH)
     close(out, ref, tol)
     lse_ref = np.log(np.exp((qkv[..., :C].reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
@@ -195,13 +205,14 @@ def test_attention(cp, monkeypatch, tf32, B, T, NH, HS):
     close(dqkv, attention.backward(dout, rcache), tol)
 
 
-def test_tensor_core_backward_takes_an_unaligned_dout(cp):
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_tensor_core_backward_takes_an_unaligned_dout(cp, precision):
     """A forward on tensor cores keeps its backward there even when dout's rows are not 16-byte
-    aligned (it used to fall back to CUDA cores, mixing fp32 scores with the TF32 lse)."""
+    aligned (it used to fall back to CUDA cores, mixing fp32 scores with the tensor-core lse)."""
     B, T, NH, HS = 1, 9, 2, 16
     r = np.random.default_rng(6)
     qkv = f32(cp, r.standard_normal((B, T, 3 * NH * HS)))
-    out, cache = gpu_ops.attention_forward(qkv, NH, tensor_cores=True)
+    out, cache = gpu_ops.attention_forward(qkv, NH, precision=precision)
     dout = r.standard_normal((B, T, NH * HS))
     spare = cp.zeros(dout.size + 1, cp.float32)
     spare[1:] = f32(cp, dout).reshape(-1)
@@ -338,7 +349,7 @@ def test_model_on_the_emulated_kernels(monkeypatch, precision):
     ref.params.zero_grad()
     ref.backward(cache)
     _, loss, cache = emulated.forward(idx, tgt)
-    assert cache["blocks"][0][2][-1] == (precision != "fp32")  # tensor-core attention with TF32 and bf16
+    assert cache["blocks"][0][2][-1] == precision  # the attention's precision: CUDA cores, TF32 or bf16 tensor cores
     emulated.params.zero_grad()
     emulated.backward(cache)
     loose = precision != "fp32"

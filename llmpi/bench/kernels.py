@@ -9,8 +9,9 @@ training step where the host runs ahead); the time of one call issued alone, lau
 the wrapper's allocations included, is printed and kept as `ms_single_call`. Memory-bound
 kernels report GB/s of the bytes they must move at least, as a fraction of the measured
 device-to-device copy bandwidth; attention reports TFLOP/s as a
-fraction of a measured float32 cuBLAS matmul (CUDA cores), and its TF32 tensor-core version
-(attention_tc.cu) as a fraction of the TF32 peak, taken as half a measured fp16 cuBLAS matmul.
+fraction of a measured float32 cuBLAS matmul (CUDA cores), its TF32 tensor-core version
+(attention_tc.cu) as a fraction of the TF32 peak, taken as half a measured fp16 cuBLAS matmul,
+and its bf16 tensor-core version as a fraction of that fp16 matmul (the bf16 rate).
 `ratio` is the geometric mean of the fractions.
 """
 import math
@@ -23,6 +24,9 @@ from llmpi.comm.util import ArgumentParser
 
 from ._common import emit_json
 
+# rel. error allowed against the NumPy layer: float32, TF32 (10-bit mantissa inputs),
+# bf16 (8-bit mantissa inputs and probabilities)
+ATTENTION_TOLERANCE = {"fp32": 1e-4, "tf32": 3e-3, "bf16": 2e-2}
 SHAPES = {
     "gpt2": dict(B=8, T=1024, C=768, NH=12, V=50257, P=124_475_904),
     "small": dict(B=2, T=65, C=96, NH=2, V=500, P=100_003),
@@ -170,13 +174,15 @@ def cases(xp, B, T, C, NH, V, P):
     qkv, dy = rand(B, T, 3 * C), rand(B, T, C)
     fwd_flops = 2.0 * B * NH * T * T * HS  # QK^T and PV, half of each under the causal mask
 
-    # CUDA cores (attention.cu), and TF32 tensor cores (attention_tc.cu) where the head size has them
-    for tc in (False, True) if HS in G.ATT_TC_HEAD_SIZES else (False,):
-        att, att_cache = G.attention_forward(qkv, NH, tensor_cores=tc)
-        tol, suffix = (3e-3, "_tf32") if tc else (1e-4, "")
+    # CUDA cores (attention.cu), and TF32 and bf16 tensor cores (attention_tc.cu) where the head
+    # size has them
+    for precision in G.ATT_PRECISIONS if HS in G.ATT_TC_HEAD_SIZES else ("fp32",):
+        att, att_cache = G.attention_forward(qkv, NH, precision=precision)
+        tol = ATTENTION_TOLERANCE[precision]
+        suffix = "" if precision == "fp32" else "_" + precision
         out.append(("attention_forward" + suffix,
                     lambda att=att: rel_error(host(att), host(attention.forward(qkv, NH)[0])),
-                    lambda tc=tc: G.attention_forward(qkv, NH, tensor_cores=tc), tol, None, fwd_flops))
+                    lambda p=precision: G.attention_forward(qkv, NH, precision=p), tol, None, fwd_flops))
         out.append(("attention_backward" + suffix,
                     lambda c=att_cache: rel_error(host(G.attention_backward(dy, c)),
                                                   host(attention.backward(dy, attention.forward(qkv, NH)[1]))),
@@ -246,6 +252,9 @@ def main(argv):
         if flops is not None and name.endswith("_tf32"):
             frac = flops / t / tf32_peak
             line = f"{flops / t / 1e12:7.2f} TFLOP/s  {frac:6.1%} of TF32 peak"
+        elif flops is not None and name.endswith("_bf16"):
+            frac = flops / t / (mm16 or mm32)  # bf16 tensor cores run at the fp16 rate
+            line = f"{flops / t / 1e12:7.2f} TFLOP/s  {frac:6.1%} of bf16 peak (fp16 matmul)"
         elif flops is not None:
             frac = flops / t / mm32
             line = f"{flops / t / 1e12:7.2f} TFLOP/s  {frac:6.1%} of fp32 matmul"
