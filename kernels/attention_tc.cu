@@ -23,6 +23,8 @@
 // bf16 tiles are 32-bit words of two bf16, so that a B register is one shared-memory read: a
 // product that contracts over the head dimension reads a row-major tile ([row][d pair]), one
 // that contracts over rows (P.V, dS.K, P^T.dY, dS^T.Q) reads a transposed tile ([d][row pair]).
+// The three kernels are written once, over a precision struct (Tf32, Bf16) that supplies the
+// fragments, the tiles and the two products.
 // Softmax runs in base 2: the scores are pre-multiplied by scale*log2(e).
 // Backward is split like attention.cu (dq kernel over keys, dk/dv kernel over queries), so
 // every output element has one writer: no atomics, deterministic. delta comes from
@@ -76,167 +78,187 @@ __device__ __forceinline__ void tc_zero(float (&acc)[N][4]) {
     for (int n = 0; n < N; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 }
 
-// Shared tile rows [r0, r0+TC_TILE) of a (T, HS) head slice with row stride `stride`, rounded
-// to TF32; rows past T are zero. Rows are padded by 4 floats so that the fragment reads of a
-// warp (8 rows x 4 columns, or 4 row pairs x 8 columns) hit 32 distinct banks.
-template <int HS>
-__device__ void tc_load_tile(float (*tile)[HS + 4], const float* src, long long stride, int r0, int T) {
-    constexpr int V = HS / 4;
-    for (int e = threadIdx.x; e < TC_TILE * V; e += blockDim.x) {
-        int r = e / V, c = (e % V) * 4;
-        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (r0 + r < T) x = *reinterpret_cast<const float4*>(src + (long long)(r0 + r) * stride + c);
-        float4 out;
-        out.x = __uint_as_float(tc_tf32(x.x));
-        out.y = __uint_as_float(tc_tf32(x.y));
-        out.z = __uint_as_float(tc_tf32(x.z));
-        out.w = __uint_as_float(tc_tf32(x.w));
-        *reinterpret_cast<float4*>(&tile[r][c]) = out;
-    }
-}
+// ---- the two precisions -------------------------------------------------------------------------
+// Each is a struct of the head size HS with what the kernels below need of a number format:
+//   Frag                  a warp's 16 rows x HS as A fragments (registers)
+//   Tile<ROWS, COLS>      TC_TILE rows of a head slice in shared memory, as the B operand of a
+//                         product over the head dimension (ROWS: scores) and/or over the rows
+//                         (COLS: P.V, dS.K, P^T.dY, dS^T.Q)
+//   load_rows(a, src, stride, row0, T, mul)   a's rows row0.. (times mul) from global memory
+//   load(tile, src, stride, r0, T)            tile rows r0.. from global memory (no barriers)
+//   scores<N>(s, a, tile, n0)                 s[n] = a . (tile rows (n0+n)*8 .. +7)^T, n < N
+//   GROUP                 8-row groups that make one A fragment of a product over rows (1 or 2)
+//   accumulate(out, p, tile, k0)              out += P . tile rows k0 .. k0 + 8*GROUP - 1, P the
+//                                             GROUP C tiles p[0..GROUP) side by side
+// Rows past T read as zero.
 
-// Keys and values j0.. of one head (base = its q columns in qkv) into ks and vs, between two
-// barriers: the previous tile is consumed before, the new one is complete after.
+// TF32: one float32 tile, rounded to TF32 on load, serves both directions. Rows are padded by 4
+// floats so that the fragment reads of a warp (8 rows x 4 columns, or 4 row pairs x 8 columns)
+// hit 32 distinct banks.
 template <int HS>
-__device__ void tc_load_keys_values(float (*ks)[HS + 4], float (*vs)[HS + 4], const float* base, int C,
-                                    int j0, int T) {
-    __syncthreads();
-    tc_load_tile<HS>(ks, base + C, 3LL * C, j0, T);
-    tc_load_tile<HS>(vs, base + 2 * C, 3LL * C, j0, T);
-    __syncthreads();
-}
+struct __align__(16) TcTf32Tile {
+    float v[TC_TILE][HS + 4];
+};
 
-// A fragments (16 rows x HS) of a warp's rows row0.. of a head slice, times `mul`, from global
-// memory; rows past T are zero.
 template <int HS>
-__device__ void tc_load_rows(unsigned (&a)[HS / 8][4], const float* src, long long stride, int row0,
-                             int T, float mul) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const float* r_lo = src + (long long)(row0 + g) * stride;
-    const float* r_hi = r_lo + 8 * stride;
-    bool lo = row0 + g < T, hi = row0 + g + 8 < T;
+struct Tf32 {
+    static constexpr int GROUP = 1;
+    typedef unsigned Frag[HS / 8][4];
+    template <bool ROWS, bool COLS>
+    using Tile = TcTf32Tile<HS>;
+
+    static __device__ void load_rows(Frag& a, const float* src, long long stride, int row0, int T, float mul) {
+        int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+        const float* r_lo = src + (long long)(row0 + g) * stride;
+        const float* r_hi = r_lo + 8 * stride;
+        bool lo = row0 + g < T, hi = row0 + g + 8 < T;
 #pragma unroll
-    for (int k = 0; k < HS / 8; k++) {
-        a[k][0] = tc_tf32(lo ? r_lo[k * 8 + t] * mul : 0.0f);
-        a[k][1] = tc_tf32(hi ? r_hi[k * 8 + t] * mul : 0.0f);
-        a[k][2] = tc_tf32(lo ? r_lo[k * 8 + t + 4] * mul : 0.0f);
-        a[k][3] = tc_tf32(hi ? r_hi[k * 8 + t + 4] * mul : 0.0f);
-    }
-}
-
-// acc (16 x 8 columns n0..n0+7 of the tile's rows) += A (16 x HS) . tile[n0.., :]^T
-template <int HS>
-__device__ __forceinline__ void tc_dot_rows(float (&acc)[4], const unsigned (&a)[HS / 8][4],
-                                            const float (*tile)[HS + 4], int n0) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-#pragma unroll
-    for (int k = 0; k < HS / 8; k++)
-        tc_mma(acc, a[k], tc_bits(tile[n0 + g][k * 8 + t]), tc_bits(tile[n0 + g][k * 8 + t + 4]));
-}
-
-// s[n] (16 x 8 columns n*8.. of the tile's rows) = A (16 x HS) . tile^T for the whole tile, with
-// the k-steps outermost so that the TC_TILE/8 accumulators form independent mma chains.
-template <int HS>
-__device__ __forceinline__ void tc_scores(float (&s)[TC_TILE / 8][4], const unsigned (&a)[HS / 8][4],
-                                          const float (*tile)[HS + 4]) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    tc_zero(s);
-#pragma unroll
-    for (int k = 0; k < HS / 8; k++)
-#pragma unroll
-        for (int n = 0; n < TC_TILE / 8; n++)
-            tc_mma(s[n], a[k], tc_bits(tile[n * 8 + g][k * 8 + t]), tc_bits(tile[n * 8 + g][k * 8 + t + 4]));
-}
-
-// out (16 x HS) += P (16 x 8 tile rows k0..k0+7, C layout) . tile[k0..k0+7, :]
-template <int HS>
-__device__ __forceinline__ void tc_accumulate(float (&out)[HS / 8][4], const float (&p)[4],
-                                              const float (*tile)[HS + 4], int k0) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const unsigned a[4] = {tc_tf32(p[0]), tc_tf32(p[2]), tc_tf32(p[1]), tc_tf32(p[3])};
-#pragma unroll
-    for (int n = 0; n < HS / 8; n++)
-        tc_mma(out[n], a, tc_bits(tile[k0 + 2 * t][n * 8 + g]), tc_bits(tile[k0 + 2 * t + 1][n * 8 + g]));
-}
-
-// bf16 tiles: rows r0 .. r0+TC_TILE-1 of a (T, HS) float32 head slice (row stride `stride`),
-// rounded to bf16, row-major into `rows` ([row][d/2]) and/or transposed into `cols`
-// ([d][row/2]); rows past T are zero; a null target is skipped. Padding: 4 words a row keeps
-// the fragment reads (8 rows x 4 words) on 32 distinct banks.
-template <int HS>
-__device__ void bw_load_tile(unsigned (*rows)[HS / 2 + 4], unsigned (*cols)[TC_TILE / 2 + 4], const float* src,
-                             long long stride, int r0, int T) {
-    constexpr int Q = HS / 4;  // float4 quads of a row
-    for (int e = threadIdx.x; e < (TC_TILE / 2) * Q; e += blockDim.x) {
-        int p = e / Q, c = (e % Q) * 4, r = r0 + 2 * p;  // row pair p: rows r, r + 1
-        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f), y = x;
-        if (r < T) x = *reinterpret_cast<const float4*>(src + (long long)r * stride + c);
-        if (r + 1 < T) y = *reinterpret_cast<const float4*>(src + (long long)(r + 1) * stride + c);
-        if (rows) {
-            rows[2 * p][c / 2] = bw_pack(x.x, x.y);
-            rows[2 * p][c / 2 + 1] = bw_pack(x.z, x.w);
-            rows[2 * p + 1][c / 2] = bw_pack(y.x, y.y);
-            rows[2 * p + 1][c / 2 + 1] = bw_pack(y.z, y.w);
-        }
-        if (cols) {
-            cols[c][p] = bw_pack(x.x, y.x);
-            cols[c + 1][p] = bw_pack(x.y, y.y);
-            cols[c + 2][p] = bw_pack(x.z, y.z);
-            cols[c + 3][p] = bw_pack(x.w, y.w);
+        for (int k = 0; k < HS / 8; k++) {
+            a[k][0] = tc_tf32(lo ? r_lo[k * 8 + t] * mul : 0.0f);
+            a[k][1] = tc_tf32(hi ? r_hi[k * 8 + t] * mul : 0.0f);
+            a[k][2] = tc_tf32(lo ? r_lo[k * 8 + t + 4] * mul : 0.0f);
+            a[k][3] = tc_tf32(hi ? r_hi[k * 8 + t + 4] * mul : 0.0f);
         }
     }
-}
 
-// bf16 A fragments (16 rows x HS, HS/16 k-steps) of a warp's rows row0.. of a head slice, times
-// `mul`, from global memory; rows past T are zero.
-template <int HS>
-__device__ void bw_load_rows(unsigned (&a)[HS / 16][4], const float* src, long long stride, int row0,
-                             int T, float mul) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const float* r_lo = src + (long long)(row0 + g) * stride;
-    const float* r_hi = r_lo + 8 * stride;
-    bool lo = row0 + g < T, hi = row0 + g + 8 < T;
-    const float2 zero = make_float2(0.0f, 0.0f);
-#pragma unroll
-    for (int k = 0; k < HS / 16; k++) {
-#pragma unroll
-        for (int half = 0; half < 2; half++) {  // columns 2t.. then 2t+8..
-            int c = k * 16 + 2 * t + 8 * half;
-            float2 x = lo ? *reinterpret_cast<const float2*>(r_lo + c) : zero;
-            float2 y = hi ? *reinterpret_cast<const float2*>(r_hi + c) : zero;
-            a[k][2 * half] = bw_pack(x.x * mul, x.y * mul);
-            a[k][2 * half + 1] = bw_pack(y.x * mul, y.y * mul);
+    static __device__ void load(TcTf32Tile<HS>& tile, const float* src, long long stride, int r0, int T) {
+        constexpr int V = HS / 4;
+        for (int e = threadIdx.x; e < TC_TILE * V; e += blockDim.x) {
+            int r = e / V, c = (e % V) * 4;
+            float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (r0 + r < T) x = *reinterpret_cast<const float4*>(src + (long long)(r0 + r) * stride + c);
+            float4 out;
+            out.x = __uint_as_float(tc_tf32(x.x));
+            out.y = __uint_as_float(tc_tf32(x.y));
+            out.z = __uint_as_float(tc_tf32(x.z));
+            out.w = __uint_as_float(tc_tf32(x.w));
+            *reinterpret_cast<float4*>(&tile.v[r][c]) = out;
         }
     }
-}
 
-// s[n] (16 x 8 tile rows (n0+n)*8..) = A (16 x HS) . rows^T for N consecutive 8-row groups,
-// k-steps outermost (N independent mma chains).
-template <int HS, int N>
-__device__ __forceinline__ void bw_scores(float (&s)[N][4], const unsigned (&a)[HS / 16][4],
-                                          const unsigned (*rows)[HS / 2 + 4], int n0) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    tc_zero(s);
+    // k-steps outermost, so that the N accumulators form independent mma chains
+    template <int N>
+    static __device__ __forceinline__ void scores(float (&s)[N][4], const Frag& a, const TcTf32Tile<HS>& tile,
+                                                  int n0) {
+        int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+        tc_zero(s);
 #pragma unroll
-    for (int k = 0; k < HS / 16; k++)
+        for (int k = 0; k < HS / 8; k++)
 #pragma unroll
-        for (int n = 0; n < N; n++)
-            bw_mma(s[n], a[k], rows[(n0 + n) * 8 + g][8 * k + t], rows[(n0 + n) * 8 + g][8 * k + t + 4]);
-}
+            for (int n = 0; n < N; n++) {
+                const float* row = tile.v[(n0 + n) * 8 + g];
+                tc_mma(s[n], a[k], tc_bits(row[k * 8 + t]), tc_bits(row[k * 8 + t + 4]));
+            }
+    }
 
-// out (16 x HS) += P (16 x 16 tile rows k0.., the C tiles p_lo | p_hi) . tile[k0..k0+15, :],
-// read from the transposed tile.
+    // one k-step of 8 tile rows: the C tile p[0] permuted into an A fragment (see the top)
+    static __device__ __forceinline__ void accumulate(float (&out)[HS / 8][4], const float (*p)[4],
+                                                      const TcTf32Tile<HS>& tile, int k0) {
+        int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+        const unsigned a[4] = {tc_tf32(p[0][0]), tc_tf32(p[0][2]), tc_tf32(p[0][1]), tc_tf32(p[0][3])};
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++)
+            tc_mma(out[n], a, tc_bits(tile.v[k0 + 2 * t][n * 8 + g]), tc_bits(tile.v[k0 + 2 * t + 1][n * 8 + g]));
+    }
+};
+
+// bf16: words of two bf16, row-major ([row][d/2]) for ROWS and transposed ([d][row/2]) for
+// COLS, so that each B register is one shared-memory read. Padding by 4 words a row keeps the
+// fragment reads (8 rows x 4 words) on 32 distinct banks.
+template <int HS, bool ROWS, bool COLS>
+struct TcBf16Tile;
+
 template <int HS>
-__device__ __forceinline__ void bw_accumulate(float (&out)[HS / 8][4], const float (&p_lo)[4],
-                                              const float (&p_hi)[4], const unsigned (*cols)[TC_TILE / 2 + 4],
-                                              int k0) {
-    int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const unsigned a[4] = {bw_pack(p_lo[0], p_lo[1]), bw_pack(p_lo[2], p_lo[3]), bw_pack(p_hi[0], p_hi[1]),
-                           bw_pack(p_hi[2], p_hi[3])};
+struct __align__(16) TcBf16Tile<HS, true, false> {
+    unsigned rows[TC_TILE][HS / 2 + 4];
+};
+
+template <int HS>
+struct __align__(16) TcBf16Tile<HS, false, true> {
+    unsigned cols[HS][TC_TILE / 2 + 4];
+};
+
+template <int HS>
+struct __align__(16) TcBf16Tile<HS, true, true> {
+    unsigned rows[TC_TILE][HS / 2 + 4];
+    unsigned cols[HS][TC_TILE / 2 + 4];
+};
+
+template <int HS>
+struct Bf16 {
+    static constexpr int GROUP = 2;
+    typedef unsigned Frag[HS / 16][4];
+    template <bool ROWS, bool COLS>
+    using Tile = TcBf16Tile<HS, ROWS, COLS>;
+
+    static __device__ void load_rows(Frag& a, const float* src, long long stride, int row0, int T, float mul) {
+        int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+        const float* r_lo = src + (long long)(row0 + g) * stride;
+        const float* r_hi = r_lo + 8 * stride;
+        bool lo = row0 + g < T, hi = row0 + g + 8 < T;
+        const float2 zero = make_float2(0.0f, 0.0f);
 #pragma unroll
-    for (int n = 0; n < HS / 8; n++)
-        bw_mma(out[n], a, cols[n * 8 + g][k0 / 2 + t], cols[n * 8 + g][k0 / 2 + t + 4]);
-}
+        for (int k = 0; k < HS / 16; k++)
+#pragma unroll
+            for (int half = 0; half < 2; half++) {  // columns 2t.. then 2t+8..
+                int c = k * 16 + 2 * t + 8 * half;
+                float2 x = lo ? *reinterpret_cast<const float2*>(r_lo + c) : zero;
+                float2 y = hi ? *reinterpret_cast<const float2*>(r_hi + c) : zero;
+                a[k][2 * half] = bw_pack(x.x * mul, x.y * mul);
+                a[k][2 * half + 1] = bw_pack(y.x * mul, y.y * mul);
+            }
+    }
+
+    // a thread takes a row pair and 4 columns, which is what one word of each layout needs
+    template <bool ROWS, bool COLS>
+    static __device__ void load(Tile<ROWS, COLS>& tile, const float* src, long long stride, int r0, int T) {
+        constexpr int Q = HS / 4;
+        for (int e = threadIdx.x; e < (TC_TILE / 2) * Q; e += blockDim.x) {
+            int p = e / Q, c = (e % Q) * 4, r = r0 + 2 * p;  // rows r and r + 1
+            float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f), y = x;
+            if (r < T) x = *reinterpret_cast<const float4*>(src + (long long)r * stride + c);
+            if (r + 1 < T) y = *reinterpret_cast<const float4*>(src + (long long)(r + 1) * stride + c);
+            if constexpr (ROWS) {
+                tile.rows[2 * p][c / 2] = bw_pack(x.x, x.y);
+                tile.rows[2 * p][c / 2 + 1] = bw_pack(x.z, x.w);
+                tile.rows[2 * p + 1][c / 2] = bw_pack(y.x, y.y);
+                tile.rows[2 * p + 1][c / 2 + 1] = bw_pack(y.z, y.w);
+            }
+            if constexpr (COLS) {
+                tile.cols[c][p] = bw_pack(x.x, y.x);
+                tile.cols[c + 1][p] = bw_pack(x.y, y.y);
+                tile.cols[c + 2][p] = bw_pack(x.z, y.z);
+                tile.cols[c + 3][p] = bw_pack(x.w, y.w);
+            }
+        }
+    }
+
+    template <int N, bool COLS>
+    static __device__ __forceinline__ void scores(float (&s)[N][4], const Frag& a, const Tile<true, COLS>& tile,
+                                                  int n0) {
+        int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+        tc_zero(s);
+#pragma unroll
+        for (int k = 0; k < HS / 16; k++)
+#pragma unroll
+            for (int n = 0; n < N; n++) {
+                const unsigned* row = tile.rows[(n0 + n) * 8 + g];
+                bw_mma(s[n], a[k], row[8 * k + t], row[8 * k + t + 4]);
+            }
+    }
+
+    // one k-step of 16 tile rows: the C tiles p[0] | p[1] are one A fragment (see the top)
+    template <bool ROWS>
+    static __device__ __forceinline__ void accumulate(float (&out)[HS / 8][4], const float (*p)[4],
+                                                      const Tile<ROWS, true>& tile, int k0) {
+        int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+        const unsigned a[4] = {bw_pack(p[0][0], p[0][1]), bw_pack(p[0][2], p[0][3]), bw_pack(p[1][0], p[1][1]),
+                               bw_pack(p[1][2], p[1][3])};
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++)
+            bw_mma(out[n], a, tile.cols[n * 8 + g][k0 / 2 + t], tile.cols[n * 8 + g][k0 / 2 + t + 4]);
+    }
+};
 
 // The (batch, head) of this block, from blockIdx.y = b*NH + h, and this thread's place in its warp.
 struct TcHead {
@@ -393,147 +415,48 @@ __device__ __forceinline__ void tc_dkv_p_ds(float (&s)[4], const float (&dp)[4],
     }
 }
 
-// ---- TF32 --------------------------------------------------------------------------------------
+// ---- the kernels, for either precision P -------------------------------------------------------
 
-template <int HS>
+template <class P, int HS>
 __device__ void tc_forward(float* y, float* lse, const float* qkv, int T, int NH, float scale) {
-    __shared__ __align__(16) float ks[TC_TILE][HS + 4];
-    __shared__ __align__(16) float vs[TC_TILE][HS + 4];
+    __shared__ typename P::template Tile<true, false> ks;  // keys: scores
+    __shared__ typename P::template Tile<false, true> vs;  // values: P.V
     TcHead a = tc_head<HS>(qkv, T, NH);
     int i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;  // longest rows first
     int w0 = i0 + a.warp * 16;                        // this warp's first query
-    unsigned qa[HS / 8][4];
-    tc_load_rows<HS>(qa, a.qkv, a.C3, w0, T, scale * TC_LOG2E);
-    float m[2] = {TC_NEG_INF, TC_NEG_INF}, l[2] = {0.0f, 0.0f};
-    float o[HS / 8][4];
-    tc_zero(o);
-    int last = min(i0 + TC_ROWS, T) - 1;
-    for (int j0 = 0; j0 <= last; j0 += TC_TILE) {
-        tc_load_keys_values<HS>(ks, vs, a.qkv, a.C, j0, T);
-        if (j0 > w0 + 15) continue;  // warp-uniform: every key of the tile is in this warp's future
-        float s[TC_TILE / 8][4];
-        tc_scores<HS>(s, qa, ks);
-        tc_online_softmax<HS>(s, m, l, o, j0, w0);
-#pragma unroll
-        for (int n = 0; n < TC_TILE / 8; n++) tc_accumulate<HS>(o, s[n], vs, n * 8);
-    }
-    tc_finish_forward<HS>(y + a.y_off, a.C, lse + (long long)blockIdx.y * T, o, m, l, w0, T);
-}
-
-// dq_i = scale * sum_j p_ij (dy_i . v_j - delta_i) k_j over keys j <= i.
-template <int HS>
-__device__ void tc_backward_dq(float* dqkv, const float* qkv, const float* dy, const float* lse,
-                               const float* delta, int T, int NH, float scale) {
-    __shared__ __align__(16) float ks[TC_TILE][HS + 4];
-    __shared__ __align__(16) float vs[TC_TILE][HS + 4];
-    TcHead a = tc_head<HS>(qkv, T, NH);
-    int i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;
-    int w0 = i0 + a.warp * 16;
-    unsigned qa[HS / 8][4], da[HS / 8][4];
-    tc_load_rows<HS>(qa, a.qkv, a.C3, w0, T, scale * TC_LOG2E);
-    tc_load_rows<HS>(da, dy + a.y_off, a.C, w0, T, 1.0f);
-    float lse2[2], dl[2];
-    tc_row_stats(lse2, dl, lse + (long long)blockIdx.y * T, delta + (long long)blockIdx.y * T, w0, T);
-    float dq[HS / 8][4];
-    tc_zero(dq);
-    int last = min(i0 + TC_ROWS, T) - 1;
-    for (int j0 = 0; j0 <= last; j0 += TC_TILE) {
-        tc_load_keys_values<HS>(ks, vs, a.qkv, a.C, j0, T);
-        if (j0 > w0 + 15) continue;  // warp-uniform: every key of the tile is in this warp's future
-#pragma unroll
-        for (int n = 0; n < TC_TILE / 8; n++) {
-            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            tc_dot_rows<HS>(s, qa, ks, n * 8);
-            tc_dot_rows<HS>(dp, da, vs, n * 8);
-            tc_dq_ds(s, dp, j0 + n * 8, w0, lse2, dl);
-            tc_accumulate<HS>(dq, s, ks, n * 8);
-        }
-    }
-    tc_store_rows<HS>(dqkv + (a.qkv - qkv), a.C3, dq, w0, T, scale, scale);
-}
-
-// dv_j = sum_i p_ij dy_i,  dk_j = scale * sum_i p_ij (dy_i . v_j - delta_i) q_i over queries i >= j.
-template <int HS>
-__device__ void tc_backward_dkv(float* dqkv, const float* qkv, const float* dy, const float* lse,
-                                const float* delta, int T, int NH, float scale) {
-    __shared__ __align__(16) float qs[TC_TILE][HS + 4];
-    __shared__ __align__(16) float dys[TC_TILE][HS + 4];
-    __shared__ float lse2s[TC_TILE], dls[TC_TILE];
-    TcHead a = tc_head<HS>(qkv, T, NH);
-    int j0 = blockIdx.x * TC_ROWS;  // the first blocks see the most queries
-    int w0 = j0 + a.warp * 16;      // this warp's first key
-    unsigned ka[HS / 8][4], va[HS / 8][4];
-    tc_load_rows<HS>(ka, a.qkv + a.C, a.C3, w0, T, scale * TC_LOG2E);
-    tc_load_rows<HS>(va, a.qkv + 2 * a.C, a.C3, w0, T, 1.0f);
-    float dk[HS / 8][4], dv[HS / 8][4];
-    tc_zero(dk);
-    tc_zero(dv);
-    for (int it = j0; it < T; it += TC_TILE) {
-        __syncthreads();
-        tc_load_tile<HS>(qs, a.qkv, a.C3, it, T);
-        tc_load_tile<HS>(dys, dy + a.y_off, a.C, it, T);
-        tc_load_query_stats(lse2s, dls, lse + (long long)blockIdx.y * T, delta + (long long)blockIdx.y * T, it, T);
-        __syncthreads();
-        if (it + TC_TILE - 1 < w0) continue;  // warp-uniform: every query is before this warp's keys
-#pragma unroll
-        for (int n = 0; n < TC_TILE / 8; n++) {
-            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, dp[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ds[4];
-            tc_dot_rows<HS>(s, ka, qs, n * 8);  // s^T: rows keys, columns queries
-            tc_dot_rows<HS>(dp, va, dys, n * 8);
-            tc_dkv_p_ds(s, dp, ds, n * 8, it, w0, lse2s, dls);
-            tc_accumulate<HS>(dv, s, dys, n * 8);
-            tc_accumulate<HS>(dk, ds, qs, n * 8);
-        }
-    }
-    float* out = dqkv + (a.qkv - qkv);
-    tc_store_rows<HS>(out + a.C, a.C3, dk, w0, T, scale, scale);
-    tc_store_rows<HS>(out + 2 * a.C, a.C3, dv, w0, T, 1.0f, 1.0f);
-}
-
-// ---- bf16 --------------------------------------------------------------------------------------
-// The same three kernels on bf16 fragments: scores in pairs of 8-row groups (16 keys or queries
-// make one A fragment), the products over rows from the transposed tiles.
-
-template <int HS>
-__device__ void bw_forward(float* y, float* lse, const float* qkv, int T, int NH, float scale) {
-    __shared__ __align__(16) unsigned ks[TC_TILE][HS / 2 + 4];
-    __shared__ __align__(16) unsigned vt[HS][TC_TILE / 2 + 4];
-    TcHead a = tc_head<HS>(qkv, T, NH);
-    int i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;  // longest rows first
-    int w0 = i0 + a.warp * 16;
-    unsigned qa[HS / 16][4];
-    bw_load_rows<HS>(qa, a.qkv, a.C3, w0, T, scale * TC_LOG2E);
+    typename P::Frag qa;
+    P::load_rows(qa, a.qkv, a.C3, w0, T, scale * TC_LOG2E);
     float m[2] = {TC_NEG_INF, TC_NEG_INF}, l[2] = {0.0f, 0.0f};
     float o[HS / 8][4];
     tc_zero(o);
     int last = min(i0 + TC_ROWS, T) - 1;
     for (int j0 = 0; j0 <= last; j0 += TC_TILE) {
         __syncthreads();  // the previous tile is consumed
-        bw_load_tile<HS>(ks, nullptr, a.qkv + a.C, a.C3, j0, T);
-        bw_load_tile<HS>(nullptr, vt, a.qkv + 2 * a.C, a.C3, j0, T);
+        P::load(ks, a.qkv + a.C, a.C3, j0, T);
+        P::load(vs, a.qkv + 2 * a.C, a.C3, j0, T);
         __syncthreads();
         if (j0 > w0 + 15) continue;  // warp-uniform: every key of the tile is in this warp's future
         float s[TC_TILE / 8][4];
-        bw_scores<HS, TC_TILE / 8>(s, qa, ks, 0);
+        P::template scores<TC_TILE / 8>(s, qa, ks, 0);
         tc_online_softmax<HS>(s, m, l, o, j0, w0);
 #pragma unroll
-        for (int n = 0; n < TC_TILE / 8; n += 2) bw_accumulate<HS>(o, s[n], s[n + 1], vt, n * 8);
+        for (int n = 0; n < TC_TILE / 8; n += P::GROUP) P::accumulate(o, &s[n], vs, n * 8);
     }
     tc_finish_forward<HS>(y + a.y_off, a.C, lse + (long long)blockIdx.y * T, o, m, l, w0, T);
 }
 
-template <int HS>
-__device__ void bw_backward_dq(float* dqkv, const float* qkv, const float* dy, const float* lse,
+// dq_i = scale * sum_j p_ij (dy_i . v_j - delta_i) k_j over keys j <= i.
+template <class P, int HS>
+__device__ void tc_backward_dq(float* dqkv, const float* qkv, const float* dy, const float* lse,
                                const float* delta, int T, int NH, float scale) {
-    __shared__ __align__(16) unsigned ks[TC_TILE][HS / 2 + 4];
-    __shared__ __align__(16) unsigned vs[TC_TILE][HS / 2 + 4];
-    __shared__ __align__(16) unsigned kt[HS][TC_TILE / 2 + 4];
+    __shared__ typename P::template Tile<true, true> ks;   // keys: scores and dS.K
+    __shared__ typename P::template Tile<true, false> vs;  // values: dp = dy . v
     TcHead a = tc_head<HS>(qkv, T, NH);
     int i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;
     int w0 = i0 + a.warp * 16;
-    unsigned qa[HS / 16][4], da[HS / 16][4];
-    bw_load_rows<HS>(qa, a.qkv, a.C3, w0, T, scale * TC_LOG2E);
-    bw_load_rows<HS>(da, dy + a.y_off, a.C, w0, T, 1.0f);
+    typename P::Frag qa, da;
+    P::load_rows(qa, a.qkv, a.C3, w0, T, scale * TC_LOG2E);
+    P::load_rows(da, dy + a.y_off, a.C, w0, T, 1.0f);
     float lse2[2], dl[2];
     tc_row_stats(lse2, dl, lse + (long long)blockIdx.y * T, delta + (long long)blockIdx.y * T, w0, T);
     float dq[HS / 8][4];
@@ -541,56 +464,55 @@ __device__ void bw_backward_dq(float* dqkv, const float* qkv, const float* dy, c
     int last = min(i0 + TC_ROWS, T) - 1;
     for (int j0 = 0; j0 <= last; j0 += TC_TILE) {
         __syncthreads();
-        bw_load_tile<HS>(ks, kt, a.qkv + a.C, a.C3, j0, T);
-        bw_load_tile<HS>(vs, nullptr, a.qkv + 2 * a.C, a.C3, j0, T);
+        P::load(ks, a.qkv + a.C, a.C3, j0, T);
+        P::load(vs, a.qkv + 2 * a.C, a.C3, j0, T);
         __syncthreads();
         if (j0 > w0 + 15) continue;
 #pragma unroll
-        for (int n = 0; n < TC_TILE / 8; n += 2) {
-            float s[2][4], dp[2][4];
-            bw_scores<HS, 2>(s, qa, ks, n);
-            bw_scores<HS, 2>(dp, da, vs, n);
-            tc_dq_ds(s[0], dp[0], j0 + n * 8, w0, lse2, dl);
-            tc_dq_ds(s[1], dp[1], j0 + n * 8 + 8, w0, lse2, dl);
-            bw_accumulate<HS>(dq, s[0], s[1], kt, n * 8);
+        for (int n = 0; n < TC_TILE / 8; n += P::GROUP) {  // the keys of one A fragment of dS
+            float s[P::GROUP][4], dp[P::GROUP][4];
+            P::template scores<P::GROUP>(s, qa, ks, n);
+            P::template scores<P::GROUP>(dp, da, vs, n);
+#pragma unroll
+            for (int u = 0; u < P::GROUP; u++) tc_dq_ds(s[u], dp[u], j0 + (n + u) * 8, w0, lse2, dl);
+            P::accumulate(dq, s, ks, n * 8);
         }
     }
     tc_store_rows<HS>(dqkv + (a.qkv - qkv), a.C3, dq, w0, T, scale, scale);
 }
 
-template <int HS>
-__device__ void bw_backward_dkv(float* dqkv, const float* qkv, const float* dy, const float* lse,
+// dv_j = sum_i p_ij dy_i,  dk_j = scale * sum_i p_ij (dy_i . v_j - delta_i) q_i over queries i >= j.
+template <class P, int HS>
+__device__ void tc_backward_dkv(float* dqkv, const float* qkv, const float* dy, const float* lse,
                                 const float* delta, int T, int NH, float scale) {
-    __shared__ __align__(16) unsigned qs[TC_TILE][HS / 2 + 4];
-    __shared__ __align__(16) unsigned dys[TC_TILE][HS / 2 + 4];
-    __shared__ __align__(16) unsigned qt[HS][TC_TILE / 2 + 4];
-    __shared__ __align__(16) unsigned dyt[HS][TC_TILE / 2 + 4];
+    __shared__ typename P::template Tile<true, true> qs;   // queries: scores^T and dS^T.Q
+    __shared__ typename P::template Tile<true, true> dys;  // dy: dp^T and P^T.dY
     __shared__ float lse2s[TC_TILE], dls[TC_TILE];
     TcHead a = tc_head<HS>(qkv, T, NH);
-    int j0 = blockIdx.x * TC_ROWS;
-    int w0 = j0 + a.warp * 16;
-    unsigned ka[HS / 16][4], va[HS / 16][4];
-    bw_load_rows<HS>(ka, a.qkv + a.C, a.C3, w0, T, scale * TC_LOG2E);
-    bw_load_rows<HS>(va, a.qkv + 2 * a.C, a.C3, w0, T, 1.0f);
+    int j0 = blockIdx.x * TC_ROWS;  // the first blocks see the most queries
+    int w0 = j0 + a.warp * 16;      // this warp's first key
+    typename P::Frag ka, va;
+    P::load_rows(ka, a.qkv + a.C, a.C3, w0, T, scale * TC_LOG2E);
+    P::load_rows(va, a.qkv + 2 * a.C, a.C3, w0, T, 1.0f);
     float dk[HS / 8][4], dv[HS / 8][4];
     tc_zero(dk);
     tc_zero(dv);
     for (int it = j0; it < T; it += TC_TILE) {
         __syncthreads();
-        bw_load_tile<HS>(qs, qt, a.qkv, a.C3, it, T);
-        bw_load_tile<HS>(dys, dyt, dy + a.y_off, a.C, it, T);
+        P::load(qs, a.qkv, a.C3, it, T);
+        P::load(dys, dy + a.y_off, a.C, it, T);
         tc_load_query_stats(lse2s, dls, lse + (long long)blockIdx.y * T, delta + (long long)blockIdx.y * T, it, T);
         __syncthreads();
-        if (it + TC_TILE - 1 < w0) continue;
+        if (it + TC_TILE - 1 < w0) continue;  // warp-uniform: every query is before this warp's keys
 #pragma unroll
-        for (int n = 0; n < TC_TILE / 8; n += 2) {
-            float s[2][4], dp[2][4], ds[2][4];
-            bw_scores<HS, 2>(s, ka, qs, n);  // s^T: rows keys, columns queries
-            bw_scores<HS, 2>(dp, va, dys, n);
-            tc_dkv_p_ds(s[0], dp[0], ds[0], n * 8, it, w0, lse2s, dls);
-            tc_dkv_p_ds(s[1], dp[1], ds[1], n * 8 + 8, it, w0, lse2s, dls);
-            bw_accumulate<HS>(dv, s[0], s[1], dyt, n * 8);
-            bw_accumulate<HS>(dk, ds[0], ds[1], qt, n * 8);
+        for (int n = 0; n < TC_TILE / 8; n += P::GROUP) {  // the queries of one A fragment of P^T, dS^T
+            float s[P::GROUP][4], dp[P::GROUP][4], ds[P::GROUP][4];
+            P::template scores<P::GROUP>(s, ka, qs, n);  // s^T: rows keys, columns queries
+            P::template scores<P::GROUP>(dp, va, dys, n);
+#pragma unroll
+            for (int u = 0; u < P::GROUP; u++) tc_dkv_p_ds(s[u], dp[u], ds[u], (n + u) * 8, it, w0, lse2s, dls);
+            P::accumulate(dv, s, dys, n * 8);
+            P::accumulate(dk, ds, qs, n * 8);
         }
     }
     float* out = dqkv + (a.qkv - qkv);
@@ -600,26 +522,26 @@ __device__ void bw_backward_dkv(float* dqkv, const float* qkv, const float* dy, 
 
 // One set of entry points per precision and supported head size (the fragments live in
 // registers, so HS is a compile-time constant); llmpi/gpu_ops.py falls back to attention.cu for
-// other sizes. PREFIX picks the device functions (tc_ or bw_), NAME the entry-point suffix.
-#define TC_ENTRY_POINTS(PREFIX, NAME, HS)                                                              \
+// other sizes.
+#define TC_ENTRY_POINTS(PRECISION, NAME, HS)                                                           \
     extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)                                        \
     attention_forward_##NAME##HS(float* y, float* lse, const float* qkv, int T, int NH, float scale) { \
-        PREFIX##forward<HS>(y, lse, qkv, T, NH, scale);                                                \
+        tc_forward<PRECISION<HS>, HS>(y, lse, qkv, T, NH, scale);                                      \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)                                        \
     attention_backward_dq_##NAME##HS(float* dqkv, const float* qkv, const float* dy, const float* lse, \
                                      const float* delta, int T, int NH, float scale) {                 \
-        PREFIX##backward_dq<HS>(dqkv, qkv, dy, lse, delta, T, NH, scale);                              \
+        tc_backward_dq<PRECISION<HS>, HS>(dqkv, qkv, dy, lse, delta, T, NH, scale);                    \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)                                        \
     attention_backward_dkv_##NAME##HS(float* dqkv, const float* qkv, const float* dy, const float* lse,\
                                       const float* delta, int T, int NH, float scale) {                \
-        PREFIX##backward_dkv<HS>(dqkv, qkv, dy, lse, delta, T, NH, scale);                             \
+        tc_backward_dkv<PRECISION<HS>, HS>(dqkv, qkv, dy, lse, delta, T, NH, scale);                   \
     }
 
-TC_ENTRY_POINTS(tc_, tc, 16)
-TC_ENTRY_POINTS(tc_, tc, 32)
-TC_ENTRY_POINTS(tc_, tc, 64)
-TC_ENTRY_POINTS(bw_, bf16_, 16)
-TC_ENTRY_POINTS(bw_, bf16_, 32)
-TC_ENTRY_POINTS(bw_, bf16_, 64)
+TC_ENTRY_POINTS(Tf32, tc, 16)
+TC_ENTRY_POINTS(Tf32, tc, 32)
+TC_ENTRY_POINTS(Tf32, tc, 64)
+TC_ENTRY_POINTS(Bf16, bf16_, 16)
+TC_ENTRY_POINTS(Bf16, bf16_, 32)
+TC_ENTRY_POINTS(Bf16, bf16_, 64)
