@@ -65,34 +65,39 @@ inline unsigned emu_tf32(float x) {
     return (u + 0x1000u) & 0xffffe000u;
 }
 
-// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += a b, with the PTX ISA's fragment
-// layout: lane = 4g + t; A a0..a3 at (g,t) (g+8,t) (g,t+4) (g+8,t+4); B b0,b1 at (t,g) (t+4,g);
-// D d0..d3 at (g,2t) (g,2t+1) (g+8,2t) (g+8,2t+1). The hardware ignores the low 13 bits.
-inline void emu_mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+// One warp-wide mma.sync, d += A (16 x K) B (K x 8): every lane hands its registers a0..a3, b0, b1
+// to the warp, each lane rebuilds A and B with unpack(registers, g, t, A, B) for every lane
+// (lane = 4g + t) and computes its own four elements of D, at (g,2t) (g,2t+1) (g+8,2t) (g+8,2t+1).
+template <int K, class Unpack>
+inline void emu_mma_k(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, Unpack unpack) {
     int w = threadIdx.x / 32, l = threadIdx.x % 32;
     for (int i = 0; i < 4; i++) emu_fragment[w][l][i] = a[i];
     emu_fragment[w][l][4] = b0;
     emu_fragment[w][l][5] = b1;
     emu_warp_barrier[w]->arrive_and_wait();
-    float A[16][8], B[8][8];
-    for (int lane = 0; lane < 32; lane++) {
-        int g = lane / 4, t = lane % 4;
-        const unsigned* f = emu_fragment[w][lane];
+    float A[16][K], B[K][8];
+    for (int lane = 0; lane < 32; lane++) unpack(emu_fragment[w][lane], lane / 4, lane % 4, A, B);
+    emu_warp_barrier[w]->arrive_and_wait();
+    int g = l / 4, t = l % 4;
+    for (int e = 0; e < 4; e++) {
+        int r = g + 8 * (e >> 1), c = 2 * t + (e & 1);
+        float s = 0.0f;
+        for (int k = 0; k < K; k++) s += A[r][k] * B[k][c];
+        d[e] += s;
+    }
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (PTX ISA layout): A a0..a3 at (g,t)
+// (g+8,t) (g,t+4) (g+8,t+4); B b0,b1 at (t,g) (t+4,g). The hardware ignores the low 13 bits.
+inline void emu_mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    emu_mma_k<8>(d, a, b0, b1, [](const unsigned* f, int g, int t, float (&A)[16][8], float (&B)[8][8]) {
         A[g][t] = __uint_as_float(f[0] & 0xffffe000u);
         A[g + 8][t] = __uint_as_float(f[1] & 0xffffe000u);
         A[g][t + 4] = __uint_as_float(f[2] & 0xffffe000u);
         A[g + 8][t + 4] = __uint_as_float(f[3] & 0xffffe000u);
         B[t][g] = __uint_as_float(f[4] & 0xffffe000u);
         B[t + 4][g] = __uint_as_float(f[5] & 0xffffe000u);
-    }
-    emu_warp_barrier[w]->arrive_and_wait();
-    int g = l / 4, t = l % 4;
-    for (int e = 0; e < 4; e++) {
-        int r = g + 8 * (e >> 1), c = 2 * t + (e & 1);
-        float s = 0.0f;
-        for (int k = 0; k < 8; k++) s += A[r][k] * B[k][c];
-        d[e] += s;
-    }
+    });
 }
 
 // cvt.rn.bf16x2.f32: hi and lo rounded to bf16 (nearest even), hi in the upper half.
@@ -102,40 +107,22 @@ inline unsigned emu_bf16_bits(float x) {
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 inline unsigned emu_bf16x2(float hi, float lo) { return (emu_bf16_bits(hi) << 16) | emu_bf16_bits(lo); }
-inline float emu_bf16_value(unsigned bits16) { return __uint_as_float(bits16 << 16); }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += a b, with the PTX ISA's fragment
-// layout: lane = 4g + t, two bf16 per register (the lower column or row in the low half);
-// A a0..a3 at (g, 2t..2t+1) (g+8, 2t..2t+1) (g, 2t+8..2t+9) (g+8, 2t+8..2t+9);
-// B b0, b1 at rows 2t..2t+1 and 2t+8..2t+9 of column g; D as for m16n8k8.
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA layout), two bf16 per register,
+// the lower column (A) or row (B) in the low half: A registers at (g, 2t..2t+1) (g+8, 2t..2t+1)
+// (g, 2t+8..2t+9) (g+8, 2t+8..2t+9); B registers at rows 2t..2t+1 and 2t+8..2t+9 of column g.
 inline void emu_mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    for (int i = 0; i < 4; i++) emu_fragment[w][l][i] = a[i];
-    emu_fragment[w][l][4] = b0;
-    emu_fragment[w][l][5] = b1;
-    emu_warp_barrier[w]->arrive_and_wait();
-    float A[16][16], B[16][8];
-    for (int lane = 0; lane < 32; lane++) {
-        int g = lane / 4, t = lane % 4;
-        const unsigned* f = emu_fragment[w][lane];
-        for (int h = 0; h < 2; h++) {  // the low and the high half of each register
-            int shift = 16 * h;
-            A[g][2 * t + h] = emu_bf16_value((f[0] >> shift) & 0xffffu);
-            A[g + 8][2 * t + h] = emu_bf16_value((f[1] >> shift) & 0xffffu);
-            A[g][2 * t + 8 + h] = emu_bf16_value((f[2] >> shift) & 0xffffu);
-            A[g + 8][2 * t + 8 + h] = emu_bf16_value((f[3] >> shift) & 0xffffu);
-            B[2 * t + h][g] = emu_bf16_value((f[4] >> shift) & 0xffffu);
-            B[2 * t + 8 + h][g] = emu_bf16_value((f[5] >> shift) & 0xffffu);
+    emu_mma_k<16>(d, a, b0, b1, [](const unsigned* f, int g, int t, float (&A)[16][16], float (&B)[16][8]) {
+        for (int h = 0; h < 2; h++) {  // the low, then the high half of each register
+            auto value = [h](unsigned reg) { return __uint_as_float(((reg >> (16 * h)) & 0xffffu) << 16); };
+            A[g][2 * t + h] = value(f[0]);
+            A[g + 8][2 * t + h] = value(f[1]);
+            A[g][2 * t + 8 + h] = value(f[2]);
+            A[g + 8][2 * t + 8 + h] = value(f[3]);
+            B[2 * t + h][g] = value(f[4]);
+            B[2 * t + 8 + h][g] = value(f[5]);
         }
-    }
-    emu_warp_barrier[w]->arrive_and_wait();
-    int g = l / 4, t = l % 4;
-    for (int e = 0; e < 4; e++) {
-        int r = g + 8 * (e >> 1), c = 2 * t + (e & 1);
-        float s = 0.0f;
-        for (int k = 0; k < 16; k++) s += A[r][k] * B[k][c];
-        d[e] += s;
-    }
+    });
 }
 
 // A returned thread stops counting at the barriers, as an exited CUDA thread does.
