@@ -66,7 +66,7 @@ if want baby; then
             "$PY" -m llmpi.compare "$runs/float32" "$runs/bf16" &&
             "$PY" - "$runs" <<'PY'
 import sys
-from llmpi import metrics
+from llmpi.training import metrics
 fp32, bf16 = (metrics.read(f"{sys.argv[1]}/{r}/metrics.h5")["evals"]["val_loss"][-1] for r in ("float32", "bf16"))
 gap = abs(bf16 - fp32) / fp32
 print(f"baby val loss: float32 {fp32:.4f}, bf16 {bf16:.4f}, gap {100 * gap:.2f}% (target <= 1%)")

@@ -1,7 +1,7 @@
 """`python -m llmpi COMMAND`: small tools live here; the big entry points have their own modules."""
 import sys
 
-from .comm.util import run_main
+from .cli import run_main
 from .errors import UserError
 
 # Commands that are modules of their own: say where they are instead of wrapping them,

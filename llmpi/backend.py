@@ -1,14 +1,17 @@
 """Choose the array module `xp` (NumPy or CuPy) once per process.
 
-Only this module and the kernel loader import cupy. Code that must run on both
-takes the module from its inputs with `array_module(a)`.
+Only this module and llmpi/gpu/ import cupy. Code that must run on both takes the module
+from its inputs with `array_module(a)`; what differs between host and device memory beyond
+that (copies, staging, addresses, a scatter-add) is here.
 """
 import os
 
 import numpy as np
 
+from .cli import keep_freed_memory
 from .errors import UserError
 
+DEVICES = ("cpu", "gpu", "auto")  # train.device
 xp = np
 device_name = "cpu"
 
@@ -41,11 +44,12 @@ def select(device: str = "cpu", local_rank: int = 0):
     on one node spread over its GPUs (and share them when there are more ranks).
     """
     global xp, device_name
-    if device not in ("auto", "cpu", "gpu"):
-        raise UserError(f"device must be one of auto, cpu, gpu (got {device!r})")
+    if device not in DEVICES:
+        raise UserError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
     if device == "auto":
         device = "gpu" if gpu_available() else "cpu"
     if device == "cpu":
+        keep_freed_memory()  # NumPy's activation temporaries reuse heap memory (see there)
         xp, device_name = np, "cpu"
         return xp
     if not gpu_available():
@@ -66,6 +70,25 @@ def to_host(a):
     if is_device_array(a):
         return a.get()
     return np.asarray(a)
+
+
+def address(a) -> int:
+    """Device (CuPy) or host (NumPy) address of a's first element, for alignment checks."""
+    data = a.data
+    return data.ptr if hasattr(data, "ptr") else a.ctypes.data
+
+
+def scatter_add_rows(target, index, rows):
+    """target[index[i]] += rows[i] for every i, repeated indices accumulating (which fancy-index
+    += would not do). On the host equal-index rows are summed with one sorted reduceat, several
+    times faster than np.add.at; CuPy has add.at only."""
+    if is_device_array(target):
+        array_module(target).add.at(target, index, rows)
+        return
+    order = np.argsort(index, kind="stable")
+    sorted_index = index[order]
+    starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
+    target[sorted_index[starts]] += np.add.reduceat(rows[order], starts, axis=0)
 
 
 def pinned_empty(n, dtype):

@@ -11,9 +11,10 @@ import sys
 
 import numpy as np
 
-from . import metrics
-from .comm.util import ArgumentParser, agree, rank
+from .cli import ArgumentParser, run_main
+from .comm.world import agree, rank
 from .errors import UserError
+from .training import metrics
 
 
 def load_run(run_dir):
@@ -143,5 +144,4 @@ def _run(args):
 
 
 if __name__ == "__main__":
-    from .comm.util import run_main
     sys.exit(run_main(command, prog="llmpi.compare") or 0)

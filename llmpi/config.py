@@ -14,7 +14,13 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
+from . import backend, training
+from .comm import allreduce, device, rma
+from .data import sampler
 from .errors import UserError
+from .model import gpt
+from .parallel import allocate
+from .training import async_rma, optim
 
 JOBS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
 PACKAGED_JOBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_jobs")
@@ -27,18 +33,18 @@ class ModelConfig:
     n_layer: int = 2           # transformer blocks
     n_head: int = 4            # attention heads; must divide n_embd
     n_embd: int = 64           # channels C
-    dtype: str = "float32"     # float32 | float64 (gradient checks) | bf16 (GPU compute, fp32 master)
+    dtype: str = "float32"     # float64 for gradient checks; bf16: GPU compute, float32 master weights
 
 
 @dataclass
 class DataConfig:
     path: str = ""             # prepared .h5 file; "" = the built-in stdlib corpus (prepared on first use)
-    sharding: str = "random"   # random | contiguous | strided | hashed (see llmpi.data.Sampler)
+    sharding: str = "random"   # which windows each rank reads (data/README.md)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"        # adamw | sgd
+    name: str = "adamw"        # the optimizer (llmpi.training.optim)
     lr: float = 1e-3           # peak learning rate
     beta1: float = 0.9         # AdamW first-moment decay
     beta2: float = 0.99        # AdamW second-moment decay
@@ -68,22 +74,22 @@ class TrainConfig:
     seed: int = 1337           # model init and sampling
     out_dir: str = "runs"      # run directories live here
     run_name: str = ""         # "" = the job file's name
-    device: str = "cpu"        # cpu | gpu | auto
-    threads: int = 1           # CPU compute threads per rank, each on a slice of the batch (llmpi.threaded)
+    device: str = "cpu"        # auto: the GPU when CuPy sees one
+    threads: int = 1           # CPU compute threads per rank, each on a slice of the batch (llmpi.parallel.threaded)
 
 
 @dataclass
 class ParallelConfig:
-    mode: str = "sync"         # sync | async
-    allreduce: str = "mpi"     # mpi | ring | nccl
+    mode: str = "sync"         # sync: all-reduce every step; async: one-sided RMA windows
+    allreduce: str = "mpi"     # the gradient all-reduce (llmpi.comm.allreduce)
     bucket_mb: float = 0.0     # all-reduce in buckets of this many MiB; 0 = one call on the flat buffer
     overlap: bool = False      # start bucket reductions during backward (non-blocking)
-    cuda_aware_mpi: str = "auto"  # GPU buffers straight to MPI: auto (ask the library) | yes | no (pinned host staging)
-    balance: str = "none"      # none | static | dynamic (llmpi.allocate)
+    cuda_aware_mpi: str = "auto"  # GPU buffers straight to MPI: auto (ask the library), or pinned host staging (no)
+    balance: str = "none"      # batch shares by measured speed (llmpi.parallel.allocate)
     balance_interval: int = 20 # dynamic: re-allocate every K steps
-    server: str = "sharded"    # async: sharded windows over all ranks | rank0 parameter server
+    server: str = "sharded"    # async: windows sharded over all ranks, or a rank0 parameter server
     max_staleness: int = -1    # async: re-pull when the pull is more than s versions old; -1 = unbounded
-    async_lr: str = "auto"     # async push size: per_sample (lr/P) | sqrt (lr/sqrt(P)) | full (lr) | auto (sqrt for adamw, per_sample for sgd)
+    async_lr: str = "auto"     # async push: per_sample lr/P, sqrt lr/sqrt(P), full lr; auto: sqrt (adamw), per_sample (sgd)
     slowdown: str = ""         # straggler simulation "RANK=FACTOR[,RANK=FACTOR]"
 
 
@@ -97,17 +103,18 @@ class Job:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
+# The allowed values of the keys that name a choice, each read from the module that implements it.
 CHOICES = {
-    "model.dtype": ("float32", "float64", "bf16"),
-    "data.sharding": ("random", "contiguous", "strided", "hashed"),
-    "optim.name": ("adamw", "sgd"),
-    "train.device": ("cpu", "gpu", "auto"),
-    "parallel.mode": ("sync", "async"),
-    "parallel.allreduce": ("mpi", "ring", "nccl"),
-    "parallel.cuda_aware_mpi": ("auto", "yes", "no"),
-    "parallel.balance": ("none", "static", "dynamic"),
-    "parallel.server": ("sharded", "rank0"),
-    "parallel.async_lr": ("auto", "per_sample", "sqrt", "full"),
+    "model.dtype": tuple(gpt.DTYPES),
+    "data.sharding": sampler.STRATEGIES,
+    "optim.name": optim.OPTIMIZERS,
+    "train.device": backend.DEVICES,
+    "parallel.mode": tuple(training.LOOPS),
+    "parallel.allreduce": tuple(allreduce.ALGORITHMS),
+    "parallel.cuda_aware_mpi": device.SETTINGS,
+    "parallel.balance": allocate.MODES,
+    "parallel.server": rma.SERVERS,
+    "parallel.async_lr": async_rma.PUSH_RULES,
 }
 
 
@@ -288,5 +295,9 @@ def describe() -> str:
         cls = type(getattr(Job(), sec.name))
         for f in fields(cls):
             default = getattr(cls(), f.name)
-            out.append(f"  {sec.name}.{f.name} = {default!r}\n      {comments.get((cls.__name__, f.name), '')}")
+            key = f"{sec.name}.{f.name}"
+            text = comments.get((cls.__name__, f.name), "")
+            if key in CHOICES:
+                text = f"one of: {' | '.join(CHOICES[key])}" + (f"; {text}" if text else "")
+            out.append(f"  {key} = {default!r}\n      {text}")
     return "\n".join(out)

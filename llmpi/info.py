@@ -17,10 +17,11 @@ from mpi4py import MPI
 import llmpi
 
 from . import backend
+from .cli import THREAD_VARS, ArgumentParser
 from .comm.device import mpi_cuda_support
-from .comm.util import ArgumentParser, rprint
-
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+from .comm.world import rprint
+from .errors import UserError
+from .gpu.loader import kernel_dir as find_kernel_dir
 CUPY_DISTS = ("cupy", "cupy-cuda12x", "cupy-cuda11x", "cupy-cuda13x", "cupy-rocm-5-0")
 
 
@@ -64,12 +65,11 @@ def blas_name() -> str:
 
 def kernel_dir() -> str:
     """Where the CUDA sources are: next to the installed package, else the repo's kernels/."""
-    here = os.path.dirname(os.path.abspath(llmpi.__file__))
-    for d in (os.path.join(here, "_kernels"), os.path.join(os.path.dirname(here), "kernels")):
-        if os.path.isdir(d):
-            n = len([f for f in os.listdir(d) if f.endswith(".cu")])
-            return f"{d} ({n} .cu files)"
-    return "not found"
+    try:
+        d = find_kernel_dir()
+    except UserError:
+        return "not found"
+    return f"{d} ({len([f for f in os.listdir(d) if f.endswith('.cu')])} .cu files)"
 
 
 def node_count(comm) -> int:
@@ -112,7 +112,7 @@ def collect(comm=None) -> dict:
 
 def main(argv=None):
     p = ArgumentParser(prog="python -m llmpi info",
-                                description="Print versions, the MPI world and thread settings (rank 0).")
+                       description="Print versions, the MPI world and thread settings (rank 0).")
     p.add_argument("--json", action="store_true", help="one JSON object instead of aligned lines")
     args = p.parse_args(argv)
     info = collect()

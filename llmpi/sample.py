@@ -4,8 +4,12 @@ import sys
 
 import numpy as np
 
-from .comm.util import ArgumentParser, rank, run_main
+from .cli import ArgumentParser, run_main
+from .comm.world import rank
+from .data import TokenFile, default_data_path
 from .errors import UserError
+from .model.gpt import GPT
+from .training import checkpoint
 
 
 def main(argv=None):
@@ -20,12 +24,10 @@ def main(argv=None):
     if args.tokens < 0 or args.temperature < 0 or args.top_k < 0:
         raise UserError("--tokens, --temperature and --top-k must be >= 0")
 
-    from . import checkpoint, data
-    from .model import GPT
 
     ckpt = checkpoint.load_latest(args.run_dir)
     job = ckpt["config"]
-    tokens = data.TokenFile(job.data.path or data.default_data_path())
+    tokens = TokenFile(job.data.path or default_data_path())
     tok = tokens.tokenizer
     cfg = job.model
     if cfg.vocab_size == 0:  # the run took it from the data file

@@ -4,8 +4,9 @@ Each kernel file is compiled by the host C++ compiler (C++20) against kernel_emu
 runs every CUDA thread of a block as a host thread with __syncthreads and the warp operations
 as barriers; the inline-PTX instructions the kernels use (TF32 rounding, the m16n8k8 TF32
 mma, the bf16x2 conversion and the m16n8k16 bf16 mma) become calls into that header.
-`install(monkeypatch)` makes llmpi.cuda.kernel hand out these instead of CuPy RawKernels, so llmpi.gpu_ops runs its kernels on NumPy arrays (and
-llmpi.bf16's GEMMs go to a NumPy version of cublasGemmEx).
+`install(monkeypatch)` makes llmpi.gpu.loader.kernel hand out these instead of CuPy RawKernels, so
+the wrappers in llmpi/gpu/ run their kernels on NumPy arrays (and llmpi.gpu.bf16's GEMMs go to a
+NumPy version of cublasGemmEx).
 One host thread per CUDA thread is slow: small shapes only.
 """
 import ctypes
@@ -19,7 +20,7 @@ import tempfile
 
 import numpy as np
 
-from llmpi import cuda
+from llmpi.gpu import loader
 
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_emulator.h")
 PTX = [  # (inline PTX statement, the emulator's equivalent)
@@ -53,7 +54,7 @@ def compiler():
 def host_source(file, cxx):
     """kernels/<file> with its inline PTX replaced by the emulator's functions, plus one
     emu_launch_<name>(gx, gy, threads, <the kernel's parameters>) per entry point."""
-    src = cuda.source(file)
+    src = loader.source(file)
     for pattern, replacement in PTX:
         src = pattern.sub(replacement, src)
     if re.search(r"\basm\b", src):
@@ -148,7 +149,7 @@ def gemm_ex(transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, 
 
 
 def install(monkeypatch):
-    """Route llmpi.gpu_ops' kernel launches to the emulator, and llmpi.bf16's cuBLAS calls to
+    """Route the kernel launches of llmpi/gpu/ to the emulator, and llmpi.gpu.bf16's cuBLAS calls to
     gemm_ex, for one test."""
-    monkeypatch.setattr(cuda, "kernel", EmulatedKernel)
-    monkeypatch.setattr(cuda, "cublas_gemm_ex", gemm_ex)
+    monkeypatch.setattr(loader, "kernel", EmulatedKernel)
+    monkeypatch.setattr(loader, "cublas_gemm_ex", gemm_ex)

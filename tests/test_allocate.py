@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from llmpi.allocate import Balancer, allocate, even_split, step_time
+from llmpi.parallel.allocate import Balancer, allocate, even_split, step_time
 from llmpi.errors import UserError
 
 
@@ -226,7 +226,7 @@ def test_weighted_rank_gradients_equal_the_single_process_gradient():
 def test_exchange_repairs_any_start():
     """The final exchange pass (a safety net for rounding in the closed-form start)
     turns any allocation of B samples into the optimal one."""
-    from llmpi.allocate import _exchange
+    from llmpi.parallel.allocate import _exchange
     assert _exchange([0, 4, 0], [1.0, 1.0, 2.0], [4, 4, 4]) == [2, 2, 0]
     assert _exchange([3, 0], [1.0, 1.0], [3, 1]) == [2, 1]
 

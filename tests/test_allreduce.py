@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from llmpi.comm.allreduce import Allreducer, allreduce_sum
-from llmpi.comm.util import world
+from llmpi.comm.allreduce import allreduce_sum
+from llmpi.comm.buckets import Allreducer
+from llmpi.comm.world import world
 from mpi_helpers import agreed, subcomms
 
 ALGS = ["ring", "rd", "auto"]
@@ -134,3 +135,39 @@ def test_many_steps_large_buffer_across_world():
     allreduce_sum(x, comm, "ring")
     ok = np.allclose(x, ref, rtol=1e-5, atol=1e-5) and identical_everywhere(x, comm)
     assert agreed(ok, comm)
+
+
+def test_ring_halves_are_a_reduce_scatter_and_an_all_gather():
+    """reduce_scatter leaves each rank the exact sum of its owned span (and the spans tile the
+    buffer); all_gather then fills every span from its owner: together the ring all-reduce,
+    bitwise (the same additions in the same order)."""
+    from llmpi.comm.allreduce import ring
+    comm = world()
+    ok = True
+    for p, sub in subcomms(comm):
+        if sub == MPI.COMM_NULL:
+            continue
+        for n in (0, 1, p + 1, 1000, 12345):
+            x = np.random.default_rng([n, sub.Get_rank()]).integers(-50, 50, n).astype(np.float64)
+            total = x.copy()
+            sub.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+            lo, hi = ring.reduce_scatter(x, sub, segment_bytes=512)
+            ok &= (lo, hi) == ring.owned_span(n, sub.Get_rank(), p) and np.array_equal(x[lo:hi], total[lo:hi])
+            spans = sub.allgather((lo, hi))
+            ok &= sorted(spans)[0][0] == 0 and sum(b - a for a, b in spans) == n
+            x[:lo] = np.nan  # everything outside the owned span must come from its owner
+            x[hi:] = np.nan
+            ring.all_gather(x, sub, segment_bytes=512)
+            whole = np.random.default_rng([n, sub.Get_rank()]).integers(-50, 50, n).astype(np.float64)
+            allreduce_sum(whole, sub, "ring", segment_bytes=512)
+            ok &= np.array_equal(x, total) and x.tobytes() == whole.tobytes()
+    assert agreed(ok, comm)
+
+
+def test_every_registered_algorithm_is_a_job_choice():
+    from llmpi import config
+    from llmpi.comm.allreduce import ALGORITHMS
+    assert config.CHOICES["parallel.allreduce"] == tuple(ALGORITHMS)
+    assert {"mpi", "ring", "rd", "auto", "nccl"} <= set(ALGORITHMS)
+    for name, module in ALGORITHMS.items():
+        assert callable(module.start) and callable(module.finish) and isinstance(module.HOST_ONLY, bool), name

@@ -16,9 +16,10 @@ from mpi4py import MPI
 
 from llmpi import backend
 from llmpi.comm import device
-from llmpi.comm.allreduce import Allreducer, allreduce_sum
+from llmpi.comm.allreduce import allreduce_sum
+from llmpi.comm.buckets import Allreducer
 from llmpi.comm.rma import ShardedWindow
-from llmpi.comm.util import world
+from llmpi.comm.world import world
 from mpi_helpers import agreed
 
 
@@ -182,10 +183,10 @@ class StandInNccl:
 
 @pytest.mark.parametrize("id_as_bytes", [True, False], ids=["cupy13_bytes_id", "old_cupy_tuple_id"])
 def test_nccl_allreduce_builds_one_communicator_from_rank0s_id(fake_gpu, monkeypatch, id_as_bytes):
-    from llmpi.comm import allreduce as allreduce_mod
+    from llmpi.gpu import nccl as gpu_nccl
     comm = world().Dup()  # a communicator of its own: the NCCL one is cached per MPI communicator
     nccl = StandInNccl(comm, id_as_bytes)
-    monkeypatch.setattr(allreduce_mod, "_nccl_module", lambda: nccl)
+    monkeypatch.setattr(gpu_nccl, "module", lambda: nccl)
     host = rank_data(300, comm.Get_rank()).astype(np.float32)
     buf = FakeDeviceArray(host)
     buf.data = types.SimpleNamespace(ptr=12345)
@@ -198,6 +199,6 @@ def test_nccl_allreduce_builds_one_communicator_from_rank0s_id(fake_gpu, monkeyp
     for size, uid, rank in nccl.built:
         ok &= size == p and rank == comm.Get_rank() and type(uid) is (bytes if id_as_bytes else tuple)
         ok &= (uid if id_as_bytes else np.asarray(uid, np.int8).tobytes()) == StandInNccl.id_bytes(0)
-    allreduce_mod._nccl_comms.pop(id(comm), None)
+    gpu_nccl.forget(comm)
     comm.Free()
     assert agreed(ok, world())

@@ -7,7 +7,7 @@ import pytest
 
 from llmpi import compare
 from llmpi.errors import UserError
-from llmpi.metrics import MetricsLog
+from llmpi.training.metrics import MetricsLog
 
 
 def make_run(root, name, mode, staleness):

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 from llmpi import data
+from llmpi.data import __main__ as data_cli
+from llmpi.data import corpus
+from llmpi.data.tokenizers import token_dtype
 from llmpi.data import Sampler, TokenFile, ensure_prepared, get_batch, prepare
 from llmpi.errors import UserError
 
@@ -63,7 +66,7 @@ def test_file_layout_and_attributes(tmp_path):
     out = prepare([write(tmp_path / "a.txt", TEXT)], "char", 0.1, str(tmp_path / "t.h5"), progress=False)
     with h5py.File(out, "r") as f:
         a = dict(f.attrs)
-        assert a["format_version"] == data.FORMAT_VERSION and a["tokenizer"] == "char"
+        assert a["format_version"] == data.tokenfile.FORMAT_VERSION and a["tokenizer"] == "char"
         assert a["vocab_size"] == len(a["vocab"]) and f["train"].dtype == np.uint8
         n = len(TEXT)
         assert (a["n_val"], a["n_train"]) == (int(n * 0.1), n - int(n * 0.1))
@@ -71,8 +74,8 @@ def test_file_layout_and_attributes(tmp_path):
         sha = hashlib.sha256(f["train"][...].tobytes() + f["val"][...].tobytes()).hexdigest()
         assert a["checksum"] == sha and str(tmp_path / "a.txt") in a["source"]
     assert not any(".tmp" in p for p in os.listdir(tmp_path))
-    assert data.token_dtype(256) == np.uint8 and data.token_dtype(257) == np.uint16
-    assert data.token_dtype(70000) == np.uint32
+    assert token_dtype(256) == np.uint8 and token_dtype(257) == np.uint16
+    assert token_dtype(70000) == np.uint32
 
 
 def test_lazy_datasets_and_verify(tmp_path):
@@ -171,9 +174,9 @@ def test_cli_prepare_decode_and_errors(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     assert "tokenize" in r.stderr and "wrote d/t.h5" in r.stdout  # plain progress lines off a terminal
     h5 = str(tmp_path / "d" / "t.h5")
-    assert data.main(["decode", h5, "--out", str(tmp_path / "back.txt")]) == 0  # in-process: subprocesses are slow
+    assert data_cli.main(["decode", h5, "--out", str(tmp_path / "back.txt")]) == 0  # in-process: subprocesses are slow
     assert open(tmp_path / "back.txt", encoding="utf-8").read() == TEXT
-    data.main(["info", h5])
+    data_cli.main(["info", h5])
     assert "tokenizer: char" in capsys.readouterr().out
     r = run_cli("prepare", "--input", "nope.txt", "--out", "d/x.h5", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("llmpi.data: error: input 'nope.txt' does not exist")
@@ -237,7 +240,7 @@ def test_missing_empty_short_vocab_unseen(tmp_path, good):
 def test_no_partial_file_on_interrupt(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(data._SplitWriter, "flush", boom)
+    monkeypatch.setattr(corpus._SplitWriter, "flush", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare([write(tmp_path / "a.txt", TEXT)], "byte", 0.1, str(tmp_path / "k.h5"), progress=False)
     assert os.listdir(tmp_path) == ["a.txt"]

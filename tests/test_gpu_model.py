@@ -6,7 +6,7 @@ import pytest
 from conftest import rel_error
 from llmpi.backend import gpu_available
 from llmpi.config import ModelConfig
-from llmpi.model import GPT
+from llmpi.model.gpt import GPT
 
 pytestmark = pytest.mark.skipif(not gpu_available(), reason="no GPU")
 
@@ -80,7 +80,8 @@ def test_bf16_matmuls_track_cpu(cp):
     ref, _ = pair(cp)
     cfg = dict(vocab_size=67, block_size=40, n_layer=2, n_head=2, n_embd=32)
     gpu = GPT(ModelConfig(dtype="bf16", **cfg), xp=cp, seed=3)
-    assert gpu.bf16_weights is not None
+    from llmpi.gpu.ops import BF16_OPS
+    assert gpu.ops is BF16_OPS
     gpu.params.data[...] = cp.asarray(ref.params.data.astype(np.float32))
     r = np.random.default_rng(4)
     idx, tgt = r.integers(0, ref.cfg.vocab_size, (2, 3, 40))

@@ -15,9 +15,9 @@ import pytest
 from mpi4py import MPI
 
 from cli import REPO, clean_env, run, single_process_only
-from llmpi import metrics
+from llmpi.training import metrics
 from llmpi.backend import gpu_available
-from llmpi.comm.allreduce import nccl_allreduce
+from llmpi.comm.allreduce import nccl
 from llmpi.errors import UserError
 
 needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no GPU")
@@ -26,6 +26,11 @@ TINY = ["--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.
         "--set", "model.block_size=32", "--set", "train.batch_size=16", "--set", "train.max_iters=40",
         "--set", "train.log_interval=10", "--set", "train.eval_interval=0",
         "--set", "optim.lr=3e-3", "--set", "schedule.warmup_iters=5"]
+
+
+def nccl_allreduce(buf, comm):
+    """The registered NCCL algorithm, blocking, on any communicator (one rank included)."""
+    nccl.finish(nccl.start(buf, comm, blocking=True))
 
 
 def test_nccl_needs_a_device_buffer():

@@ -1,8 +1,9 @@
-"""Each CUDA kernel (through llmpi.gpu_ops) against its NumPy twin in llmpi.layers / llmpi.optim,
+"""Each CUDA kernel (through its wrapper in llmpi/gpu/) against its NumPy twin in llmpi/model/layers,
 on shapes that are not multiples of the block sizes. Every such test runs twice: on the GPU
 (skips with "no GPU" without one) and on the CPU kernel emulator (tests/kernel_emulator.py,
 small shapes, single-process pass). The nvcc compile check and the wrapper/kernel consistency
 checks run on any machine."""
+import glob
 import math
 import os
 import re
@@ -17,10 +18,13 @@ import pytest
 import kernel_emulator
 from cli import single_process_only
 from conftest import rel_error
-from llmpi import cuda, gpu_ops
-from llmpi.backend import gpu_available, to_host
-from llmpi.layers import attention, crossentropy, embedding, gelu, layernorm, residual
-from llmpi.optim import AdamW
+from llmpi.backend import address, gpu_available, to_host
+from llmpi.gpu import adamw as gpu_adamw, attention as gpu_attention, attention_tc as gpu_attention_tc
+from llmpi.gpu import cast as gpu_cast, classifier as gpu_classifier, embedding as gpu_embedding
+from llmpi.gpu import gelu as gpu_gelu, gradnorm as gpu_gradnorm, layernorm as gpu_layernorm, loader
+from llmpi.gpu import residual as gpu_residual
+from llmpi.model.layers import attention, crossentropy, embedding, gelu, layernorm, residual
+from llmpi.training.optim import AdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 2e-5  # float32 kernels vs float64 references, as rel_error (max abs diff / max abs)
@@ -75,26 +79,28 @@ def test_every_kernel_compiles_with_nvcc():
 
 def test_wrappers_name_existing_entry_points():
     """Every (file, kernel) the wrappers launch is an extern "C" __global__ of that file."""
-    with open(gpu_ops.__file__) as f:
-        launches = set(re.findall(r'_launch\("(\w+\.cu)", "(\w+)"', f.read()))
+    launches = set()
+    for module in glob.glob(os.path.join(os.path.dirname(loader.__file__), "*.py")):
+        with open(module) as f:
+            launches |= set(re.findall(r'launch\("(\w+\.cu)", "(\w+)"', f.read()))
     assert len(launches) >= 15
     for file, name in launches:
-        src = cuda.source(file)
+        src = loader.source(file)
         assert re.search(r'extern "C" __global__ void (__launch_bounds__\([^)]*\)\s*)?' + name + r"\(",
                          src), (file, name)
 
 
 def test_kernel_dir_finds_sources():
-    assert os.path.isfile(os.path.join(cuda.kernel_dir(), "attention.cu"))
+    assert os.path.isfile(os.path.join(loader.kernel_dir(), "attention.cu"))
 
 
 def test_wrappers_reject_wrong_dtype_or_layout():
     with pytest.raises(ValueError, match="float32"):
-        gpu_ops.gelu_forward(np.zeros((2, 3)))
+        gpu_gelu.forward(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="strided"):
-        gpu_ops.gelu_forward(np.zeros((3, 4), np.float32).T)
+        gpu_gelu.forward(np.zeros((3, 4), np.float32).T)
     with pytest.raises(ValueError, match="HS <= 128"):
-        gpu_ops.attention_forward(np.zeros((1, 2, 3 * 256), np.float32), 1)
+        gpu_attention.forward(np.zeros((1, 2, 3 * 256), np.float32), 1)
 
 
 # ---- kernels vs references ------------------------------------------------------------------
@@ -104,18 +110,18 @@ def test_embedding(cp, B, T, V, C):
     r = np.random.default_rng(0)
     wte, wpe = r.standard_normal((V, C)), r.standard_normal((T + 3, C))
     idx = r.integers(0, min(V, 4), (B, T))  # few distinct tokens: long runs in the scatter-add
-    out, cache = gpu_ops.embedding_forward(f32(cp, wte), f32(cp, wpe), cp.asarray(idx))
+    out, cache = gpu_embedding.forward(f32(cp, wte), f32(cp, wpe), cp.asarray(idx))
     ref, rcache = embedding.forward(wte, wpe, idx)
     close(out, ref)
     dout = r.standard_normal((B, T, C))
     grads = [f32(cp, np.ones_like(wte)), f32(cp, np.ones_like(wpe))]
-    gpu_ops.embedding_backward(f32(cp, dout), cache, *grads)
+    gpu_embedding.backward(f32(cp, dout), cache, *grads)
     rgrads = [np.ones_like(wte), np.ones_like(wpe)]
     embedding.backward(dout, rcache, *rgrads)
     close(grads[0], rgrads[0], 1e-4)
     close(grads[1], rgrads[1], 1e-4)
     again = [f32(cp, np.ones_like(wte)), f32(cp, np.ones_like(wpe))]
-    gpu_ops.embedding_backward(f32(cp, dout), cache, *again)
+    gpu_embedding.backward(f32(cp, dout), cache, *again)
     assert all(bool((a == g).all()) for a, g in zip(again, grads)), "scatter-add not deterministic"
 
 
@@ -123,19 +129,19 @@ def test_embedding(cp, B, T, V, C):
 def test_layernorm(cp, B, T, C):
     r = np.random.default_rng(1)
     x, w, b = r.standard_normal((B, T, C)) * 3 + 1, r.standard_normal(C), r.standard_normal(C)
-    out, cache = gpu_ops.layernorm_forward(f32(cp, x), f32(cp, w), f32(cp, b))
+    out, cache = gpu_layernorm.forward(f32(cp, x), f32(cp, w), f32(cp, b))
     ref, rcache = layernorm.forward(x, w, b)
     close(out, ref, 1e-4)
     dout = r.standard_normal((B, T, C))
     dw, db = f32(cp, np.ones(C)), f32(cp, np.ones(C))
     rdw, rdb = np.ones(C), np.ones(C)
-    dx = gpu_ops.layernorm_backward(f32(cp, dout), cache, dw, db)
+    dx = gpu_layernorm.backward(f32(cp, dout), cache, dw, db)
     rdx = layernorm.backward(dout, rcache, rdw, rdb)
     close(dx, rdx, 1e-4)
     close(dw, rdw, 1e-4)
     close(db, rdb, 1e-4)
     acc = f32(cp, np.full((B, T, C), 2.0))
-    gpu_ops.layernorm_backward(f32(cp, dout), cache, dw, db, dx=acc)
+    gpu_layernorm.backward(f32(cp, dout), cache, dw, db, dx=acc)
     close(acc, rdx + 2.0, 1e-4)
 
 
@@ -143,11 +149,11 @@ def test_layernorm(cp, B, T, C):
 def test_gelu_and_bias_gelu(cp, shape):
     r = np.random.default_rng(2)
     x, dout, b = r.standard_normal(shape) * 2, r.standard_normal(shape), r.standard_normal(shape[-1])
-    out, cache = gpu_ops.gelu_forward(f32(cp, x))
+    out, cache = gpu_gelu.forward(f32(cp, x))
     close(out, gelu.forward(x)[0])
-    close(gpu_ops.gelu_backward(f32(cp, dout), cache), gelu.backward(dout, x))
+    close(gpu_gelu.backward(f32(cp, dout), cache), gelu.backward(dout, x))
     pre = f32(cp, x)
-    out, cache = gpu_ops.bias_gelu_forward(pre, f32(cp, b))
+    out, cache = gpu_gelu.bias_forward(pre, f32(cp, b))
     close(pre, x + b)
     close(out, gelu.forward(x + b)[0])
 
@@ -155,23 +161,23 @@ def test_gelu_and_bias_gelu(cp, shape):
 def test_residual(cp):
     r = np.random.default_rng(3)
     x, fx = r.standard_normal((2, 7, 72)), r.standard_normal((2, 7, 72))
-    out, _ = gpu_ops.residual_forward(f32(cp, x), f32(cp, fx))
+    out, _ = gpu_residual.forward(f32(cp, x), f32(cp, fx))
     close(out, residual.forward(x, fx.copy())[0])
 
 
 def test_attention_precision_follows_tf32_unless_asked(monkeypatch):
     qkv = np.zeros((1, 3, 3 * 64), np.float32)
     monkeypatch.setenv("CUPY_TF32", "0")
-    assert gpu_ops._attention_precision(64, qkv) == "fp32"
+    assert gpu_attention.choose_precision(64, qkv) == "fp32"
     monkeypatch.setenv("CUPY_TF32", "1")
-    assert gpu_ops._attention_precision(64, qkv) == "tf32"
-    assert gpu_ops._attention_precision(40, qkv) == "fp32"  # no tensor-core entry point for this head size
-    assert gpu_ops._attention_precision(64, qkv.reshape(-1)[1:]) == "fp32"  # rows not 16-byte aligned
-    assert gpu_ops._attention_precision(64, qkv, "bf16") == "bf16"
+    assert gpu_attention.choose_precision(64, qkv) == "tf32"
+    assert gpu_attention.choose_precision(40, qkv) == "fp32"  # no tensor-core entry point for this head size
+    assert gpu_attention.choose_precision(64, qkv.reshape(-1)[1:]) == "fp32"  # rows not 16-byte aligned
+    assert gpu_attention.choose_precision(64, qkv, "bf16") == "bf16"
     with pytest.raises(ValueError, match="head size in"):
-        gpu_ops._attention_precision(40, qkv, "bf16")
+        gpu_attention.choose_precision(40, qkv, "bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
-        gpu_ops._attention_precision(64, qkv, "fp16")
+        gpu_attention.choose_precision(64, qkv, "fp16")
 
 
 ATTENTION_SHAPES = [(1, 1, 1, 16), (2, 7, 3, 16), (1, 65, 2, 64), pytest.param(1, 129, 2, 64, marks=large),
@@ -182,18 +188,18 @@ ATTENTION_SHAPES = [(1, 1, 1, 16), (2, 7, 3, 16), (1, 65, 2, 64), pytest.param(1
 ATTENTION_TOLERANCE = {"fp32": 1e-4, "tf32": 3e-3, "bf16": 2e-2}
 
 
-@pytest.mark.parametrize("precision", gpu_ops.ATT_PRECISIONS)
+@pytest.mark.parametrize("precision", gpu_attention.PRECISIONS)
 @pytest.mark.parametrize("B,T,NH,HS", ATTENTION_SHAPES)
 def test_attention(cp, precision, B, T, NH, HS):
     """fp32: attention.cu on CUDA cores; tf32 and bf16: attention_tc.cu where the head size has
     entry points (others fall back to CUDA cores)."""
-    if HS not in gpu_ops.ATT_TC_HEAD_SIZES:
+    if HS not in gpu_attention_tc.HEAD_SIZES:
         precision = "fp32"
     tol = ATTENTION_TOLERANCE[precision]
     r = np.random.default_rng(4)
     C = NH * HS
     qkv, dout = r.standard_normal((B, T, 3 * C)), r.standard_normal((B, T, C))
-    out, cache = gpu_ops.attention_forward(f32(cp, qkv), NH, precision=precision)
+    out, cache = gpu_attention.forward(f32(cp, qkv), NH, precision=precision)
     assert cache[-1] == precision
     ref, rcache = attention.forward(qkv, NH)
     close(out, ref, tol)
@@ -201,7 +207,7 @@ def test_attention(cp, precision, B, T, NH, HS):
                              @ qkv[..., C:2 * C].reshape(B, T, NH, HS).transpose(0, 2, 3, 1))
                             / math.sqrt(HS) + np.triu(np.full((T, T), -np.inf), 1)).sum(-1))
     close(cache[2], lse_ref, tol)
-    dqkv = gpu_ops.attention_backward(f32(cp, dout), cache)
+    dqkv = gpu_attention.backward(f32(cp, dout), cache)
     close(dqkv, attention.backward(dout, rcache), tol)
 
 
@@ -212,14 +218,14 @@ def test_tensor_core_backward_takes_an_unaligned_dout(cp, precision):
     B, T, NH, HS = 1, 9, 2, 16
     r = np.random.default_rng(6)
     qkv = f32(cp, r.standard_normal((B, T, 3 * NH * HS)))
-    out, cache = gpu_ops.attention_forward(qkv, NH, precision=precision)
+    out, cache = gpu_attention.forward(qkv, NH, precision=precision)
     dout = r.standard_normal((B, T, NH * HS))
     spare = cp.zeros(dout.size + 1, cp.float32)
     spare[1:] = f32(cp, dout).reshape(-1)
     unaligned = spare[1:].reshape(dout.shape)
-    assert gpu_ops.address(unaligned) % 16
-    np.testing.assert_array_equal(to_host(gpu_ops.attention_backward(unaligned, cache)),
-                                  to_host(gpu_ops.attention_backward(f32(cp, dout), cache)))
+    assert address(unaligned) % 16
+    np.testing.assert_array_equal(to_host(gpu_attention.backward(unaligned, cache)),
+                                  to_host(gpu_attention.backward(f32(cp, dout), cache)))
 
 
 @pytest.mark.parametrize("B,T,V", [(1, 1, 5), (2, 7, 65), pytest.param(2, 33, 1000, marks=large), pytest.param(1, 4, 50257, marks=large)])
@@ -229,16 +235,16 @@ def test_crossentropy(cp, B, T, V):
     rloss, rcache = crossentropy.forward(logits.copy(), targets)
     rd = crossentropy.backward(rcache, 3.0)
     lg = f32(cp, logits)
-    losses = gpu_ops.crossentropy_losses(lg, cp.asarray(targets))
+    losses = gpu_classifier.losses(lg, cp.asarray(targets))
     close(lg, logits)  # evaluation leaves the logits alone
     assert abs(float(losses.mean()) - rloss) < 1e-5 * max(1.0, rloss)
-    loss, cache = gpu_ops.crossentropy_forward(lg, cp.asarray(targets))
+    loss, cache = gpu_classifier.forward(lg, cp.asarray(targets))
     assert abs(loss - rloss) < 1e-5 * max(1.0, rloss)
-    close(gpu_ops.crossentropy_backward(cache, 3.0), rd, 1e-4)
+    close(gpu_classifier.backward(cache, 3.0), rd, 1e-4)
 
 
 def _host_adamw(p, g, mask, steps, **kw):
-    params = types.SimpleNamespace(data=p.copy(), grad=g, xp=np, decay_mask=lambda: mask)
+    params = types.SimpleNamespace(data=p.copy(), grad=g, xp=np, dtype=p.dtype, decay_mask=lambda: mask)
     opt = AdamW(params, **kw)
     for _ in range(steps):
         u = opt.delta()
@@ -255,13 +261,13 @@ def test_adamw(cp, n):
     m, v = cp.zeros(n, cp.float32), cp.zeros(n, cp.float32)
     steps = 3
     for t in range(1, steps):
-        gpu_ops.adamw_update(dp, dg, m, v, dm, kw["lr"], 0.9, 0.95, 1e-8, 0.1, t)
+        gpu_adamw.update(dp, dg, m, v, dm, kw["lr"], 0.9, 0.95, 1e-8, 0.1, t)
     delta = cp.empty(n, cp.float32)
     before = dp.copy()
-    gpu_ops.adamw_update(dp, dg, m.copy(), v.copy(), dm, kw["lr"], 0.9, 0.95, 1e-8, 0.1, steps,
+    gpu_adamw.update(dp, dg, m.copy(), v.copy(), dm, kw["lr"], 0.9, 0.95, 1e-8, 0.1, steps,
                          out=delta)
     assert bool((dp == before).all())
-    gpu_ops.adamw_update(dp, dg, m, v, dm, kw["lr"], 0.9, 0.95, 1e-8, 0.1, steps)
+    gpu_adamw.update(dp, dg, m, v, dm, kw["lr"], 0.9, 0.95, 1e-8, 0.1, steps)
     ref_p, ref_u = _host_adamw(p, g, mask, steps, **kw)
     close(dp, ref_p, 1e-5)
     close(delta, ref_u, 1e-4)
@@ -274,13 +280,13 @@ def test_grad_norm(cp, n):
     g = r.standard_normal(n)
     dg = f32(cp, g)
     ref = float((g.astype(np.float32).astype(np.float64) ** 2).sum())
-    got = float(gpu_ops.sumsq(dg))
+    got = float(gpu_gradnorm.sumsq(dg))
     assert abs(got - ref) <= 1e-9 * ref
-    assert float(gpu_ops.sumsq(dg)) == got  # same bits every time
-    norm = gpu_ops.clip_grad_norm(dg, 0.5 * math.sqrt(ref))
+    assert float(gpu_gradnorm.sumsq(dg)) == got  # same bits every time
+    norm = gpu_gradnorm.clip_grad_norm(dg, 0.5 * math.sqrt(ref))
     assert abs(norm - math.sqrt(ref)) <= 1e-6 * norm
     clipped = 0.5 * math.sqrt(ref) * norm / (norm + 1e-6)  # the clip's 1e-6 guard, as on the CPU
-    assert abs(math.sqrt(float(gpu_ops.sumsq(dg))) - clipped) < 1e-5 * clipped
+    assert abs(math.sqrt(float(gpu_gradnorm.sumsq(dg))) - clipped) < 1e-5 * clipped
 
 
 def bf16_reference(x):
@@ -297,9 +303,9 @@ def bf16_value(bits):
 def test_cast_to_bf16(cp, n):
     x = np.random.default_rng(8).standard_normal(n).astype(np.float32) * 100
     x[:min(n, 5)] = [1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, np.inf, -np.inf, 0.0][:min(n, 5)]  # ties go to even
-    got = to_host(gpu_ops.to_bf16(cp.asarray(x)))
+    got = to_host(gpu_cast.to_bf16(cp.asarray(x)))
     assert got.dtype == np.uint16 and (got == bf16_reference(x)).all()
-    assert np.isnan(bf16_value(to_host(gpu_ops.to_bf16(cp.asarray(np.float32([np.nan])))))).all()
+    assert np.isnan(bf16_value(to_host(gpu_cast.to_bf16(cp.asarray(np.float32([np.nan])))))).all()
 
 
 @pytest.mark.parametrize("transa", [False, True])
@@ -307,12 +313,12 @@ def test_cast_to_bf16(cp, n):
 def test_bf16_matmul(cp, transa, transb):
     """llmpi.bf16.matmul (cuBLAS GemmEx, float32 accumulate) against float64 on the same bf16 inputs;
     emulated, this checks our row-major to column-major mapping against a NumPy GemmEx."""
-    from llmpi import bf16
+    from llmpi.gpu import bf16
     r = np.random.default_rng(9)
     M, K, N = 33, 70, 21
     a = r.standard_normal((K, M) if transa else (M, K)).astype(np.float32)
     b = r.standard_normal((N, K) if transb else (K, N)).astype(np.float32)
-    ab, bb = gpu_ops.to_bf16(cp.asarray(a)), gpu_ops.to_bf16(cp.asarray(b))
+    ab, bb = gpu_cast.to_bf16(cp.asarray(a)), gpu_cast.to_bf16(cp.asarray(b))
     av, bv = bf16_value(to_host(ab)).astype(np.float64), bf16_value(to_host(bb)).astype(np.float64)
     ref = (av.T if transa else av) @ (bv.T if transb else bv)
     got = bf16.matmul(ab, bb, transa=transa, transb=transb)
@@ -324,26 +330,24 @@ def test_bf16_matmul(cp, transa, transb):
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_model_on_the_emulated_kernels(monkeypatch, precision):
-    """The GPT's kernel path (every non-matmul op through llmpi.gpu_ops, the padded LM head) on
+    """The GPT's kernel path (the op tables of llmpi.gpu.ops, the padded LM head) on
     the CPU kernel emulator against the float64 layers: the dispatch and the caches between
     the kernels."""
     if UNDER_MPI or kernel_emulator.compiler() is None:
         pytest.skip("the kernel emulator runs in the single-process pass, with a C++20 compiler")
-    from llmpi import bf16, lm_head, model as gpt
     from llmpi.config import ModelConfig
+    from llmpi.gpu.ops import BF16_OPS, KERNEL_OPS
+    from llmpi.model.gpt import GPT
     kernel_emulator.install(monkeypatch)
     monkeypatch.setenv("CUPY_TF32", "1" if precision == "tf32" else "0")
     cfg = dict(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=32)
-    ref = gpt.GPT(ModelConfig(dtype="float64", **cfg), seed=3)
-    emulated = gpt.GPT(ModelConfig(dtype="float32", **cfg), seed=3)
+    ref = GPT(ModelConfig(dtype="float64", **cfg), seed=3)
+    # NumPy arrays with the GPU model's op table: kernels on the emulator, LM head rows padded 13 -> 64
+    emulated = GPT(ModelConfig(dtype="bf16" if precision == "bf16" else "float32", **cfg), seed=3,
+                   ops=BF16_OPS if precision == "bf16" else KERNEL_OPS)
     emulated.params.data[...] = ref.params.data
     ref.params.data[...] = emulated.params.data  # both hold the same float32 values
-    # NumPy arrays with the GPU model's set-up: kernels on the emulator, LM head rows padded 13 -> 64
-    emulated.kernels, emulated.ops = True, gpt.KERNEL_OPS
-    emulated.head_weight = np.zeros((lm_head.padded_vocab(13), 32), np.float32)
-    if precision == "bf16":
-        emulated.ops, emulated.mm = gpt.BF16_KERNEL_OPS, gpt.BF16_MATMULS
-        emulated.bf16_weights = bf16.Weights(emulated.params, head_rows=lm_head.padded_vocab(13))
+    assert emulated.weights.head.shape == (64, 32)
     idx, tgt = np.random.default_rng(5).integers(0, 13, (2, 2, 16))
     _, loss_ref, cache = ref.forward(idx, tgt)
     ref.params.zero_grad()
@@ -369,11 +373,11 @@ def test_crossentropy_on_padded_rows(cp):
     rd = crossentropy.backward(rcache, 2.0)
     buf = f32(cp, full)
     logits = buf[:, :V].reshape(B, T, V)
-    losses = gpu_ops.crossentropy_losses(logits, cp.asarray(targets))
+    losses = gpu_classifier.losses(logits, cp.asarray(targets))
     assert abs(float(losses.mean()) - rloss) < 1e-5 * rloss
-    loss, cache = gpu_ops.crossentropy_forward(logits, cp.asarray(targets))
+    loss, cache = gpu_classifier.forward(logits, cp.asarray(targets))
     assert abs(loss - rloss) < 1e-5 * rloss
-    close(gpu_ops.crossentropy_backward(cache, 2.0), rd, 1e-4)
+    close(gpu_classifier.backward(cache, 2.0), rd, 1e-4)
     assert (to_host(buf)[:, V:] == full[:, V:].astype(np.float32)).all()
 
 

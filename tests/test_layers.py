@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import central_diff, rel_error
-from llmpi.layers import attention, crossentropy, embedding, gelu, layernorm, linear, residual
+from llmpi.model.layers import attention, crossentropy, embedding, gelu, layernorm, linear, residual
 
 TOL = 1e-5
 SHAPES = [(2, 5, 6), (1, 1, 4), (3, 7, 9)]  # (B, T, C): includes T=1 and odd sizes

@@ -4,8 +4,8 @@ import pytest
 
 from conftest import central_diff, rel_error
 from llmpi.config import ModelConfig
-from llmpi.model import GPT
-from llmpi.optim import AdamW
+from llmpi.model.gpt import GPT
+from llmpi.training.optim import AdamW
 
 
 def tiny(dtype="float64", **kw):

@@ -4,8 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from llmpi.optim import SGD, AdamW, clip_grad_norm, lr_at
-from llmpi.params import FlatParams
+from llmpi.model.layers.gradnorm import clip_grad_norm
+from llmpi.training.optim import SGD, AdamW, lr_at
+from llmpi.model.params import FlatParams
 
 LAYOUT = [("w", (3, 4)), ("b", (4,)), ("emb", (5, 2)), ("g", (2,))]
 

@@ -29,7 +29,7 @@ def test_wheel_ships_kernels_and_jobs_and_finds_them(tmp_path):
     # From an unrelated directory, with only the unpacked wheel on the path.
     env = clean_env()
     env["PYTHONPATH"] = str(site)
-    code = ("import llmpi.cuda, llmpi.config as c; print(llmpi.cuda.kernel_dir()); "
+    code = ("import llmpi.gpu.loader as k, llmpi.config as c; print(k.kernel_dir()); "
             "print(c.find_job_file('default'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True,
                          text=True, check=True).stdout.split()

@@ -11,20 +11,24 @@ import pytest
 
 import kernel_emulator
 from cli import run, single_process_only
-from llmpi import gpu_ops, lm_head, model as gpt
 from llmpi.bench import _profile
 from llmpi.config import ModelConfig
-from llmpi.layers import layernorm, linear
+from llmpi.gpu import gelu as gpu_gelu, layernorm as gpu_layernorm
+from llmpi.gpu.ops import BF16_OPS, KERNEL_OPS
+from llmpi.model.gpt import GPT
+from llmpi.model.layers import layernorm, linear
+from llmpi.model.ops import LAYER_OPS
 
 UNDER_MPI = any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
 L = 2
 CFG = dict(vocab_size=13, block_size=16, n_layer=L, n_head=2, n_embd=32)
 # calls per forward + backward of an L-layer GPT
 EXPECTED_CALLS = {
-    "embedding.forward": 1, "layernorm.forward": 2 * L + 1, "linear.forward": 4 * L, "attention.forward": L,
-    "gelu.forward": L, "residual.forward": 2 * L, "lm_head.forward": 1, "crossentropy.forward": 1,
-    "crossentropy.backward": 1, "lm_head.backward": 1, "layernorm.backward": 2 * L + 1, "residual.backward": 2 * L,
-    "linear.backward": 4 * L, "gelu.backward": L, "attention.backward": L, "embedding.backward": 1,
+    "weights.refresh": 1, "embedding.forward": 1, "layernorm.forward": 2 * L + 1, "linear.forward": 3 * L,
+    "project": L, "attention.forward": L, "bias_gelu.forward": L, "residual.forward": 2 * L, "lm_head.forward": 1,
+    "crossentropy.forward": 1, "crossentropy.backward": 1, "lm_head.backward": 1, "layernorm.backward": 2 * L + 1,
+    "residual.backward": 2 * L, "linear.backward": 4 * L, "bias_gelu.backward": L, "attention.backward": L,
+    "embedding.backward": 1,
 }
 
 
@@ -53,7 +57,7 @@ def _step(model, clock, steps=2):
 
 def test_every_op_of_the_cpu_model_is_timed_and_then_restored():
     originals = (layernorm.forward, linear.backward)
-    m = gpt.GPT(ModelConfig(**CFG), seed=0)
+    m = GPT(ModelConfig(**CFG), seed=0)
     with _profile.timed_ops(m, _profile.HostClock()) as clock:
         _step(m, clock)
     assert dict(clock.calls) == {k: 2 * n for k, n in EXPECTED_CALLS.items()}
@@ -65,37 +69,30 @@ def test_every_op_of_the_cpu_model_is_timed_and_then_restored():
 
 
 def test_a_failing_step_still_restores_the_ops():
-    m = gpt.GPT(ModelConfig(**CFG), seed=0)
-    original = gpt.LAYER_OPS.attention.forward
+    m = GPT(ModelConfig(**CFG), seed=0)
+    original = LAYER_OPS.attention.forward
     with pytest.raises(ValueError):
         with _profile.timed_ops(m, _profile.HostClock()):
             m.forward(np.zeros((1, 17), np.int64))  # longer than block_size
-    assert gpt.LAYER_OPS.attention.forward is original
+    assert LAYER_OPS.attention.forward is original
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_kernel_path_ops_are_timed_by_events(monkeypatch, precision):
-    """The GPU model's set-up on NumPy (kernels on the CPU emulator): the fused bias+GELU and the
-    in-place LayerNorm backward, which bypass `ops`, and the bf16 casts are timed too."""
+    """The GPU model's op tables on NumPy (kernels on the CPU emulator): every entry the step
+    calls is timed, the bf16 casts (weights.refresh) too, and everything is put back."""
     if UNDER_MPI or kernel_emulator.compiler() is None:
         pytest.skip("the kernel emulator runs in the single-process pass, with a C++20 compiler")
-    from llmpi import bf16
     kernel_emulator.install(monkeypatch)
-    m = gpt.GPT(ModelConfig(dtype="float32", **CFG), seed=0)
-    m.kernels, m.ops = True, gpt.KERNEL_OPS
-    m.head_weight = np.zeros((lm_head.padded_vocab(13), 32), np.float32)
-    if precision == "bf16":
-        m.ops, m.mm = gpt.BF16_KERNEL_OPS, gpt.BF16_MATMULS
-        m.bf16_weights = bf16.Weights(m.params, head_rows=lm_head.padded_vocab(13))
-    originals = (gpu_ops.bias_gelu_forward, gpu_ops.layernorm_backward, gpt.BF16_MATMULS.project)
+    ops = BF16_OPS if precision == "bf16" else KERNEL_OPS
+    m = GPT(ModelConfig(dtype="bf16" if precision == "bf16" else "float32", **CFG), seed=0, ops=ops)
+    originals = (gpu_gelu.bias_forward, gpu_layernorm.backward, BF16_OPS.project, KERNEL_OPS.adamw_update)
     with _profile.timed_ops(m, _profile.EventClock(STAND_IN_CUPY)) as clock:
         loss = _step(m, clock, steps=1)
-    expected = dict(EXPECTED_CALLS, **({"bf16 weight casts": 1} if precision == "bf16" else {}))
-    assert dict(clock.calls) == expected
-    assert set(clock.seconds()) == set(expected)
-    assert (gpu_ops.bias_gelu_forward, gpu_ops.layernorm_backward, gpt.BF16_MATMULS.project) == originals
-    if precision == "bf16":
-        assert "refresh" not in vars(m.bf16_weights)  # the class's method again
+    assert dict(clock.calls) == EXPECTED_CALLS
+    assert set(clock.seconds()) == set(EXPECTED_CALLS)
+    assert (gpu_gelu.bias_forward, gpu_layernorm.backward, BF16_OPS.project, KERNEL_OPS.adamw_update) == originals
+    assert "refresh" not in vars(m.weights)  # the class's method again
     assert np.isfinite(loss)
 
 

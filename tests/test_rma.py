@@ -9,7 +9,7 @@ import pytest
 from mpi4py import MPI
 
 from llmpi.comm.rma import ShardedWindow, VersionCounter, measure_progress, shard_bounds
-from llmpi.comm.util import world
+from llmpi.comm.world import world
 from mpi_helpers import agreed, subcomms
 
 

@@ -1,4 +1,4 @@
-"""llmpi.threaded: the batch split over threads gives the single-thread gradient and loss.
+"""llmpi.parallel.threaded: the batch split over threads gives the single-thread gradient and loss.
 
 (ThreadedGrad has no on_block_done hook: the gradient is complete only after the
 replicas' buffers are summed, when forward_backward returns.)
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from llmpi.config import ModelConfig
-from llmpi.model import GPT
-from llmpi.threaded import ThreadedGrad, blas_threads, chunk_bounds
+from llmpi.model.gpt import GPT
+from llmpi.parallel.threaded import ThreadedGrad, blas_threads, chunk_bounds
 
 
 def tiny(dtype, **kw):
@@ -100,6 +100,23 @@ def test_more_threads_than_samples():
     np.testing.assert_allclose(m.params.grad, grad_ref, rtol=1e-12)
 
 
-def test_blas_threads_restores():
-    with blas_threads(1):
-        pass  # a no-op without a findable OpenBLAS; must not raise either way
+def test_blas_threads_holds_then_restores():
+    """Inside the block NumPy's OpenBLAS runs the asked-for thread count, after it the old one
+    again (threadpoolctl-style lookup; skipped where NumPy's BLAS is not a findable OpenBLAS)."""
+    from llmpi.parallel.threaded import _openblas_api
+    api = _openblas_api()
+    if api is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS this process can find")
+    set_fn, get_fn = api
+    original = get_fn()
+    set_fn(2)
+    try:
+        with blas_threads(1):
+            inside = get_fn()
+        assert inside == 1 and get_fn() == 2
+        with pytest.raises(RuntimeError):
+            with blas_threads(1):
+                raise RuntimeError("the count comes back on an exception too")
+        assert get_fn() == 2
+    finally:
+        set_fn(original)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from llmpi.config import ModelConfig
-from llmpi.model import GPT
+from llmpi.model.gpt import GPT
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cli import REPO, clean_env, mpiexec, run, single_process_only
-from llmpi import metrics
+from llmpi.training import metrics
 
 pytestmark = single_process_only
 
@@ -42,7 +42,7 @@ def steps(tmp_path, name):
     return metrics.read(os.path.join(str(tmp_path), "runs", name, "metrics.h5"))["steps"]
 
 
-@pytest.mark.parametrize("algorithm", ["mpi", "ring"], ids=["MPI_Allreduce", "ring"])
+@pytest.mark.parametrize("algorithm", ["mpi", "ring", "rd", "auto"], ids=["MPI_Allreduce", "ring", "rd", "auto"])
 def test_n_ranks_match_one_process_on_the_same_samples(tmp_path, corpus, algorithm):
     train(tmp_path, corpus, name="one")
     train(tmp_path, corpus, "--set", f"parallel.allreduce={algorithm}", np=3, name="three")
@@ -126,7 +126,7 @@ def test_resume_refuses_a_change_of_mode(tmp_path, corpus):
 
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=1", "unknown config key 'optim.lrr'"),
-    ("parallel.allreduce=tree", "parallel.allreduce = 'tree' is not allowed; choose one of: mpi, ring, nccl"),
+    ("parallel.allreduce=tree", "parallel.allreduce = 'tree' is not allowed; choose one of: mpi, ring, rd, auto, nccl"),
     ("model.n_head=3", "must be divisible by model.n_head"),
     ("parallel.cuda_aware_mpi=maybe", "choose one of: auto, yes, no"),
     ("train.seed=-1", "train.seed must be >= 0"),
@@ -180,6 +180,9 @@ def test_compare_and_sample_report_once_under_mpiexec(tmp_path, corpus):
 def test_help_prints_once_under_mpiexec(tmp_path):
     proc = run(["-m", "llmpi.train", "--help"], np=3, cwd=str(tmp_path), timeout=60)
     assert proc.returncode == 0 and proc.stdout.count("usage: python -m llmpi.train") == 1, proc.stdout
+    # the allowed values come from their owners: every registered all-reduce, every mode
+    assert "parallel.allreduce = 'mpi'\n      one of: mpi | ring | rd | auto | nccl" in proc.stdout
+    assert "parallel.mode = 'sync'\n      one of: sync | async" in proc.stdout
 
 
 def test_missing_data_file_and_refused_checkpoint(tmp_path, corpus):

@@ -10,9 +10,11 @@ import pytest
 from mpi4py import MPI
 
 from llmpi import config, data
-from llmpi.model import GPT
-from llmpi.optim import clip_grad_norm
-from llmpi.train import Run, make_optimizer, schedule_lr, train_sync
+from llmpi.model.gpt import GPT
+from llmpi.model.layers.gradnorm import clip_grad_norm
+from llmpi.training.optim import make_optimizer, schedule_lr
+from llmpi.training.run import Run
+from llmpi.training.sync import train_sync
 
 COMM = MPI.COMM_WORLD
 
@@ -23,7 +25,7 @@ def shared_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("shared")) if COMM.rank == 0 else None
     path = COMM.bcast(path, root=0)
     if COMM.rank == 0:
-        data.prepare([data.__file__, config.__file__], "byte", 0.1, f"{path}/c.h5", progress=False)
+        data.prepare([data.tokenfile.__file__, config.__file__], "byte", 0.1, f"{path}/c.h5", progress=False)
     COMM.Barrier()
     return path
 

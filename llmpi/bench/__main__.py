@@ -4,7 +4,7 @@ import pkgutil
 import sys
 
 import llmpi.bench as bench_pkg
-from llmpi.comm.util import run_main
+from llmpi.cli import run_main
 from llmpi.errors import UserError
 
 

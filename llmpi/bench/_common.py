@@ -56,10 +56,11 @@ def run_training(np_, args, out_dir, threads=1, extra_env=None, timeout=3600):
     import subprocess
     import sys
 
-    from .. import metrics
+    from ..cli import THREAD_VARS
+    from ..training import metrics
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in THREAD_VARS:
         env[var] = str(threads)
     env.update(extra_env or {})
     name = next(a.split("=", 1)[1] for a in args if a.startswith("train.run_name="))

@@ -1,11 +1,12 @@
 """Where a training step's time goes, op by op, on the CPU or the GPU.
 
-`timed_ops(model, clock)` wraps, for as long as it is open, every op the GPT calls (its
-`ops` and `mm` namespaces, the fused bias+GELU and in-place LayerNorm backward of the kernel
-path, and the bf16 weight casts) so that each call is timed by `clock` under one key per op
-and direction ("linear.forward", "attention.backward", ...). The namespaces are shared by
-every GPT in the process (replicas of llmpi.threaded included), so calls from every thread
-count; the originals are put back on exit.
+`timed_ops(model, clock)` wraps, for as long as it is open, every entry of the model's op table
+(llmpi.model.ops: the layers, the matmuls, the optimizer's update and the grad norm) and the
+refresh of the matrices the matmuls read (the bf16 casts on the GPU), so that each call is
+timed by `clock` under one key per op and direction ("linear.forward", "attention.backward",
+"project", ...). The table's members are shared by every GPT in the process (replicas of
+llmpi.parallel.threaded included), so calls from every thread count; the originals are put
+back on exit.
 
 Clocks: HostClock adds up wall time around each call (the CPU's work is done when the call
 returns); EventClock records a CUDA event before and after each call and reads the pairs once
@@ -18,13 +19,8 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-from llmpi import gpu_ops
-
-# mm members that are plain functions, and the key they are timed under
-MATMUL_KEYS = {"project": "linear.forward", "lm_head_forward": "lm_head.forward",
-               "lm_head_backward": "lm_head.backward"}
-# llmpi.gpu_ops functions the kernel path calls by module attribute, outside `ops`
-KERNEL_KEYS = {"bias_gelu_forward": "gelu.forward", "layernorm_backward": "layernorm.backward"}
+PASSES = ("forward", "backward", "loss")  # the members of a layer entry that are timed
+NOT_OPS = ("weights", "precision")  # table entries that describe rather than compute
 
 
 class _Clock:
@@ -111,18 +107,16 @@ def timed_ops(model, clock):
         setattr(owner, attr, _timed(clock, key, original))
 
     try:
-        for namespace in (model.ops, model.mm):
-            for name, member in list(vars(namespace).items()):
-                if name in MATMUL_KEYS:
-                    wrap(namespace, name, MATMUL_KEYS[name])
-                else:  # a layer: module or namespace with forward/backward
-                    wrap(member, "forward", f"{name}.forward")
-                    wrap(member, "backward", f"{name}.backward")
-        if model.kernels:
-            for attr, key in KERNEL_KEYS.items():
-                wrap(gpu_ops, attr, key)
-        if model.bf16_weights is not None:
-            wrap(model.bf16_weights, "refresh", "bf16 weight casts")
+        for name, member in list(vars(model.ops).items()):
+            if name in NOT_OPS:
+                continue
+            if hasattr(member, "forward"):  # a layer: module or namespace with its passes
+                for attr in PASSES:
+                    if hasattr(member, attr):
+                        wrap(member, attr, f"{name}.{attr}")
+            else:
+                wrap(model.ops, name, name)
+        wrap(model.weights, "refresh", "weights.refresh")
         yield clock
     finally:
         for owner, attr, original, own in reversed(saved):

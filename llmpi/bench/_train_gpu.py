@@ -62,12 +62,12 @@ def _time_steps(step, sync, warmup, steps):
 def _llmpi_child(s, batch, warmup, steps, precision):
     from llmpi import backend
     from llmpi.config import ModelConfig
-    from llmpi.model import GPT
-    from llmpi.optim import AdamW, clip_grad_norm
+    from llmpi.model.gpt import GPT
+    from llmpi.training.optim import AdamW
 
     cp = backend.select("gpu")
     m = GPT(ModelConfig(**s, dtype="bf16" if precision == "bf16" else "float32"), xp=cp, seed=0)
-    opt = AdamW(m.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = AdamW(m.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, ops=m.ops)
     r = cp.random.default_rng(0)
     x, y = (r.integers(0, s["vocab_size"], (batch, s["block_size"])) for _ in range(2))
     losses = []
@@ -76,7 +76,7 @@ def _llmpi_child(s, batch, warmup, steps, precision):
         timed("zero_grad", m.params.zero_grad)
         _, loss, cache = m.forward(x, y)
         m.backward(cache)
-        timed("clip", clip_grad_norm, m.params.grad, 1.0)
+        timed("clip", m.ops.clip_grad_norm, m.params.grad, 1.0)
         timed("adamw", opt.step)
         losses.append(loss)
 
@@ -93,7 +93,7 @@ def _llmpi_child(s, batch, warmup, steps, precision):
 def _torch_child(s, batch, warmup, steps, precision):
     import torch
 
-    from .train import torch_gpt
+    from ._torch_ref import torch_gpt
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

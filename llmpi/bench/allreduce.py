@@ -19,8 +19,10 @@ import numpy as np
 from mpi4py import MPI
 
 from llmpi.bench._common import emit_json, machine, memcpy_bandwidth
-from llmpi.comm.allreduce import ALGORITHMS, AUTO_THRESHOLD_BYTES, allreduce_sum
-from llmpi.comm.util import ArgumentParser, rprint, world
+from llmpi.cli import ArgumentParser
+from llmpi.comm.allreduce import ALGORITHMS, allreduce_sum
+from llmpi.comm.allreduce.auto import THRESHOLD_BYTES as AUTO_THRESHOLD_BYTES
+from llmpi.comm.world import rprint, world
 from llmpi.errors import UserError
 
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "K": 1 << 10, "KB": 1 << 10, "MIB": 1 << 20, "M": 1 << 20,

@@ -10,7 +10,7 @@ import tempfile
 
 import numpy as np
 
-from llmpi.comm.util import ArgumentParser
+from llmpi.cli import ArgumentParser
 from llmpi.errors import UserError
 
 from ._common import emit_json, machine, run_training, step_seconds

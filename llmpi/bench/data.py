@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from llmpi.bench._common import emit_json, machine, median_time
-from llmpi.comm.util import ArgumentParser
+from llmpi.cli import ArgumentParser
 from llmpi.data import Sampler, TokenFile, get_batch, prepare
 
 SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"

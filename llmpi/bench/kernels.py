@@ -16,11 +16,10 @@ and its bf16 tensor-core version as a fraction of that fp16 matmul (the bf16 rat
 """
 import math
 import time
-import types
 
 import numpy as np
 
-from llmpi.comm.util import ArgumentParser
+from llmpi.cli import ArgumentParser
 
 from ._common import emit_json
 
@@ -112,10 +111,11 @@ def rel_error(got, ref):
 
 def cases(xp, B, T, C, NH, V, P):
     """(name, check() -> error, run(), tolerance, bytes moved or None, flops or None)."""
-    from llmpi import gpu_ops as G
     from llmpi.backend import to_host as host
-    from llmpi.layers import attention, crossentropy, embedding, gelu, layernorm, residual
-    from llmpi.optim import AdamW
+    from llmpi.gpu import adamw as k_adamw, attention as k_attention, attention_tc as k_attention_tc
+    from llmpi.gpu import classifier as k_classifier, embedding as k_embedding, gelu as k_gelu
+    from llmpi.gpu import gradnorm as k_gradnorm, layernorm as k_layernorm, residual as k_residual
+    from llmpi.model.layers import adamw, attention, crossentropy, embedding, gelu, layernorm, residual
 
     r = xp.random.default_rng(0)
     rand = lambda *shape: r.standard_normal(shape, dtype=xp.float32)  # noqa: E731
@@ -124,80 +124,80 @@ def cases(xp, B, T, C, NH, V, P):
 
     wte, wpe = rand(V, C) * 0.02, rand(T, C) * 0.02
     idx = xp.asarray(np.random.default_rng(1).integers(0, V, (B, T)))
-    emb, emb_cache = G.embedding_forward(wte, wpe, idx)
+    emb, emb_cache = k_embedding.forward(wte, wpe, idx)
     out.append(("embedding_forward", lambda: rel_error(host(emb), host(embedding.forward(wte, wpe, idx)[0])),
-                lambda: G.embedding_forward(wte, wpe, idx), 1e-6, f4 * (2 * N * C + T * C) + 4 * N, None))
+                lambda: k_embedding.forward(wte, wpe, idx), 1e-6, f4 * (2 * N * C + T * C) + 4 * N, None))
     demb, dwte, dwpe = rand(B, T, C), xp.zeros((V, C), xp.float32), xp.zeros((T, C), xp.float32)
 
     def check_emb_bwd():
         dwte[...] = 0
         dwpe[...] = 0
-        G.embedding_backward(demb, emb_cache, dwte, dwpe)
+        k_embedding.backward(demb, emb_cache, dwte, dwpe)
         rw, rp = np.zeros((V, C)), np.zeros((T, C))
         embedding.backward(host(demb).astype(np.float64), host(idx), rw, rp)
         return max(rel_error(host(dwte), rw), rel_error(host(dwpe), rp))
-    out.append(("embedding_backward", check_emb_bwd, lambda: G.embedding_backward(demb, emb_cache, dwte, dwpe),
+    out.append(("embedding_backward", check_emb_bwd, lambda: k_embedding.backward(demb, emb_cache, dwte, dwpe),
                 1e-5, f4 * 2 * N * C + 2 * f4 * T * C, None))
 
     x, w, b = rand(B, T, C), rand(C), rand(C)
-    ln, ln_cache = G.layernorm_forward(x, w, b)
+    ln, ln_cache = k_layernorm.forward(x, w, b)
     out.append(("layernorm_forward", lambda: rel_error(host(ln), host(layernorm.forward(x, w, b)[0])),
-                lambda: G.layernorm_forward(x, w, b), 1e-4, f4 * 2 * N * C, None))
+                lambda: k_layernorm.forward(x, w, b), 1e-4, f4 * 2 * N * C, None))
     dln, dw, db = rand(B, T, C), xp.zeros(C, xp.float32), xp.zeros(C, xp.float32)
 
     def check_ln_bwd():
         dw[...] = 0
         db[...] = 0
         rdw, rdb = xp.zeros_like(dw), xp.zeros_like(db)
-        got = G.layernorm_backward(dln, ln_cache, dw, db)
+        got = k_layernorm.backward(dln, ln_cache, dw, db)
         ref = layernorm.backward(dln, layernorm.forward(x, w, b)[1], rdw, rdb)
         return max(rel_error(host(got), host(ref)), rel_error(host(dw), host(rdw)), rel_error(host(db), host(rdb)))
-    out.append(("layernorm_backward", check_ln_bwd, lambda: G.layernorm_backward(dln, ln_cache, dw, db),
+    out.append(("layernorm_backward", check_ln_bwd, lambda: k_layernorm.backward(dln, ln_cache, dw, db),
                 1e-3, f4 * 3 * N * C, None))
 
     h, bias = rand(B, T, 4 * C), rand(4 * C)
-    out.append(("gelu_forward", lambda: rel_error(host(G.gelu_forward(h)[0]), host(gelu.forward(h)[0])),
-                lambda: G.gelu_forward(h), 1e-5, f4 * 2 * h.size, None))
+    out.append(("gelu_forward", lambda: rel_error(host(k_gelu.forward(h)[0]), host(gelu.forward(h)[0])),
+                lambda: k_gelu.forward(h), 1e-5, f4 * 2 * h.size, None))
     pre = h.copy()
     out.append(("bias_gelu_forward",
-                lambda: rel_error(host(G.bias_gelu_forward(h.copy(), bias)[0]), host(gelu.forward(h + bias)[0])),
-                lambda: G.bias_gelu_forward(pre, bias), 1e-5, f4 * 3 * h.size, None))
+                lambda: rel_error(host(k_gelu.bias_forward(h.copy(), bias)[0]), host(gelu.forward(h + bias)[0])),
+                lambda: k_gelu.bias_forward(pre, bias), 1e-5, f4 * 3 * h.size, None))
     dh = rand(B, T, 4 * C)
-    out.append(("gelu_backward", lambda: rel_error(host(G.gelu_backward(dh, h)), host(gelu.backward(dh, h))),
-                lambda: G.gelu_backward(dh, h), 1e-5, f4 * 3 * h.size, None))
+    out.append(("gelu_backward", lambda: rel_error(host(k_gelu.backward(dh, h)), host(gelu.backward(dh, h))),
+                lambda: k_gelu.backward(dh, h), 1e-5, f4 * 3 * h.size, None))
 
     fx = rand(B, T, C)
     out.append(("residual_forward",
-                lambda: rel_error(host(G.residual_forward(x, fx.copy())[0]), host(residual.forward(x, fx.copy())[0])),
-                lambda: G.residual_forward(x, fx), 1e-6, f4 * 3 * N * C, None))
+                lambda: rel_error(host(k_residual.forward(x, fx.copy())[0]), host(residual.forward(x, fx.copy())[0])),
+                lambda: k_residual.forward(x, fx), 1e-6, f4 * 3 * N * C, None))
 
     qkv, dy = rand(B, T, 3 * C), rand(B, T, C)
     fwd_flops = 2.0 * B * NH * T * T * HS  # QK^T and PV, half of each under the causal mask
 
     # CUDA cores (attention.cu), and TF32 and bf16 tensor cores (attention_tc.cu) where the head
     # size has them
-    for precision in G.ATT_PRECISIONS if HS in G.ATT_TC_HEAD_SIZES else ("fp32",):
-        att, att_cache = G.attention_forward(qkv, NH, precision=precision)
+    for precision in k_attention.PRECISIONS if HS in k_attention_tc.HEAD_SIZES else ("fp32",):
+        att, att_cache = k_attention.forward(qkv, NH, precision=precision)
         tol = ATTENTION_TOLERANCE[precision]
         suffix = "" if precision == "fp32" else "_" + precision
         out.append(("attention_forward" + suffix,
                     lambda att=att: rel_error(host(att), host(attention.forward(qkv, NH)[0])),
-                    lambda p=precision: G.attention_forward(qkv, NH, precision=p), tol, None, fwd_flops))
+                    lambda p=precision: k_attention.forward(qkv, NH, precision=p), tol, None, fwd_flops))
         out.append(("attention_backward" + suffix,
-                    lambda c=att_cache: rel_error(host(G.attention_backward(dy, c)),
+                    lambda c=att_cache: rel_error(host(k_attention.backward(dy, c)),
                                                   host(attention.backward(dy, attention.forward(qkv, NH)[1]))),
-                    lambda c=att_cache: G.attention_backward(dy, c), tol, None, 2.5 * fwd_flops))
+                    lambda c=att_cache: k_attention.backward(dy, c), tol, None, 2.5 * fwd_flops))
 
     logits, targets = rand(B, T, V), xp.asarray(np.random.default_rng(2).integers(0, V, (B, T)))
 
     def check_ce():
         lg = logits.copy()
-        loss, cache = G.crossentropy_forward(lg, targets)
+        loss, cache = k_classifier.forward(lg, targets)
         ref_loss, ref_cache = crossentropy.forward(logits.copy(), targets)
-        err = rel_error(host(G.crossentropy_backward(cache)), host(crossentropy.backward(ref_cache)))
+        err = rel_error(host(k_classifier.backward(cache)), host(crossentropy.backward(ref_cache)))
         return max(err, abs(loss - ref_loss) / ref_loss)
     work = logits.copy()
-    out.append(("crossentropy_fused", check_ce, lambda: G.crossentropy_forward(work, targets), 1e-4,
+    out.append(("crossentropy_fused", check_ce, lambda: k_classifier.forward(work, targets), 1e-4,
                 f4 * 2 * N * V, None))
 
     n = P
@@ -205,17 +205,16 @@ def cases(xp, B, T, C, NH, V, P):
     mask = (r.random(n) < 0.9).astype(xp.float32)
     m, v = xp.zeros(n, xp.float32), xp.zeros(n, xp.float32)
 
-    def check_adamw():
-        params = types.SimpleNamespace(data=p.copy(), grad=g, xp=xp, decay_mask=lambda: mask)
-        opt = AdamW(params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-        u = opt.delta()
+    def check_adamw():  # the kernel's update against its NumPy/CuPy twin on the same arrays
+        u = adamw.update(p, g, xp.zeros_like(m), xp.zeros_like(v), mask, 6e-4, 0.9, 0.95, 1e-8, 0.1, 1,
+                         out=xp.empty_like(p))
         got = xp.empty_like(p)
-        G.adamw_update(p, g, xp.zeros_like(m), xp.zeros_like(v), mask, 6e-4, 0.9, 0.95, 1e-8, 0.1, 1, out=got)
+        k_adamw.update(p, g, xp.zeros_like(m), xp.zeros_like(v), mask, 6e-4, 0.9, 0.95, 1e-8, 0.1, 1, out=got)
         return rel_error(host(got), host(u))
     out.append(("adamw_update", check_adamw,
-                lambda: G.adamw_update(p, g, m, v, mask, 6e-4, 0.9, 0.95, 1e-8, 0.1, 1), 1e-4, f4 * 8 * n, None))
-    out.append(("grad_sumsq", lambda: abs(float(G.sumsq(g)) / float((g.astype(xp.float64) ** 2).sum()) - 1),
-                lambda: G.sumsq(g), 1e-9, f4 * n, None))
+                lambda: k_adamw.update(p, g, m, v, mask, 6e-4, 0.9, 0.95, 1e-8, 0.1, 1), 1e-4, f4 * 8 * n, None))
+    out.append(("grad_sumsq", lambda: abs(float(k_gradnorm.sumsq(g)) / float((g.astype(xp.float64) ** 2).sum()) - 1),
+                lambda: k_gradnorm.sumsq(g), 1e-9, f4 * n, None))
     return out
 
 

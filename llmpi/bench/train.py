@@ -15,11 +15,12 @@ import time
 
 import numpy as np
 
-from llmpi.comm.util import ArgumentParser
+from llmpi.cli import THREAD_VARS, ArgumentParser, run_main
 from llmpi.errors import UserError
 
 from . import _profile, _train_gpu
 from ._common import emit_json, machine
+from ._torch_ref import torch_gpt
 
 # nanoGPT's shakespeare_char "baby GPT" shape scaled to a quick CPU run
 CONFIGS = {
@@ -27,7 +28,6 @@ CONFIGS = {
     "tiny": dict(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, batch=8),
     "small": dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, batch=8),
 }
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 WARMUP = 3
 
 
@@ -51,20 +51,22 @@ def _timed(step, batches):
 
 
 def _llmpi_child(shape, steps, threads=1):
-    from llmpi import model as model_mod
+    from llmpi import backend
     from llmpi.config import ModelConfig
-    from llmpi.optim import AdamW, clip_grad_norm
-    from llmpi.threaded import ThreadedGrad
+    from llmpi.model.gpt import GPT
+    from llmpi.parallel.threaded import ThreadedGrad
+    from llmpi.training.optim import AdamW
 
+    backend.select("cpu")  # the process set-up of a CPU run (llmpi.cli.keep_freed_memory)
     cfg = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
-    m = model_mod.GPT(cfg, seed=0)
-    opt = AdamW(m.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    m = GPT(cfg, seed=0)
+    opt = AdamW(m.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, ops=m.ops)
     grad = ThreadedGrad(m, threads)  # threads == 1: plain forward + backward
 
     def step(x, y, timed=_profile.untimed):
         timed("zero_grad", m.params.zero_grad)
         grad.forward_backward(x, y)
-        timed("clip", clip_grad_norm, m.params.grad, 1.0)
+        timed("clip", m.ops.clip_grad_norm, m.params.grad, 1.0)
         timed("adamw", opt.step)
 
     batches = _batches(shape, steps + WARMUP)
@@ -77,52 +79,6 @@ def _llmpi_child(shape, steps, threads=1):
             step(x, y, clock.time)
         per_step = (time.perf_counter() - t0) / n
     return step_s, cpu_s, _profile.per_step_ms(clock, n, per_step)
-
-
-def torch_gpt(shape):
-    """nanoGPT's model (eager) at `shape`, the LM head tied to wte; forward(idx, targets) -> loss."""
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    V, T, L, NH, C = (shape[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
-            self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
-            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-
-        def forward(self, x):
-            B = x.shape[0]
-            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-            q, k, v = (t.view(B, -1, NH, C // NH).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.c_proj(y.transpose(1, 2).reshape(B, -1, C))
-            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
-
-    class TorchGPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
-            self.h = nn.ModuleList(Block() for _ in range(L))
-            self.ln_f = nn.LayerNorm(C)
-
-        def forward(self, idx, targets):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-            for b in self.h:
-                x = b(x)
-            logits = self.ln_f(x) @ self.wte.weight.T
-            return F.cross_entropy(logits.view(-1, V).float(), targets.view(-1))
-
-    model = TorchGPT()
-    for m in model.modules():  # GPT-2's init, as llmpi's (torch's default N(0, 1) embeddings blow up the tied head)
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
-    return model
 
 
 def _torch_child(shape, steps, threads):
@@ -242,4 +198,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="llmpi.bench train") or 0)

@@ -94,6 +94,12 @@ class HostStage:
         backend.copy_to_device(host, dev)
 
 
+def describe_buffers(buf, mode, algorithm, setting):
+    """The startup line's "gpu buffers:" text for a run whose buffers are like `buf`, or None for
+    host buffers (nothing to say)."""
+    return describe(mode, algorithm, setting) if backend.is_device_array(buf) else None
+
+
 def describe(mode, algorithm, setting) -> str:
     """How gradients or parameters on the GPU reach other ranks, for the startup lines."""
     if mode == "async":

@@ -5,25 +5,17 @@ cut into contiguous shards, one per rank ("sharded") or all of it on rank 0
 ("rank0"). Workers `get` the whole vector with `MPI_Get_accumulate(NO_OP)` and
 `accumulate` their update with `MPI_Accumulate(SUM)`; accumulate-type calls are
 element-wise atomic with each other, so concurrent pushes never lose an update and a
-read never sees half of one (a plain MPI_Get would be allowed to). `VersionCounter` is an int64 on one rank bumped with `MPI_Fetch_and_op`.
+read never sees half of one (a plain MPI_Get would be allowed to). `VersionCounter` is an
+int64 on one rank bumped with `MPI_Fetch_and_op`.
 
-Progress, measured with MPICH 5.0.2 (ch4), 4 ranks on 2 cores, rank 0 computing for
-500 ms without MPI calls while ranks 1-3 loop Get + Accumulate (512 KiB each) +
-Fetch_and_op on it (`mpiexec -n 4 python -m llmpi.comm.rma`):
-- a Lock/Unlock(SHARED) pair per operation: every Lock waited for the target to
-  call MPI again, i.e. ~500 ms, the whole compute phase (the lock request is
-  granted by the target's progress engine even though the data moves through
-  shared memory);
-- one `Lock_all(MODE_NOCHECK)` epoch for the window's lifetime, completed with
-  `Flush(target)` after each operation (what this module does): median 0.07 ms,
-  worst 14-16 ms (scheduler noise of 4 ranks on 2 cores), no stall; with the read as
-  Get_accumulate(NO_OP) instead of Get (2026-11-28): median 0.27-0.34 ms, worst 7-11 ms;
-- MPIR_CVAR_ASYNC_PROGRESS=1 (a progress thread per rank): no stall either, but a
-  median of 12 ms, since the polling threads eat the shared cores.
-So: the trainer needs no environment variable; do not set MPIR_CVAR_ASYNC_PROGRESS
-on oversubscribed nodes. Not measured here: across nodes, netmod RMA without
-hardware offload may still need target progress; there set the variable before
-MPI_Init (before `import mpi4py.MPI`) and check with this module's main.
+Progress: one `Lock_all(MODE_NOCHECK)` epoch for the window's lifetime, completed with
+`Flush(target)` after each operation, never waits for a target that is busy computing, where
+a Lock/Unlock pair per operation waited for the target's next MPI call (the whole compute
+phase); MPIR_CVAR_ASYNC_PROGRESS is not needed, and on oversubscribed nodes it costs more than
+it helps. The figures, measured with this module's main
+(`mpiexec -n 4 python -m llmpi.comm.rma`), are in BENCHMARKS.md ("MPI progress for passive-target RMA"); across
+nodes, netmod RMA without hardware offload may still need target progress: there set the
+variable before MPI_Init and check with that command.
 Exclusive locks would conflict with that epoch, so `put_all` (initialisation,
 resume) writes with Accumulate(MPI_REPLACE), an element-wise atomic put.
 `local` is the owner's shard (a read-only view for checkpoints and debugging).
@@ -42,6 +34,7 @@ from .. import backend
 from .device import HostStage
 
 DEFAULT_SEGMENT_BYTES = 16 << 20  # bounded message size per RMA call
+SERVERS = ("sharded", "rank0")  # parallel.server: shards on every rank, or all on rank 0
 
 
 class _Lock:
@@ -96,8 +89,8 @@ class ShardedWindow(_EpochWindow):
 
     def __init__(self, comm, n, dtype=np.float32, server="sharded", init=None,
                  segment_bytes=DEFAULT_SEGMENT_BYTES):
-        if server not in ("sharded", "rank0"):
-            raise ValueError(f"server must be 'sharded' or 'rank0', got {server!r}")
+        if server not in SERVERS:
+            raise ValueError(f"server must be one of {SERVERS}, got {server!r}")
         self.comm, self.n, self.server = comm, int(n), server
         self.dtype = np.dtype(dtype)
         self.mpi_type = dtlib.from_numpy_dtype(self.dtype)
@@ -225,7 +218,7 @@ def measure_progress(comm, busy_seconds=0.5, n=1 << 16):
 
 
 if __name__ == "__main__":
-    from .util import rprint, world
+    from .world import rprint, world
     c = world()
     med, worst = measure_progress(c)
     res = np.array([med, worst])

@@ -1,0 +1,103 @@
+"""kernels/attention.cu: causal attention on CUDA cores in float32, the twin of
+llmpi.model.layers.attention; the tensor-core versions (llmpi.gpu.attention_tc) run instead
+where the precision asks for them and the head size allows.
+"""
+import math
+import os
+
+import numpy as np
+
+from ..backend import array_module
+from . import attention_tc
+from .common import MAX_GRID_Y, THREADS, check_f32, i32, launch
+
+WARPS = 8  # query/key rows per block
+MAX_HS = 128
+# float32 on CUDA cores (attention.cu), or tensor cores in TF32 or bf16 (attention_tc.cu)
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def _dims(qkv, n_head):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    HS = C // n_head
+    if HS * n_head * 3 != C3 or HS > MAX_HS:
+        raise ValueError(f"attention kernel needs 3*NH*HS columns with HS <= {MAX_HS}, "
+                         f"got {C3} columns for {n_head} heads")
+    if B * n_head > MAX_GRID_Y:  # one (batch, head) per grid row
+        raise ValueError(f"attention kernels take at most {MAX_GRID_Y} batch x heads per call, got "
+                         f"{B} x {n_head}; use a smaller micro-batch (train.micro_batch)")
+    return B, T, C, HS
+
+
+def tf32_allowed() -> bool:
+    """CuPy's switch for TF32 tensor-core matmuls (CUPY_TF32=1); attention follows it."""
+    try:  # CuPy's own reading of the variable: any positive integer switches TF32 on
+        return int(os.environ.get("CUPY_TF32", "0")) > 0
+    except ValueError:
+        return False
+
+
+def tc_possible(qkv, n_head) -> bool:
+    """Whether the tensor-core kernels can run this qkv (head size, alignment)."""
+    return attention_tc.possible(_dims(qkv, n_head)[3], qkv)
+
+
+def choose_precision(HS, qkv, requested=None):
+    """The precision attention runs in: `requested`, or with None TF32 tensor cores when TF32 is
+    allowed and possible, else float32 on CUDA cores."""
+    possible = attention_tc.possible(HS, qkv)
+    if requested is None:
+        return "tf32" if tf32_allowed() and possible else "fp32"
+    if requested not in PRECISIONS:
+        raise ValueError(f"attention precision must be one of {PRECISIONS}, got {requested!r}")
+    if requested != "fp32" and not possible:
+        raise ValueError(f"tensor-core attention needs head size in {attention_tc.HEAD_SIZES} and 16-byte "
+                         f"aligned qkv, got head size {HS}")
+    return requested
+
+
+def forward(qkv, n_head, precision=None):
+    """qkv (B, T, 3C) -> out (B, T, C); cache (qkv, out, lse (B, NH, T), n_head, precision).
+    precision: "fp32" | "tf32" | "bf16", or None to follow tf32_allowed(); backward takes the
+    forward's (its lse came from those scores)."""
+    xp = array_module(qkv)
+    check_f32(qkv)
+    B, T, C, HS = _dims(qkv, n_head)
+    out = xp.empty((B, T, C), dtype=xp.float32)
+    lse = xp.empty((B, n_head, T), dtype=xp.float32)
+    scale = np.float32(1.0 / math.sqrt(HS))
+    precision = choose_precision(HS, qkv, precision)
+    if precision != "fp32":
+        attention_tc.forward(out, lse, qkv, T, n_head, HS, scale, precision)
+    else:
+        launch("attention.cu", "attention_forward", (-(-T // WARPS), B * n_head), (WARPS * 32,),
+               out, lse, qkv, i32(T), i32(n_head), i32(HS), scale)
+    return out, (qkv, out, lse, n_head, precision)
+
+
+def forward_bf16_where_possible(qkv, n_head):
+    """bf16 models take the bf16 tensor-core attention where it has entry points, whatever CUPY_TF32 says."""
+    return forward(qkv, n_head, precision="bf16" if tc_possible(qkv, n_head) else "fp32")
+
+
+def backward(dout, cache):
+    """dout (B, T, C) -> dqkv (B, T, 3C)."""
+    xp = array_module(dout)
+    qkv, out, lse, NH, precision = cache
+    check_f32(dout, qkv, out, lse)
+    B, T, C, HS = _dims(qkv, NH)
+    delta = xp.empty((B, NH, T), dtype=xp.float32)
+    rows = B * T * NH
+    launch("attention.cu", "attention_backward_delta", (-(-rows // (THREADS // 32)),), (THREADS,),
+           delta, dout, out, i32(B), i32(T), i32(NH), i32(HS))
+    dqkv = xp.empty_like(qkv)
+    scale = np.float32(1.0 / math.sqrt(HS))
+    if precision != "fp32":
+        attention_tc.backward(dqkv, qkv, dout, lse, delta, T, NH, HS, scale, precision)
+        return dqkv
+    grid = (-(-T // WARPS), B * NH)
+    args = (dqkv, qkv, dout, lse, delta, i32(T), i32(NH), i32(HS), scale)
+    launch("attention.cu", "attention_backward_dq", grid, (WARPS * 32,), *args)
+    launch("attention.cu", "attention_backward_dkv", grid, (WARPS * 32,), *args)
+    return dqkv

@@ -1,0 +1,33 @@
+"""kernels/gelu.cu: GELU and the fused bias + GELU, twins of llmpi.model.layers.gelu."""
+from ..backend import array_module
+from .common import THREADS, check_f32, grid, i32, launch
+
+
+def forward(x):
+    """x (B, T, 4C) -> (out (B, T, 4C), cache x)."""
+    xp = array_module(x)
+    check_f32(x)
+    out = xp.empty_like(x)
+    launch("gelu.cu", "gelu_forward", grid(-(-x.size // 4)), (THREADS,), out, x, i32(x.size))
+    return out, x
+
+
+def bias_forward(pre, bias):
+    """pre (B, T, OC) += bias (OC) in place, then -> (gelu(pre), cache pre): c_fc's bias add
+    fused into the activation, for a matmul output that has no bias yet."""
+    xp = array_module(pre)
+    check_f32(pre, bias)
+    out = xp.empty_like(pre)
+    launch("gelu.cu", "bias_gelu_forward", grid(-(-pre.size // 4)), (THREADS,), out, pre, bias,
+           i32(pre.size), i32(bias.size))
+    return out, pre
+
+
+def backward(dout, cache):
+    """dout (B, T, 4C) -> dx (B, T, 4C)."""
+    xp = array_module(dout)
+    x = cache
+    check_f32(dout, x)
+    dx = xp.empty_like(x)
+    launch("gelu.cu", "gelu_backward", grid(-(-x.size // 4)), (THREADS,), dx, x, dout, i32(x.size))
+    return dx

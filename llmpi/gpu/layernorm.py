@@ -1,0 +1,62 @@
+"""kernels/layernorm.cu: LayerNorm, the twin of llmpi.model.layers.layernorm."""
+import numpy as np
+
+from ..backend import address, array_module
+from .common import MAX_GRID_Y, THREADS, check_f32, i32, launch
+
+LN_EPS = 1e-5  # llmpi.model.layers.layernorm.EPS
+LN_ROWS = 32  # rows per partial sum of the LayerNorm parameter gradients
+LN_VEC_MAX_C = 1024  # layernorm.cu's float4 register paths: C % 4 == 0 and C <= 128 * LN_MAXV
+LN_FUSED_ROWS = 16  # rows per block (and per dw/db partial) of layernorm_backward_fused
+LN_FUSED_THREADS = 128
+LN_FINISH_THREADS = 1024  # 32 columns x 32 slices of the partials per block
+
+
+def forward(x, w, b):
+    """x (B, T, C), w (C,), b (C,) -> out (B, T, C); cache (x, w, mean, rstd), mean/rstd (B, T, 1)."""
+    xp = array_module(x)
+    check_f32(x, w, b)
+    C = x.shape[-1]
+    N = x.size // C
+    out = xp.empty_like(x)
+    mean = xp.empty(x.shape[:-1] + (1,), dtype=xp.float32)
+    rstd = xp.empty_like(mean)
+    rows_per_block = THREADS // 32
+    launch("layernorm.cu", "layernorm_forward", (-(-N // rows_per_block),), (THREADS,),
+           out, mean, rstd, x, w, b, i32(N), i32(C), np.float32(LN_EPS))
+    return out, (x, w, mean, rstd)
+
+
+def backward(dout, cache, dw, db, dx=None):
+    """dout (B, T, C) -> dx (B, T, C); adds into dw, db (C,). With `dx` given the input
+    gradient is added into it (the residual stream) and it is returned."""
+    xp = array_module(dout)
+    x, w, mean, rstd = cache
+    check_f32(dout, x, w, mean, rstd, dw, db)
+    C = x.shape[-1]
+    N = x.size // C
+    accumulate = dx is not None
+    if accumulate:
+        check_f32(dx)
+    else:
+        dx = xp.empty_like(x)
+    if C % 4 == 0 and C <= LN_VEC_MAX_C and all(address(a) % 16 == 0 for a in (dx, dout, x, w)):
+        # float4 path: dx and the dw/db partials in one pass over dout and x
+        P = -(-N // LN_FUSED_ROWS)
+        partial = xp.empty((2, P, C), dtype=xp.float32)
+        launch("layernorm.cu", "layernorm_backward_fused", (P,), (LN_FUSED_THREADS,),
+               dx, partial, dout, x, w, mean, rstd, i32(N), i32(C), np.int32(accumulate),
+               i32(LN_FUSED_ROWS))
+    else:
+        rows_per_block = THREADS // 32
+        launch("layernorm.cu", "layernorm_backward_dx", (-(-N // rows_per_block),), (THREADS,),
+               dx, dout, x, w, mean, rstd, i32(N), i32(C), np.int32(accumulate))
+        rows = max(LN_ROWS, -(-N // MAX_GRID_Y))  # P partials go on grid y
+        P = -(-N // rows)
+        partial = xp.empty((2, P, C), dtype=xp.float32)
+        cblocks = -(-C // THREADS)
+        launch("layernorm.cu", "layernorm_backward_params_partial", (cblocks, P), (THREADS,),
+               partial, dout, x, mean, rstd, i32(N), i32(C), i32(rows))
+    launch("layernorm.cu", "layernorm_backward_params_finish", (-(-C // 32),), (LN_FINISH_THREADS,),
+           dw, db, partial, i32(P), i32(C))
+    return dx

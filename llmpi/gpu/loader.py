@@ -1,0 +1,50 @@
+"""The one loader of our CUDA kernels: kernels/*.cu -> cupy.RawModule, compiled once per file,
+and cuBLAS's GemmEx on CuPy's handle (for llmpi.gpu.bf16).
+
+NVRTC compiles a file the first time one of its kernels is launched on a device;
+CuPy keeps the binary in ~/.cupy/kernel_cache, so later processes skip compilation.
+"""
+import functools
+import glob
+import os
+
+from ..errors import UserError
+
+OPTIONS = ("-std=c++17",)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_dir() -> str:
+    """llmpi/_kernels in an installed package (setup.py copies them there), else <repo>/kernels."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the llmpi package
+    for d in (os.path.join(here, "_kernels"), os.path.join(os.path.dirname(here), "kernels")):
+        if glob.glob(os.path.join(d, "*.cu")):
+            return d
+    raise UserError(f"CUDA kernel sources not found in {here}/_kernels or the checkout's kernels/; "
+                    "reinstall llmpi")
+
+
+def source(file: str) -> str:
+    with open(os.path.join(kernel_dir(), file), encoding="utf-8") as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=None)
+def module(file: str):
+    """The RawModule of kernels/<file> (e.g. 'layernorm.cu')."""
+    import cupy
+    return cupy.RawModule(code=source(file), options=OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(file: str, name: str):
+    """The RawKernel `name` (an extern "C" entry point) of kernels/<file>."""
+    return module(file).get_function(name)
+
+
+def cublas_gemm_ex(*args):
+    """cublasGemmEx(transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype,
+    ldc, computeType, algo) on CuPy's cuBLAS handle and current stream; pointers are raw addresses."""
+    import cupy
+    from cupy.cuda import cublas
+    cublas.gemmEx(cupy.cuda.device.get_cublas_handle(), *args)

@@ -1,0 +1,30 @@
+"""The op table of the NumPy/CuPy layers: every op the GPT and the optimizer call, by name.
+
+llmpi.gpu.ops builds the CUDA kernels' tables with exactly these entries, so the model and the
+optimizer take a table once (llmpi.ops.op_table) and never test for the device:
+  embedding, layernorm, bias_gelu, residual, attention, crossentropy, linear, lm_head
+      namespaces with forward/backward (layernorm.backward(..., dx=) adds into dx;
+      crossentropy.loss is the evaluation loss, which keeps nothing for backward);
+  project(x, W)           a linear layer's matmul whose bias a fused op adds (bias_gelu);
+  adamw_update(...)       the optimizer's update over the flat buffers;
+  clip_grad_norm(g, max)  global gradient-norm clipping;
+  weights(params)         the matrices the matmuls read (refresh() each forward; .head);
+  precision(dtype)        what the model computes in, for the startup line.
+"""
+from types import SimpleNamespace
+
+from .layers import adamw, attention, crossentropy, embedding, gelu, gradnorm, layernorm, linear, lm_head, residual
+
+
+def describe_precision(dtype):
+    if dtype == "bf16":
+        return "float32 (bf16 is a GPU mode; the CPU computes it in float32)"
+    return dtype
+
+
+LAYER_OPS = SimpleNamespace(
+    embedding=embedding, layernorm=layernorm, residual=residual, attention=attention,
+    bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
+    crossentropy=crossentropy, linear=linear, lm_head=lm_head, project=linear.project,
+    adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm,
+    weights=linear.Weights, precision=describe_precision)

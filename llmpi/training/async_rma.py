@@ -1,0 +1,189 @@
+"""Asynchronous data-parallel training on MPI one-sided communication.
+
+The flat parameter vector lives in RMA windows (sharded over all ranks, or on rank 0
+with `parallel.server = "rank0"`). Every worker loops without barriers or collectives:
+
+  pull   Get the whole vector under shared locks (passive target);
+  work   forward/backward on its own batch, local optimizer (moments stay on the worker);
+  push   take a ticket from the global version counter (Fetch_and_op SUM) and add its
+         update with Accumulate(SUM), element-wise atomic by the MPI standard.
+
+Staleness of a push = its ticket - the version read at its pull = the number of other
+updates applied in between. The run ends when the shared budget of updates,
+train.max_iters x world_size, is spent: tickets at or past the budget are not applied,
+so exactly that many updates land. Only then do the ranks meet again (barrier), assemble,
+evaluate and checkpoint the final parameters.
+
+Learning rate of a push (`parallel.async_lr`): "per_sample" uses lr / P, so P pushes of
+batch B/P move the weights as far as one synchronous step of batch B would with SGD;
+"sqrt" uses lr / sqrt(P), which suits AdamW better: its update has about the same size
+whatever the batch, so P noisy pushes of lr/P partly cancel and undershoot; "full" uses lr;
+"auto" (the default) is sqrt for AdamW and per_sample for SGD.
+"""
+import time
+
+import numpy as np
+
+from .. import backend
+from ..comm.rma import ShardedWindow, VersionCounter
+from ..comm.world import rprint
+from ..data import get_batch
+from .metrics import Progress
+from .optim import schedule_lr
+
+# parallel.async_lr: the push's learning-rate scale for P workers ("auto" is resolved per optimizer)
+PUSH_SCALES = {"per_sample": lambda P: 1.0 / P, "sqrt": lambda P: P ** -0.5, "full": lambda P: 1.0}
+PUSH_RULES = ("auto", *PUSH_SCALES)
+IDLE_POLL_SECONDS = 0.01  # a rank without samples polls the version counter this often
+STALE_RETRIES = 3  # bounded staleness: recompute at most this often before pushing anyway
+
+
+def local_gradient(run, step, count):
+    """Forward/backward on this rank's own `count` samples; returns the mean loss."""
+    job, model, xp = run.job, run.model, run.xp
+    model.params.zero_grad()
+    loss_sum = 0.0
+    micro = job.train.micro_batch or count
+    starts_all = run.sampler.starts(step, job.train.batch_size, run.balancer.offsets[run.rank], count)
+    for lo in range(0, count, micro):
+        starts = starts_all[lo:lo + micro]
+        x, y = get_batch(run.tokens.train, starts, job.model.block_size, xp)
+        _, loss, cache = model.forward(x, y)
+        model.backward(cache, loss_scale=len(starts) / count)
+        loss_sum += float(loss) * len(starts)
+    if job.optim.grad_clip > 0:
+        model.ops.clip_grad_norm(model.params.grad, job.optim.grad_clip)
+    return loss_sum / count
+
+
+def train_async(run):
+    job, comm, params = run.job, run.comm, run.model.params
+    P, B, T = run.world, job.train.batch_size, job.model.block_size
+    budget = job.train.max_iters * P
+    rule = job.parallel.async_lr
+    if rule == "auto":
+        rule = "sqrt" if job.optim.name == "adamw" else "per_sample"
+    push_scale = PUSH_SCALES[rule](P)
+    # device parameters and pushes go through the window's pinned host staging (llmpi.comm.rma)
+    window = ShardedWindow(comm, params.data.size, np.dtype(params.data.dtype), server=job.parallel.server)
+    version = VersionCounter(comm)
+    stop_flag = VersionCounter(comm)
+    start_version = int(run.resume_state["attrs"].get("version", 0)) if run.resume_state else 0
+    if run.is_root:
+        window.put_all(params.data)
+        if start_version:
+            version.fetch_add(start_version)
+    comm.Barrier()  # the windows hold the initial parameters before anyone pulls
+
+    count = run.balancer.counts[run.rank]
+    rows = []  # (ticket, wall, loss, lr, staleness, comm seconds, samples) of this rank's applied pushes
+    evals = []  # rank 0's (version, wall, val loss), logged once the samples behind each version are known
+    progress = Progress(job.train.max_iters, start_version // P)
+    t_origin = time.perf_counter() - run.wall_offset
+    # A resumed run continues each rank's batch stream where the budget stood, not from the start.
+    local_step, next_eval = start_version // P, _next_multiple(start_version, job.train.eval_interval * P)
+    while True:
+        if count == 0:  # no share of the batch (B < P, or balanced away): nothing to push
+            if version.read() >= budget or stop_flag.read() or run.stop.requested:
+                break
+            time.sleep(IDLE_POLL_SECONDS)
+            continue
+        t_p = time.perf_counter()
+        window.get(params.data)
+        v_pull = version.read()
+        pull_s = time.perf_counter() - t_p  # the pull is communication too, counted with the push
+        if v_pull >= budget or stop_flag.read() or run.stop.requested:
+            break
+        run.check_fault(local_step)
+        t0 = time.perf_counter()
+        # Each rank draws its own stream of batches: (seed, rank, local step).
+        loss = local_gradient(run, local_step * P + run.rank, count)
+        for _ in range(STALE_RETRIES if job.parallel.max_staleness >= 0 else 0):
+            if version.read() - v_pull <= job.parallel.max_staleness:
+                break
+            t_p = time.perf_counter()
+            window.get(params.data)
+            v_pull = version.read()
+            pull_s += time.perf_counter() - t_p
+            loss = local_gradient(run, local_step * P + run.rank, count)
+        if run.slowdown > 1.0:
+            time.sleep((run.slowdown - 1.0) * (time.perf_counter() - t0))
+        lr = schedule_lr(job, v_pull // P) * push_scale
+        delta = run.optimizer.delta(lr)
+        t_c = time.perf_counter()
+        ticket = version.fetch_add(1)
+        if ticket >= budget:
+            break
+        window.accumulate(delta)
+        comm_s = pull_s + time.perf_counter() - t_c
+        wall = time.perf_counter() - t_origin
+        rows.append((ticket, wall, loss, lr, ticket - v_pull, comm_s, count))
+        local_step += 1
+        progress.add(count * T * P, comm_s)
+        if run.is_root and local_step % job.train.log_interval == 0:
+            rprint(progress.line((ticket + 1) // P - 1, loss, lr, f"version {ticket + 1}/{budget} "
+                                      f"staleness {ticket - v_pull}"))
+        if run.is_root and job.train.eval_interval and ticket >= next_eval:
+            # Rank 0 evaluates its freshly pulled copy; no other rank waits for this.
+            next_eval = _next_multiple(ticket + 1, job.train.eval_interval * P)
+            evals.append((ticket + 1, wall, _evaluate(run, ticket + 1)))
+    if run.stop.requested:
+        stop_flag.fetch_add(1)
+    comm.Barrier()  # every push has completed at its target once all ranks are here
+    window.get(params.data)
+    final_version = min(version.read(), budget)
+    stopped_early = final_version < budget
+    wall = time.perf_counter() - t_origin
+    val = run.evaluate(final_version)
+    rprint(f"eval: version {final_version} | val loss {val:.4f}")
+    evals.append((final_version, wall, val))
+    samples = _log_metrics(run, rows, evals, _resumed_samples(run, start_version, B, P))
+    run.save(final_version // P, extra_per_rank={"optim": _host_state(run.optimizer)},
+             attrs={"version": final_version, "samples": samples})
+    for w in (window, version, stop_flag):
+        w.free()
+    if stopped_early:
+        rprint(f"stop requested by signal: checkpointed at version {final_version}, exiting")
+    return 0
+
+
+def _next_multiple(v, k):
+    return (v // k + 1) * k if k else float("inf")
+
+
+def _host_state(optimizer):
+    return {k: backend.to_host(v) for k, v in optimizer.state_dict().items()}
+
+
+def _evaluate(run, version):
+    val = run.val_loss(version)
+    rprint(f"eval: version {version} | val loss {val:.4f}")
+    return val
+
+
+def _resumed_samples(run, start_version, B, P):
+    """Samples behind the checkpoint a run resumes from (estimated for checkpoints that predate the record)."""
+    if not run.resume_state:
+        return 0
+    return int(run.resume_state["attrs"].get("samples", start_version * B // P))
+
+
+def _log_metrics(run, rows, evals, base_samples):
+    """Every rank's pushes, ordered by ticket, into rank 0's metrics log, each with the exact
+    number of samples behind it (ranks' shares differ when P does not divide B), then rank 0's
+    evaluations at their versions. Returns the samples behind the final version (on every rank)."""
+    everything = run.comm.gather(rows, root=0)
+    total = None
+    if run.is_root:
+        merged = sorted(r for part in everything for r in part)
+        samples_at = {}  # version -> samples behind it
+        total = base_samples
+        T = run.job.model.block_size
+        for ticket, wall, loss, lr, stale, comm_s, count in merged:
+            total += count
+            samples_at[ticket + 1] = total
+            run.metrics.log_step(step=ticket + 1, wall=wall, loss=loss, lr=lr, tokens=count * T,
+                                 samples=total, comm=comm_s, staleness=stale)
+        for version, wall, val in evals:
+            run.metrics.log_eval(step=version, wall=wall, samples=samples_at.get(version, total), val_loss=val)
+    return run.comm.bcast(total, root=0)

@@ -1,0 +1,240 @@
+"""A training run, built identically on every rank: the job's data, model, optimizer, samplers,
+batch allocation and metrics; resume from a checkpoint; signals; injected faults; evaluation
+and checkpointing. The loops (llmpi.training.sync, llmpi.training.async_rma) drive it.
+"""
+import os
+import signal
+
+import numpy as np
+from mpi4py import MPI
+
+from .. import backend, config as config_mod
+from ..comm import device as comm_device
+from ..comm.world import agree, local_rank, rprint
+from ..data import Sampler, default_data_path, ensure_prepared, get_batch
+from ..errors import UserError
+from ..model.gpt import GPT
+from ..parallel.allocate import Balancer
+from ..parallel.threaded import ThreadedGrad
+from . import checkpoint
+from .metrics import MetricsLog
+from .optim import make_optimizer
+
+# Test hook: "RANK:STEP" raises on that rank at that step (the abort path); "RANK:STEP:USR1"
+# sends that rank SIGUSR1 instead (the checkpoint-and-exit path, without timing races).
+FAULT_ENV = "LLMPI_FAULT"
+
+
+def parse_slowdown(spec: str, world: int) -> dict:
+    """'1=2.0,3=1.5' -> {1: 2.0, 3: 1.5}, checked against the world size."""
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        try:
+            r, f = item.split("=")
+            r, f = int(r), float(f)
+        except ValueError:
+            raise UserError(f"--slowdown item {item!r} must look like RANK=FACTOR, e.g. 1=2.0") from None
+        if not 0 <= r < world or f < 1.0:
+            raise UserError(f"--slowdown {item!r}: rank must be in 0..{world - 1} and FACTOR >= 1")
+        out[r] = f
+    return out
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) and a first Ctrl-C ask for
+    checkpoint-and-exit at the end of the step (the request travels in the step's collective,
+    so every rank stops at the same step); a second Ctrl-C aborts the job (run_main)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if not self.requested:
+                rprint("interrupt: checkpointing at the end of this step (Ctrl-C again aborts)")
+        self.requested = True
+
+
+class Run:
+    """Everything a training loop needs, built identically on every rank."""
+
+    def __init__(self, job, args, comm):
+        self.job, self.comm = job, comm
+        self.rank, self.world = comm.Get_rank(), comm.Get_size()
+        self.is_root = self.rank == 0
+        self.xp = backend.select(job.train.device, local_rank())
+        self.run_dir = os.path.join(job.train.out_dir, job.train.run_name)
+        self.slowdown = parse_slowdown(job.parallel.slowdown, self.world).get(self.rank, 1.0)
+        self.data_path = job.data.path or default_data_path()
+        self.tokens = ensure_prepared(self.data_path, comm, block_size=job.model.block_size,
+                                               vocab_size=job.model.vocab_size, progress=self.is_root)
+        if job.model.vocab_size == 0:
+            job.model.vocab_size = self.tokens.vocab_size
+        self.resume_state = agree(lambda: self._find_resume(args), comm)
+        try:
+            self.model = GPT(job.model, xp=self.xp, seed=job.train.seed)
+            self.optimizer = make_optimizer(job.optim, self.model.params, self.model.ops)
+        except MemoryError as err:  # every rank builds the same model, so all of them land here
+            raise UserError(f"the model does not fit in memory ({err}); make model.n_layer / n_embd / "
+                            "block_size smaller") from None
+        self.threads = ThreadedGrad(self.model, job.train.threads) if job.train.threads > 1 else None
+        self.sampler = Sampler(len(self.tokens.train), job.model.block_size, job.train.seed,
+                                        self.rank, self.world, job.data.sharding)
+        self.val_sampler = Sampler(len(self.tokens.val), job.model.block_size, job.train.seed,
+                                            self.rank, self.world)
+        self.balancer = Balancer(self.world, job.train.batch_size, [job.train.batch_size] * self.world,
+                                 mode=job.parallel.balance, interval=job.parallel.balance_interval)
+        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.h5"), self.is_root)
+        self.metrics.attrs.update(mode=job.parallel.mode, world_size=self.world)
+        self.start_step, self.wall_offset = 0, 0.0
+        self.stop = StopFlag()
+        self.fault = self._fault()
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        agree(lambda: self._write_run_dir() if self.is_root else None, comm)
+
+    def _write_run_dir(self):
+        """Rank 0: the run directory with the resolved config.toml; on a fresh start (or
+        --overwrite) without old checkpoints, so no stale one can win a later --resume."""
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            if self.resume_state is None:
+                for old in checkpoint.list_checkpoints(self.run_dir):
+                    os.remove(old)
+            config_path = os.path.join(self.run_dir, "config.toml")
+            with open(config_path + ".tmp", "w") as f:
+                f.write(config_mod.to_toml(self.job))
+            os.replace(config_path + ".tmp", config_path)
+        except OSError as err:
+            raise UserError(f"cannot write the run directory {self.run_dir} ({err.strerror}); "
+                            "set train.out_dir to a writable directory") from None
+
+    def _find_resume(self, args):
+        path = checkpoint.latest(self.run_dir)
+        if not args.resume:
+            if path and not args.overwrite:
+                raise UserError(f"run directory {self.run_dir} already holds checkpoints; pass --resume to "
+                                "continue it, --overwrite to start afresh, or choose another --run-name")
+            return None
+        if path is None:
+            raise UserError(f"--resume: no checkpoint in {self.run_dir}; check --run-name or drop --resume")
+        state = checkpoint.load(path)
+        checkpoint.check_model_matches(state["config"], self.job, path)
+        # sync keeps one optimizer state and counts steps, async one per rank and counts pushes
+        mode = str(state["attrs"].get("mode", self.job.parallel.mode))
+        if mode != self.job.parallel.mode:
+            raise UserError(f"checkpoint {path} was written in {mode} mode; resume it with "
+                            f"parallel.mode={mode}, or start a new --run-name")
+        ranks = int(state["attrs"].get("world_size", self.world))
+        if mode == "async" and ranks != self.world:
+            raise UserError(f"async checkpoint {path} was written by {ranks} ranks (its update count and "
+                            f"per-rank optimizer states are per rank); resume it with {ranks} ranks")
+        if state["step"] >= self.job.train.max_iters:
+            raise UserError(f"run {self.run_dir} is already at step {state['step']} (train.max_iters = "
+                            f"{self.job.train.max_iters}); raise train.max_iters to train further")
+        state["path"] = path
+        return state
+
+    def _restore(self, st):
+        # every rank reads the same file, so a mismatch raises the same UserError everywhere
+        if st["params"].shape != self.model.params.data.shape:
+            raise UserError(f"checkpoint {st['path']} holds {st['params'].size:,} parameters, the model has "
+                            f"{self.model.params.data.size:,}: it is damaged; delete it to resume from an older one")
+        self.model.params.data[...] = self.xp.asarray(st["params"])
+        optim_state = st["optim"] or st["per_rank"].get("optim", {}).get(self.rank, {})
+        if optim_state:
+            try:
+                self.optimizer.load_state_dict(optim_state)
+            except (KeyError, ValueError) as err:
+                raise UserError(f"checkpoint {st['path']} has optimizer state that does not fit "
+                                f"optim.name = {self.job.optim.name!r} ({err}); resume with the optimizer "
+                                "it was written with, or delete it") from None
+        sampler_states = st["per_rank"].get("sampler", {})
+        if self.rank in sampler_states and int(st["attrs"].get("world_size", self.world)) == self.world:
+            self.sampler.load_state_dict(sampler_states[self.rank])
+        elif self.job.data.sharding != "random":
+            raise UserError(f"checkpoint {st['path']} was written by {st['attrs'].get('world_size')} ranks; "
+                            f"the {self.job.data.sharding!r} sampler needs the same number to resume")
+        if st["balancer"]:
+            self.balancer.load_state_dict(st["balancer"])
+        self.start_step = st["step"]
+        # Async logs count versions (pushes), sync logs count steps.
+        self.wall_offset = self.metrics.resume_from(int(st["attrs"].get("version", self.start_step)))
+
+    def _fault(self):
+        parts = os.environ.get(FAULT_ENV, "").split(":")
+        if len(parts) >= 2 and int(parts[0]) == self.rank:
+            return int(parts[1]), parts[2] if len(parts) > 2 else ""
+        return None
+
+    def check_fault(self, step):
+        if self.fault is None or step != self.fault[0]:
+            return
+        if self.fault[1] == "USR1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {self.rank} at step {step}")
+
+    def describe(self):
+        j, m = self.job, self.model
+        micro = j.train.micro_batch or -(-j.train.batch_size // self.world)
+        act = m.activation_bytes_per_token() * micro * j.model.block_size
+        state_bytes = m.params.data.nbytes * (4 if j.optim.name == "adamw" else 3)
+        rprint(f"llmpi: {self.world} rank(s), mode {j.parallel.mode}, allreduce {j.parallel.allreduce}, "
+                    f"device {backend.device_name}, BLAS threads/rank {backend.threads_hint()}")
+        rprint(f"data: {self.data_path} ({self.tokens.tokenizer.name}, vocab {self.tokens.vocab_size}, "
+                    f"{len(self.tokens.train):,} train / {len(self.tokens.val):,} val tokens, "
+                    f"sharding {j.data.sharding})")
+        rprint(f"model: {m.num_params():,} params, {j.model.n_layer} layers x {j.model.n_embd} ch, "
+                    f"{m.precision()}; memory per rank ~ {state_bytes / 2**20:.1f} MiB params+grads+optimizer "
+                    f"+ {act / 2**20:.1f} MiB activations ({m.activation_bytes_per_token() // j.model.n_layer:,} "
+                    f"B/token/layer x {micro} x {j.model.block_size} tokens)")
+        rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "
+                    f"{j.model.block_size} tokens")
+        if self.resume_state is not None:
+            rprint(f"resumed from {self.resume_state['path']} at step {self.start_step}")
+        buffers = comm_device.describe_buffers(m.params.data, j.parallel.mode, j.parallel.allreduce,
+                                               j.parallel.cuda_aware_mpi)
+        if buffers and self.world > 1:
+            rprint(f"gpu buffers: {buffers}")
+
+    def val_loss(self, eval_index):
+        """This rank's mean val loss over eval_iters batches (no communication)."""
+        j = self.job
+        n = max(1, j.train.micro_batch or -(-j.train.batch_size // self.world))
+        total = 0.0
+        for i in range(j.train.eval_iters):
+            starts = self.val_sampler.val_starts(eval_index * j.train.eval_iters + i, n)
+            x, y = get_batch(self.tokens.val, starts, j.model.block_size, self.xp)
+            total += self.model.loss(x, y)
+        return total / j.train.eval_iters
+
+    def evaluate(self, eval_index):
+        """Mean val loss averaged over ranks (a collective)."""
+        mean = np.array([self.val_loss(eval_index)])
+        if self.world > 1:
+            self.comm.Allreduce(MPI.IN_PLACE, mean)
+            mean /= self.world
+        return float(mean[0])
+
+    def save(self, step, extra_per_rank=None, attrs=None):
+        """Gather per-rank state to rank 0, which writes the checkpoint atomically."""
+        per_rank = {"sampler": self.comm.gather(self.sampler.state_dict(), root=0)}
+        for k, v in (extra_per_rank or {}).items():
+            per_rank[k] = self.comm.gather(v, root=0)
+        if self.is_root:
+            path = checkpoint.checkpoint_path(self.run_dir, step)
+            optim_state = None if extra_per_rank and "optim" in extra_per_rank else \
+                {k: backend.to_host(v) for k, v in self.optimizer.state_dict().items()}
+            checkpoint.save(path, backend.to_host(self.model.params.data), step, self.job,
+                            optim_state=optim_state, per_rank=per_rank,
+                            balancer=self.balancer.state_dict(),
+                            attrs={"world_size": self.world, "mode": self.job.parallel.mode, **(attrs or {})})
+            checkpoint.prune(self.run_dir)
+            self.metrics.flush()
+            rprint(f"checkpoint: {path}")
+
+

@@ -1,0 +1,101 @@
+"""Synchronous data-parallel training: every step each rank computes the gradient of its share
+of the global batch, the shares are summed with an all-reduce (each rank's gradient is already
+scaled by its samples / B, so the sum is the sample-weighted average), and every rank applies
+the identical optimizer step.
+"""
+import time
+
+import numpy as np
+
+from ..comm.buckets import Allreducer
+from ..comm.world import rprint
+from ..data import get_batch
+from .metrics import Progress
+from .optim import schedule_lr
+
+
+def micro_chunks(count, micro):
+    """Split a rank's `count` samples into micro-batches of at most `micro`."""
+    micro = micro or count
+    return [min(micro, count - i) for i in range(0, count, micro)] if count else []
+
+
+def train_sync(run):
+    job, comm, model, xp = run.job, run.comm, run.model, run.xp
+    B, T = job.train.batch_size, job.model.block_size
+    reducer = Allreducer(comm, job.parallel.allreduce, int(job.parallel.bucket_mb * 2**20), job.parallel.overlap,
+                         cuda_aware_mpi=job.parallel.cuda_aware_mpi)
+    progress = Progress(job.train.max_iters, run.start_step)
+    t_origin = time.perf_counter() - run.wall_offset
+    samples_seen = run.start_step * B
+    step = run.start_step
+    while step < job.train.max_iters:
+        run.check_fault(step)
+        lr = schedule_lr(job, step)
+        counts, offsets = run.balancer.counts, run.balancer.offsets
+        mine = counts[run.rank]
+        model.params.zero_grad()
+        comm_before = reducer.comm_seconds
+        t0 = time.perf_counter()
+        loss_sum, done = 0.0, 0
+        chunks = micro_chunks(mine, job.train.micro_batch)
+        for i, m in enumerate(chunks):
+            starts = run.sampler.starts(step, B, offsets[run.rank] + done, m)
+            x, y = get_batch(run.tokens.train, starts, T, xp)
+            if run.threads:
+                loss = run.threads.forward_backward(x, y, loss_scale=m / B)
+            else:
+                _, loss, cache = model.forward(x, y)
+                last = i == len(chunks) - 1
+                hook = (lambda lo, hi: reducer.start(model.params.grad, lo, hi)) \
+                    if (job.parallel.overlap and last) else None
+                model.backward(cache, loss_scale=m / B, on_block_done=hook)
+            loss_sum += float(loss) * m
+            done += m
+        if job.parallel.overlap and not chunks:
+            for lo, hi in model.grad_spans():  # no samples here: the same buckets as the ranks' backward
+                reducer.start(model.params.grad, lo, hi)
+        compute = time.perf_counter() - t0 - (reducer.comm_seconds - comm_before)
+        if run.slowdown > 1.0:
+            time.sleep((run.slowdown - 1.0) * compute)
+            compute *= run.slowdown
+        if job.parallel.overlap:
+            reducer.wait_all()
+        else:
+            reducer.reduce(model.params.grad)
+        # One small collective carries the loss, this rank's speed and any stop request.
+        t_c = time.perf_counter()
+        row = np.array([loss_sum, compute / max(mine, 1), float(mine), float(run.stop.requested)])
+        table = np.empty((run.world, 4))
+        comm.Allgather(row, table)
+        comm_s = reducer.comm_seconds - comm_before + time.perf_counter() - t_c
+        loss = table[:, 0].sum() / B
+        if job.optim.grad_clip > 0:
+            model.ops.clip_grad_norm(model.params.grad, job.optim.grad_clip)
+        run.optimizer.step(lr)
+        samples_seen += B
+        wall = time.perf_counter() - t_origin
+        run.metrics.log_step(step=step + 1, wall=wall, loss=loss, lr=lr, tokens=B * T,
+                             samples=samples_seen, comm=comm_s, staleness=-1)
+        progress.add(B * T, comm_s)
+        run.balancer.observe([t if c > 0 else 0.0 for t, c in zip(table[:, 1], table[:, 2])])
+        if run.balancer.maybe_rebalance(step + 1):
+            rprint(f"balance: step {step + 1}: samples per rank {run.balancer.counts}")
+        step += 1
+        if step % job.train.log_interval == 0 or step == job.train.max_iters:
+            rprint(progress.line(step - 1, loss, lr))
+        if (job.train.eval_interval and step % job.train.eval_interval == 0) or step == job.train.max_iters:
+            val = run.evaluate(step)
+            run.metrics.log_eval(step=step, wall=wall, samples=samples_seen, val_loss=val)
+            rprint(f"eval: step {step} | val loss {val:.4f}")
+            run.metrics.flush()
+        stopping = table[:, 3].any()
+        if (job.train.ckpt_interval and step % job.train.ckpt_interval == 0) or step == job.train.max_iters \
+                or stopping:
+            run.save(step)
+        if stopping:
+            rprint(f"stop requested by signal: checkpointed at step {step}, exiting")
+            return 0
+    return 0
+
+
