@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+from . import timeline
 from .cli import ArgumentParser, run_main
 from .comm.world import agree, rank
 from .errors import UserError
@@ -111,7 +112,9 @@ def plot(runs, out):
 
 def _parser():
     p = ArgumentParser(prog="python -m llmpi.compare", description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
+    p.add_argument("runs", nargs="*", help="run directories (runs/NAME)")
+    p.add_argument("--timeline", default=None, metavar="RUN",
+                   help="draw a pipeline run's timeline (ranks as rows) into --plot, default RUN/timeline.png")
     p.add_argument("--target-loss", type=float, default=None, help="val loss for time/samples-to-target")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write the figure here")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON object last")
@@ -131,8 +134,19 @@ def command(argv=None):
 
 
 def _run(args):
+    if not args.runs and not args.timeline:
+        raise UserError("give run directories to compare, or --timeline RUN")
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         raise UserError(f"--plot {args.plot}: its directory does not exist; create it or choose another path")
+    if args.timeline:
+        rows = timeline.read(args.timeline)
+        out = args.plot or os.path.join(args.timeline, "timeline.png")
+        print(timeline.summary(rows))
+        timeline.draw(rows, out)
+        print(f"figure: {out}")
+        if not args.runs:
+            return
+        args.plot = None
     runs = [load_run(r) for r in args.runs]
     rows = [summarize(m, args.target_loss) for m in runs]
     print(table(rows, args.target_loss))

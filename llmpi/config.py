@@ -19,7 +19,7 @@ from .comm import allreduce, device, rma
 from .data import sampler
 from .errors import UserError
 from .model import gpt
-from .parallel import allocate
+from .parallel import allocate, pipeline
 from .training import async_rma, optim
 
 JOBS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
@@ -91,6 +91,11 @@ class ParallelConfig:
     max_staleness: int = -1    # async: re-pull when the pull is more than s versions old; -1 = unbounded
     async_lr: str = "auto"     # async push: per_sample lr/P, sqrt lr/sqrt(P), full lr; auto: sqrt (adamw), per_sample (sgd)
     slowdown: str = ""         # straggler simulation "RANK=FACTOR[,RANK=FACTOR]"
+    pipeline: int = 1          # pipeline stages S: the ranks form world/S data replicas x S stages
+    micro_batches: int = 0     # pipeline: micro-batches per replica's share; 0 = min(4 x stages, the share)
+    schedule: str = "1f1b"     # pipeline: the order of micro-batches (llmpi.parallel.pipeline)
+    partition: str = "uniform" # pipeline: blocks per stage, uniform | auto (the allocator) | "a,b,c"
+    memory_limit_mb: str = ""  # memory per rank for the plan and the start check: one value or one per rank
 
 
 @dataclass
@@ -115,6 +120,7 @@ CHOICES = {
     "parallel.balance": allocate.MODES,
     "parallel.server": rma.SERVERS,
     "parallel.async_lr": async_rma.PUSH_RULES,
+    "parallel.schedule": pipeline.SCHEDULES,
 }
 
 
@@ -218,7 +224,8 @@ def validate(job: Job):
     positive = {"model.block_size": m.block_size, "model.n_layer": m.n_layer, "model.n_head": m.n_head,
                 "model.n_embd": m.n_embd, "train.batch_size": t.batch_size, "train.max_iters": t.max_iters,
                 "train.log_interval": t.log_interval, "train.eval_iters": t.eval_iters,
-                "parallel.balance_interval": job.parallel.balance_interval, "train.threads": t.threads}
+                "parallel.balance_interval": job.parallel.balance_interval, "train.threads": t.threads,
+                "parallel.pipeline": job.parallel.pipeline}
     for k, v in positive.items():
         if v <= 0:
             raise UserError(f"{k} must be positive (got {v})")
@@ -227,7 +234,7 @@ def validate(job: Job):
               "schedule.warmup_iters": job.schedule.warmup_iters, "schedule.decay_iters": job.schedule.decay_iters,
               "optim.lr": job.optim.lr, "optim.weight_decay": job.optim.weight_decay,
               "optim.grad_clip": job.optim.grad_clip, "parallel.bucket_mb": job.parallel.bucket_mb,
-              "train.seed": t.seed}
+              "train.seed": t.seed, "parallel.micro_batches": job.parallel.micro_batches}
     for k, v in nonneg.items():
         if v < 0:
             raise UserError(f"{k} must be >= 0 (got {v})")
@@ -248,8 +255,37 @@ def validate(job: Job):
     if t.threads > 1 and (job.parallel.overlap or t.device != "cpu"):
         raise UserError("train.threads > 1 splits the batch over CPU threads: it needs train.device = 'cpu' "
                         "and parallel.overlap = false")
+    _validate_pipeline(job)
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+
+
+def memory_limits_mb(text: str):
+    """parallel.memory_limit_mb as a list of floats (one value or one per rank), [] for no limit."""
+    try:
+        limits = [float(v) for v in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise UserError(f"parallel.memory_limit_mb must be one number or a comma list, one per rank "
+                        f"(got {text!r})") from None
+    if any(v <= 0 for v in limits):
+        raise UserError(f"parallel.memory_limit_mb values must be positive (got {text!r})")
+    return limits
+
+
+def _validate_pipeline(job):
+    p, t = job.parallel, job.train
+    memory_limits_mb(p.memory_limit_mb)
+    if p.pipeline == 1:
+        return
+    if t.micro_batch:
+        raise UserError("with parallel.pipeline > 1 the micro-batches are parallel.micro_batches (a count); "
+                        "leave train.micro_batch at 0")
+    refused = [(p.mode != "sync", "parallel.mode = 'sync'"), (p.balance != "none", "parallel.balance = 'none'"),
+               (p.overlap, "parallel.overlap = false"), (t.threads > 1, "train.threads = 1")]
+    for bad, needed in refused:
+        if bad:
+            raise UserError(f"parallel.pipeline > 1 needs {needed} (pipelines of replicas with batch shares, "
+                            "async pushes, overlapped buckets and compute threads are not combined yet)")
 
 
 def to_dict(job: Job) -> dict:

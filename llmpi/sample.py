@@ -24,19 +24,19 @@ def main(argv=None):
     if args.tokens < 0 or args.temperature < 0 or args.top_k < 0:
         raise UserError("--tokens, --temperature and --top-k must be >= 0")
 
-
     ckpt = checkpoint.load_latest(args.run_dir)
-    job = ckpt["config"]
+    job = ckpt.config
     tokens = TokenFile(job.data.path or default_data_path())
     tok = tokens.tokenizer
     cfg = job.model
     if cfg.vocab_size == 0:  # the run took it from the data file
         cfg = dataclasses.replace(cfg, vocab_size=tokens.vocab_size)
     model = GPT(cfg, np, seed=0)
-    if ckpt["params"].size != model.params.size:
-        raise UserError(f"checkpoint in {args.run_dir} holds {ckpt['params'].size} parameters but its "
-                        f"model config needs {model.params.size}; the checkpoint does not match its config")
-    model.params.load(ckpt["params"])
+    for name, value in ckpt.params(model.params.names).items():  # from the stage files of any layout
+        if value.shape != model.params.views[name].shape:
+            raise UserError(f"checkpoint in {args.run_dir} holds {name} of shape {value.shape} but its model "
+                            f"config needs {model.params.views[name].shape}; the checkpoint does not match its config")
+        model.params.views[name][...] = value
 
     try:
         ids = np.asarray(tok.encode(args.prompt or "\n"), dtype=np.int64)
@@ -47,7 +47,7 @@ def main(argv=None):
     out = model.generate(ids[None, :], args.tokens, temperature=args.temperature,
                          top_k=args.top_k or None, rng=np.random.default_rng(args.seed))
     if rank() == 0:  # under mpiexec every rank draws the same sample; one prints it
-        print(f"# {args.run_dir} step {ckpt['step']}", file=sys.stderr)
+        print(f"# {args.run_dir} step {ckpt.step}", file=sys.stderr)
         print(tok.decode(out[0]))
     return 0
 

@@ -215,11 +215,15 @@ def test_damaged_checkpoint_contents_and_log_are_handled(tmp_path, corpus):
     assert "starting a new log" in proc.stdout and os.path.isfile(log + ".unreadable")
     assert steps(tmp_path, "d")["step"].tolist() == [13, 14]
     newest = sorted(glob.glob(os.path.join(str(tmp_path), "runs", "d", "ckpt_*.h5")))[-1]
-    with h5py.File(newest, "r+") as f:
-        del f["params"]
-        f["params"] = np.ones(10, np.float32)
+    stage_file = os.path.join(os.path.dirname(newest), "stage0_" + os.path.basename(newest)[len("ckpt_"):])
+    with h5py.File(stage_file, "r+") as f:
+        del f["params/wte"]
+        f["params/wte"] = np.ones(10, np.float32)
     proc = train(tmp_path, corpus, "--set", "train.max_iters=16", "--resume", name="d", np=2, check=False)
-    assert proc.returncode == 2 and "holds 10 parameters" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "holds wte of shape (10,)" in proc.stderr and "Traceback" not in proc.stderr
+    os.remove(stage_file)
+    proc = train(tmp_path, corpus, "--set", "train.max_iters=16", "--resume", name="d", np=2, check=False)
+    assert proc.returncode == 2 and "is missing" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_resume_refusals_name_the_fix(tmp_path, corpus):

@@ -70,12 +70,14 @@ class Weights:
             if len(shape) == 2:
                 o, n = params.spans[name]
                 self.views[name] = self.flat[o:o + n].reshape(shape)
-        V, C = params.shape("wte")
-        self.head = params.xp.zeros((head_rows, C), dtype=np.uint16) if head_rows != V else self.views["wte"]
+        self.head = None  # a pipeline stage without the LM head
+        if "wte" in self.views:
+            V, C = params.shape("wte")
+            self.head = params.xp.zeros((head_rows, C), dtype=np.uint16) if head_rows != V else self.views["wte"]
 
     def refresh(self):
         to_bf16(self.params.data, out=self.flat)
-        if self.head is not self.views["wte"]:
+        if self.head is not None and self.head is not self.views["wte"]:
             to_bf16(self.params.views["wte"], out=self.head[:self.params.shape("wte")[0]])
         return self.views
 

@@ -21,10 +21,15 @@ def sumsq(x):
     return total[0]
 
 
-def clip_grad_norm(grad, max_norm):
-    """As llmpi.optim.clip_grad_norm: scale grad in place to global norm <= max_norm (0 disables);
-    returns the norm before clipping."""
-    norm = math.sqrt(float(sumsq(grad)))
+def sumsq_float(grad):
+    """sumsq as a host float (the op table's `sumsq`)."""
+    return float(sumsq(grad))
+
+
+def clip_grad_norm(grad, max_norm, norm=None):
+    """As llmpi.model.layers.gradnorm.clip_grad_norm: scale grad in place to global norm <= max_norm
+    (0 disables); returns the norm before clipping (`norm`: the global one, given by the caller)."""
+    norm = math.sqrt(float(sumsq(grad))) if norm is None else norm
     if max_norm > 0 and norm > max_norm:
         grad *= np.float32(max_norm / (norm + 1e-6))
     return norm

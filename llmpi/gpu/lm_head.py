@@ -17,11 +17,14 @@ class PaddedHeadWeights:
 
     def __init__(self, params):
         self.views = params.views
+        if "wte" not in self.views:  # a pipeline stage without the head
+            self.head = None
+            return
         V, C = params.shape("wte")
         rows = padded_vocab(V)
         self.head = params.xp.zeros((rows, C), dtype=params.dtype) if rows != V else self.views["wte"]
 
     def refresh(self):
-        if self.head is not self.views["wte"]:
+        if self.head is not None and self.head is not self.views["wte"]:
             self.head[:self.views["wte"].shape[0]] = self.views["wte"]
         return self.views

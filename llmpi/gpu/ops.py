@@ -20,7 +20,7 @@ def _describe_float32(dtype):
 
 
 def _bf16_weights(params):
-    return bf16.Weights(params, head_rows=padded_vocab(params.shape("wte")[0]))
+    return bf16.Weights(params, head_rows=padded_vocab(params.shape("wte")[0]) if "wte" in params.views else None)
 
 
 KERNEL_OPS = SimpleNamespace(
@@ -28,7 +28,7 @@ KERNEL_OPS = SimpleNamespace(
     bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
     crossentropy=SimpleNamespace(forward=classifier.forward, backward=classifier.backward, loss=classifier.loss),
     linear=linear, lm_head=lm_head, project=linear.project,
-    adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm,
+    adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm, sumsq=gradnorm.sumsq_float,
     weights=PaddedHeadWeights, precision=_describe_float32)
 
 BF16_OPS = SimpleNamespace(**{

@@ -1,5 +1,8 @@
 """GPT-2 on hand-written layers (pre-LN blocks, 4x MLP, tanh GELU, final LN, tied LM head),
-written as the chain of stages of llmpi.model.stages: Embedding -> Blocks(0, L) -> Head.
+written as the chain of stages of llmpi.model.stages: Embedding -> Blocks(0, L) -> Head. A
+pipeline stage is a GPT over blocks [a, b) only (`blocks=(a, b)`), with its own flat buffer:
+the embedding when a = 0, ln_f and the LM head when b = L (with a tied copy of wte when the
+embedding lives on another stage).
 
 Shape legend: B batch, T time (<= block_size), C n_embd, NH n_head, HS = C // NH,
 V vocab_size, L n_layer.
@@ -32,24 +35,38 @@ from .stages import Blocks, Embedding, Head, block_layout, embedding_layout, hea
 DTYPES = {"float32": np.float32, "float64": np.float64, "bf16": np.float32}
 
 
-def gpt2_layout(cfg):
-    layout = embedding_layout(cfg)
-    for i in range(cfg.n_layer):
+def stage_layout(cfg, first, last):
+    """The names and shapes a model part over blocks [first, last) holds, in forward order."""
+    layout = embedding_layout(cfg) if first == 0 else []
+    for i in range(first, last):
         layout += block_layout(cfg, i)
-    return layout + head_layout(cfg)
+    if last == cfg.n_layer:
+        layout += head_layout(cfg)
+        if first > 0:  # the LM head is tied to wte: the last stage keeps a copy of its own
+            layout += [("wte", (cfg.vocab_size, cfg.n_embd))]
+    return layout
+
+
+def gpt2_layout(cfg):
+    return stage_layout(cfg, 0, cfg.n_layer)
 
 
 class GPT:
-    """The model over one flat parameter buffer. `ops`: an op table (llmpi.model.ops); by default
-    the one for xp and cfg.dtype (llmpi.ops.op_table)."""
+    """The model (or, with `blocks=(a, b)`, the part of it one pipeline stage holds) over one flat
+    parameter buffer. `ops`: an op table (llmpi.model.ops); by default the one for xp and
+    cfg.dtype (llmpi.ops.op_table)."""
 
-    def __init__(self, cfg, xp=np, seed=0, ops=None):
+    def __init__(self, cfg, xp=np, seed=0, ops=None, blocks=None):
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (take it from the data file)")
         self.cfg = cfg
         self.xp = xp
         self.ops = ops or op_table(xp, cfg.dtype)
-        self.params = FlatParams(gpt2_layout(cfg), xp, DTYPES[cfg.dtype])
+        self.first, self.last = blocks or (0, cfg.n_layer)
+        if not 0 <= self.first < self.last <= cfg.n_layer:
+            raise ValueError(f"blocks [{self.first}, {self.last}) are not a range of the {cfg.n_layer} blocks")
+        self.whole = (self.first, self.last) == (0, cfg.n_layer)
+        self.params = FlatParams(stage_layout(cfg, self.first, self.last), xp, DTYPES[cfg.dtype])
         self._bind()
         self._init_weights(seed)
 
@@ -57,23 +74,30 @@ class GPT:
         """The stages and the matmuls' weights over the current `params`."""
         p, cfg = self.params, self.cfg
         self.weights = self.ops.weights(p)  # what the matmuls read: the params, or padded/bf16 copies
-        self.embedding = Embedding(p, self.ops)
-        self.blocks = Blocks(p, self.ops, cfg.n_head, 0, cfg.n_layer)
-        self.head = Head(p, self.ops, cfg.vocab_size)
+        self.embedding = Embedding(p, self.ops) if self.first == 0 else None
+        self.blocks = Blocks(p, self.ops, cfg.n_head, self.first, self.last)
+        self.head = Head(p, self.ops, cfg.vocab_size) if self.last == cfg.n_layer else None
 
     def _init_weights(self, seed):
-        """GPT-2 init: N(0, 0.02) weights, N(0, 0.02/sqrt(2L)) residual projections, zero biases, unit LN gains."""
+        """GPT-2 init: N(0, 0.02) weights, N(0, 0.02/sqrt(2L)) residual projections, zero biases, unit LN gains.
+        The random numbers are drawn over the whole model's layout in order, keeping this part's
+        names, so every part (and the tied wte copy) starts exactly as in the whole model, while
+        only one parameter at a time exists beyond this part's buffer."""
         p = self.params
         rng = np.random.default_rng(seed)
         host = np.zeros(p.size, dtype=np.float64)
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        for name, shape in p.layout:
-            offset, size = p.spans[name]
+        for name, shape in gpt2_layout(self.cfg):
             if len(shape) >= 2:
                 std = resid_std if name.endswith("c_proj.weight") else 0.02
-                host[offset:offset + size] = rng.standard_normal(size) * std
+                values = rng.standard_normal(math.prod(shape)) * std
             elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
-                host[offset:offset + size] = 1.0
+                values = 1.0
+            else:
+                continue
+            if name in p.spans:
+                offset, size = p.spans[name]
+                host[offset:offset + size] = values
         p.load(host)
 
     def precision(self) -> str:
@@ -98,16 +122,16 @@ class GPT:
         return self.params.size
 
     def activation_bytes_per_token(self):
-        """Bytes per token kept for backward by all n_layer blocks: n_layer times the per-layer
-        figure, which counts what each layer caches:
+        """Bytes per token kept for backward by this part's blocks (all n_layer of them in the whole
+        model): their count times the per-layer figure, which counts what each layer caches:
         ln_1 input x (C) + mean, rstd (2) + ln_1 out (C) + qkv (3C) + attention probs (NH*T)
         + attention out (C) + residual x (C) + ln_2 mean, rstd (2) + ln_2 out (C)
         + fc out (4C) + gelu out (4C) = (16C + NH*T + 4) * itemsize per layer, T = block_size.
         (The head adds (2C + 2 + V) * itemsize per token once; it is left out so that
-        dividing by n_layer gives the per-layer figure exactly.)
+        dividing by the block count gives the per-layer figure exactly.)
         """
         C, NH, T = self.cfg.n_embd, self.cfg.n_head, self.cfg.block_size
-        return self.cfg.n_layer * (16 * C + NH * T + 4) * self.params.dtype.itemsize
+        return (self.last - self.first) * (16 * C + NH * T + 4) * self.params.dtype.itemsize
 
     def forward(self, idx, targets=None):
         """idx (B, T) int, targets (B, T) int or None -> (logits (B, T, V) or None, loss or None, cache).
@@ -115,6 +139,7 @@ class GPT:
         With targets the logits buffer becomes the softmax probabilities kept for
         backward, so logits are not returned (no second (B, T, V) array).
         """
+        self._check_whole("forward")
         if idx.shape[1] > self.cfg.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} > block_size {self.cfg.block_size}")
         matrices = self.weights.refresh()
@@ -122,6 +147,11 @@ class GPT:
         x, c_blocks = self.blocks.forward(x, matrices)
         logits, loss, c_head = self.head.forward(x, self.weights.head, targets)
         return logits, loss, {"emb": c_emb, "blocks": c_blocks, "head": c_head}
+
+    def _check_whole(self, what):
+        if not self.whole:
+            raise ValueError(f"GPT.{what} runs the whole model; a part over blocks [{self.first}, {self.last}) "
+                             "runs its stages (embedding, blocks, head) through llmpi.parallel.pipeline")
 
     def loss(self, idx, targets):
         """Mean token loss of idx (B, T) -> targets (B, T), for evaluation: nothing is kept for
@@ -144,6 +174,7 @@ class GPT:
 
         on_block_done(lo, hi) gets each span of grad_spans() as soon as its gradients are final.
         """
+        self._check_whole("backward")
         spans = self.grad_spans() if on_block_done is not None else None
         L = self.cfg.n_layer
         block_done = (lambda i: on_block_done(*spans[L - 1 - i])) if on_block_done is not None else None

@@ -7,7 +7,8 @@ optimizer take a table once (llmpi.ops.op_table) and never test for the device:
       crossentropy.loss is the evaluation loss, which keeps nothing for backward);
   project(x, W)           a linear layer's matmul whose bias a fused op adds (bias_gelu);
   adamw_update(...)       the optimizer's update over the flat buffers;
-  clip_grad_norm(g, max)  global gradient-norm clipping;
+  clip_grad_norm(g, max)  global gradient-norm clipping (norm=: a norm summed over pipeline stages);
+  sumsq(g)                a flat buffer's sum of squares (a stage's share of that norm);
   weights(params)         the matrices the matmuls read (refresh() each forward; .head);
   precision(dtype)        what the model computes in, for the startup line.
 """
@@ -26,5 +27,5 @@ LAYER_OPS = SimpleNamespace(
     embedding=embedding, layernorm=layernorm, residual=residual, attention=attention,
     bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
     crossentropy=crossentropy, linear=linear, lm_head=lm_head, project=linear.project,
-    adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm,
+    adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm, sumsq=gradnorm.sumsq,
     weights=linear.Weights, precision=describe_precision)

@@ -39,10 +39,11 @@ class FlatParams:
             raise ValueError(f"shared data buffer must be contiguous {self.dtype} of shape ({offset},)")
         self.data = data
         self.grad = xp.zeros(offset, dtype=self.dtype)
-        self.views = self._point(self.data)
-        self.grad_views = self._point(self.grad)
+        self.views = self.views_of(self.data)
+        self.grad_views = self.views_of(self.grad)
 
-    def _point(self, flat):
+    def views_of(self, flat):
+        """{name: view} into any flat buffer of this layout (parameters, gradients, optimizer state)."""
         return {name: flat[o:o + n].reshape(shape)
                 for (name, shape), (o, n) in zip(self.layout, self.spans.values())}
 

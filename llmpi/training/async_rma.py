@@ -68,7 +68,7 @@ def train_async(run):
     window = ShardedWindow(comm, params.data.size, np.dtype(params.data.dtype), server=job.parallel.server)
     version = VersionCounter(comm)
     stop_flag = VersionCounter(comm)
-    start_version = int(run.resume_state["attrs"].get("version", 0)) if run.resume_state else 0
+    start_version = int(run.resume_state.attrs.get("version", 0)) if run.resume_state else 0
     if run.is_root:
         window.put_all(params.data)
         if start_version:
@@ -165,7 +165,7 @@ def _resumed_samples(run, start_version, B, P):
     """Samples behind the checkpoint a run resumes from (estimated for checkpoints that predate the record)."""
     if not run.resume_state:
         return 0
-    return int(run.resume_state["attrs"].get("samples", start_version * B // P))
+    return int(run.resume_state.attrs.get("samples", start_version * B // P))
 
 
 def _log_metrics(run, rows, evals, base_samples):

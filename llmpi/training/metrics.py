@@ -3,7 +3,8 @@
 metrics.h5 holds two groups of equal-length 1-D datasets:
   /steps: step, wall (seconds since start), loss, lr, tokens (global, this step),
           samples (global, cumulative), comm (seconds communicating, rank 0),
-          staleness (async: staleness of this push; -1 in sync mode)
+          staleness (async: staleness of this push; -1 in sync mode),
+          bubble (pipeline: the measured idle share of the step, mean over ranks; -1 otherwise)
   /evals: step, wall, samples, val_loss
 The whole file is rewritten to a temporary name and renamed at each flush, so a
 crash never leaves a half-written log.
@@ -14,7 +15,7 @@ import time
 import h5py
 import numpy as np
 
-STEP_FIELDS = ("step", "wall", "loss", "lr", "tokens", "samples", "comm", "staleness")
+STEP_FIELDS = ("step", "wall", "loss", "lr", "tokens", "samples", "comm", "staleness", "bubble")
 EVAL_FIELDS = ("step", "wall", "samples", "val_loss")
 
 
@@ -39,9 +40,9 @@ class MetricsLog:
         for group, store in (("steps", self.steps), ("evals", self.evals)):
             rows = data[group]
             keep = rows["step"] <= up_to_step if len(rows.get("step", [])) else []
-            for k in store:
-                if k in rows:
-                    store[k] = list(np.asarray(rows[k])[keep])
+            kept = int(np.count_nonzero(keep))
+            for k in store:  # a field the older log lacks is -1 for its rows
+                store[k] = list(np.asarray(rows[k])[keep]) if k in rows else [-1] * kept
         walls = self.steps["wall"]
         return float(walls[-1]) if walls else 0.0
 

@@ -59,33 +59,39 @@ class StopFlag:
 
 
 class Run:
-    """Everything a training loop needs, built identically on every rank."""
+    """Everything a training loop needs, built identically on every rank. This one holds the whole
+    model on every rank (data parallel); llmpi.training.pipeline.PipelineRun one stage of it."""
+
+    stage, stages = 0, 1  # the pipeline stage this rank holds, of how many
 
     def __init__(self, job, args, comm):
         self.job, self.comm = job, comm
         self.rank, self.world = comm.Get_rank(), comm.Get_size()
         self.is_root = self.rank == 0
+        self.data_rank, self.data_world = self.rank, self.world  # this rank's place among the replicas
+        self.blocks = None  # the whole model
+        self._layout()
         self.xp = backend.select(job.train.device, local_rank())
         self.run_dir = os.path.join(job.train.out_dir, job.train.run_name)
         self.slowdown = parse_slowdown(job.parallel.slowdown, self.world).get(self.rank, 1.0)
         self.data_path = job.data.path or default_data_path()
         self.tokens = ensure_prepared(self.data_path, comm, block_size=job.model.block_size,
-                                               vocab_size=job.model.vocab_size, progress=self.is_root)
+                                      vocab_size=job.model.vocab_size, progress=self.is_root)
         if job.model.vocab_size == 0:
             job.model.vocab_size = self.tokens.vocab_size
         self.resume_state = agree(lambda: self._find_resume(args), comm)
         try:
-            self.model = GPT(job.model, xp=self.xp, seed=job.train.seed)
+            self.model = GPT(job.model, xp=self.xp, seed=job.train.seed, blocks=self.blocks)
             self.optimizer = make_optimizer(job.optim, self.model.params, self.model.ops)
         except MemoryError as err:  # every rank builds the same model, so all of them land here
             raise UserError(f"the model does not fit in memory ({err}); make model.n_layer / n_embd / "
                             "block_size smaller") from None
         self.threads = ThreadedGrad(self.model, job.train.threads) if job.train.threads > 1 else None
         self.sampler = Sampler(len(self.tokens.train), job.model.block_size, job.train.seed,
-                                        self.rank, self.world, job.data.sharding)
+                               self.data_rank, self.data_world, job.data.sharding)
         self.val_sampler = Sampler(len(self.tokens.val), job.model.block_size, job.train.seed,
-                                            self.rank, self.world)
-        self.balancer = Balancer(self.world, job.train.batch_size, [job.train.batch_size] * self.world,
+                                   self.data_rank, self.data_world)
+        self.balancer = Balancer(self.data_world, job.train.batch_size, [job.train.batch_size] * self.data_world,
                                  mode=job.parallel.balance, interval=job.parallel.balance_interval)
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.h5"), self.is_root)
         self.metrics.attrs.update(mode=job.parallel.mode, world_size=self.world)
@@ -95,6 +101,9 @@ class Run:
         if self.resume_state is not None:
             self._restore(self.resume_state)
         agree(lambda: self._write_run_dir() if self.is_root else None, comm)
+
+    def _layout(self):
+        """Where this rank sits among the replicas and which blocks it holds (all of them here)."""
 
     def _write_run_dir(self):
         """Rank 0: the run directory with the resolved config.toml; on a fresh start (or
@@ -122,47 +131,65 @@ class Run:
         if path is None:
             raise UserError(f"--resume: no checkpoint in {self.run_dir}; check --run-name or drop --resume")
         state = checkpoint.load(path)
-        checkpoint.check_model_matches(state["config"], self.job, path)
+        checkpoint.check_model_matches(state.config, self.job, path)
         # sync keeps one optimizer state and counts steps, async one per rank and counts pushes
-        mode = str(state["attrs"].get("mode", self.job.parallel.mode))
+        mode = str(state.attrs.get("mode", self.job.parallel.mode))
         if mode != self.job.parallel.mode:
             raise UserError(f"checkpoint {path} was written in {mode} mode; resume it with "
                             f"parallel.mode={mode}, or start a new --run-name")
-        ranks = int(state["attrs"].get("world_size", self.world))
+        ranks = int(state.attrs.get("world_size", self.world))
         if mode == "async" and ranks != self.world:
             raise UserError(f"async checkpoint {path} was written by {ranks} ranks (its update count and "
                             f"per-rank optimizer states are per rank); resume it with {ranks} ranks")
-        if state["step"] >= self.job.train.max_iters:
-            raise UserError(f"run {self.run_dir} is already at step {state['step']} (train.max_iters = "
+        if state.step >= self.job.train.max_iters:
+            raise UserError(f"run {self.run_dir} is already at step {state.step} (train.max_iters = "
                             f"{self.job.train.max_iters}); raise train.max_iters to train further")
-        state["path"] = path
         return state
 
-    def _restore(self, st):
-        # every rank reads the same file, so a mismatch raises the same UserError everywhere
-        if st["params"].shape != self.model.params.data.shape:
-            raise UserError(f"checkpoint {st['path']} holds {st['params'].size:,} parameters, the model has "
-                            f"{self.model.params.data.size:,}: it is damaged; delete it to resume from an older one")
-        self.model.params.data[...] = self.xp.asarray(st["params"])
-        optim_state = st["optim"] or st["per_rank"].get("optim", {}).get(self.rank, {})
+    def _restore(self, ck):
+        """This rank's parameters and optimizer state by name, from a checkpoint of any layout
+        (every rank reads the same files, so a mismatch raises the same UserError everywhere)."""
+        params = self.model.params
+        names = params.names
+        for name, value in ck.params(names).items():
+            if value.shape != params.views[name].shape:
+                raise UserError(f"checkpoint {ck.path} holds {name} of shape {value.shape}, the model "
+                                f"{params.views[name].shape}: it is damaged; delete it to resume from an older one")
+            params.views[name][...] = self.xp.asarray(value)
+        named = ck.optim(names)
+        if named:
+            optim_state = {key: self._flat(by_name) for key, by_name in named.items()}
+            optim_state["step"] = ck.optim_step
+        else:  # async: each worker's own optimizer state, in the whole model's flat layout
+            optim_state = ck.per_rank.get("optim", {}).get(self.rank, {})
         if optim_state:
             try:
                 self.optimizer.load_state_dict(optim_state)
             except (KeyError, ValueError) as err:
-                raise UserError(f"checkpoint {st['path']} has optimizer state that does not fit "
+                raise UserError(f"checkpoint {ck.path} has optimizer state that does not fit "
                                 f"optim.name = {self.job.optim.name!r} ({err}); resume with the optimizer "
                                 "it was written with, or delete it") from None
-        sampler_states = st["per_rank"].get("sampler", {})
-        if self.rank in sampler_states and int(st["attrs"].get("world_size", self.world)) == self.world:
-            self.sampler.load_state_dict(sampler_states[self.rank])
+        sampler_states = ck.per_rank.get("sampler", {})
+        replicas = int(ck.attrs.get("data_world", ck.attrs.get("world_size", self.data_world)))
+        if self.data_rank in sampler_states and replicas == self.data_world:
+            self.sampler.load_state_dict(sampler_states[self.data_rank])
         elif self.job.data.sharding != "random":
-            raise UserError(f"checkpoint {st['path']} was written by {st['attrs'].get('world_size')} ranks; "
-                            f"the {self.job.data.sharding!r} sampler needs the same number to resume")
-        if st["balancer"]:
-            self.balancer.load_state_dict(st["balancer"])
-        self.start_step = st["step"]
+            raise UserError(f"checkpoint {ck.path} was written by {replicas} data replicas; the "
+                            f"{self.job.data.sharding!r} sampler needs the same number to resume")
+        if ck.balancer:
+            self.balancer.load_state_dict(ck.balancer)
+        self.start_step = ck.step
         # Async logs count versions (pushes), sync logs count steps.
-        self.wall_offset = self.metrics.resume_from(int(st["attrs"].get("version", self.start_step)))
+        self.wall_offset = self.metrics.resume_from(int(ck.attrs.get("version", self.start_step)))
+
+    def _flat(self, by_name):
+        """One flat host buffer in this rank's layout from {name: array}."""
+        params = self.model.params
+        flat = np.empty(params.size, dtype=params.dtype)
+        views = params.views_of(flat)
+        for name, value in by_name.items():
+            views[name][...] = value
+        return flat
 
     def _fault(self):
         parts = os.environ.get(FAULT_ENV, "").split(":")
@@ -195,11 +222,30 @@ class Run:
         rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "
                     f"{j.model.block_size} tokens")
         if self.resume_state is not None:
-            rprint(f"resumed from {self.resume_state['path']} at step {self.start_step}")
+            rprint(f"resumed from {self.resume_state.path} at step {self.start_step}")
         buffers = comm_device.describe_buffers(m.params.data, j.parallel.mode, j.parallel.allreduce,
                                                j.parallel.cuda_aware_mpi)
         if buffers and self.world > 1:
             rprint(f"gpu buffers: {buffers}")
+
+    def end_step(self, step, wall, samples, progress_line, stopping):
+        """After optimizer step `step` (1-based): the progress line (`progress_line()`, which
+        closes the progress window) every log_interval steps, the
+        evaluation every eval_interval, the checkpoint every ckpt_interval, and at the end or on a
+        stop request (returns True: the loop ends). Collective."""
+        t = self.job.train
+        if step % t.log_interval == 0 or step == t.max_iters:
+            rprint(progress_line())
+        if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_iters:
+            val = self.evaluate(step)
+            self.metrics.log_eval(step=step, wall=wall, samples=samples, val_loss=val)
+            rprint(f"eval: step {step} | val loss {val:.4f}")
+            self.metrics.flush()
+        if (t.ckpt_interval and step % t.ckpt_interval == 0) or step == t.max_iters or stopping:
+            self.save(step)
+        if stopping:
+            rprint(f"stop requested by signal: checkpointed at step {step}, exiting")
+        return bool(stopping)
 
     def val_loss(self, eval_index):
         """This rank's mean val loss over eval_iters batches (no communication)."""
@@ -221,20 +267,40 @@ class Run:
         return float(mean[0])
 
     def save(self, step, extra_per_rank=None, attrs=None):
-        """Gather per-rank state to rank 0, which writes the checkpoint atomically."""
-        per_rank = {"sampler": self.comm.gather(self.sampler.state_dict(), root=0)}
+        """Write a checkpoint: each stage's file from its rank of replica 0, then rank 0's manifest
+        with every replica's sampler state (collective; atomic, see llmpi.training.checkpoint)."""
+        path = checkpoint.checkpoint_path(self.run_dir, step)
+        samplers = self.comm.gather(self.sampler.state_dict(), root=0)
+        per_rank = {"sampler": samplers and [samplers[r] for r in self._replica_ranks()]}
         for k, v in (extra_per_rank or {}).items():
             per_rank[k] = self.comm.gather(v, root=0)
+        if self.data_rank == 0:
+            self._save_stage(checkpoint.stage_path(path, self.stage), with_optimizer="optim" not in (extra_per_rank or {}))
+        self.comm.Barrier()  # every stage file is in place before the manifest names it
         if self.is_root:
-            path = checkpoint.checkpoint_path(self.run_dir, step)
-            optim_state = None if extra_per_rank and "optim" in extra_per_rank else \
-                {k: backend.to_host(v) for k, v in self.optimizer.state_dict().items()}
-            checkpoint.save(path, backend.to_host(self.model.params.data), step, self.job,
-                            optim_state=optim_state, per_rank=per_rank,
-                            balancer=self.balancer.state_dict(),
-                            attrs={"world_size": self.world, "mode": self.job.parallel.mode, **(attrs or {})})
+            stages = [checkpoint.stage_path(path, s) for s in range(self.stages)]
+            checkpoint.save_manifest(path, step, self.job, stages, per_rank=per_rank,
+                                     balancer=self.balancer.state_dict(),
+                                     attrs={"world_size": self.world, "mode": self.job.parallel.mode,
+                                            "pipeline": self.stages, "data_world": self.data_world, **(attrs or {})})
             checkpoint.prune(self.run_dir)
             self.metrics.flush()
             rprint(f"checkpoint: {path}")
 
+    def _replica_ranks(self):
+        """The world rank whose sampler state stands for each data replica, in replica order."""
+        return list(range(self.world))
 
+    def _saved_names(self):
+        return self.model.params.names
+
+    def _save_stage(self, path, with_optimizer):
+        params = self.model.params
+        names = self._saved_names()
+        optim = None
+        if with_optimizer:
+            state = self.optimizer.state_dict()
+            optim = {key: {n: backend.to_host(v) for n, v in params.views_of(flat).items() if n in names}
+                     for key, flat in state.items() if key != "step"}
+        checkpoint.save_stage(path, {n: backend.to_host(params.views[n]) for n in names}, optim,
+                              self.optimizer.t)

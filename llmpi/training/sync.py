@@ -82,19 +82,7 @@ def train_sync(run):
         if run.balancer.maybe_rebalance(step + 1):
             rprint(f"balance: step {step + 1}: samples per rank {run.balancer.counts}")
         step += 1
-        if step % job.train.log_interval == 0 or step == job.train.max_iters:
-            rprint(progress.line(step - 1, loss, lr))
-        if (job.train.eval_interval and step % job.train.eval_interval == 0) or step == job.train.max_iters:
-            val = run.evaluate(step)
-            run.metrics.log_eval(step=step, wall=wall, samples=samples_seen, val_loss=val)
-            rprint(f"eval: step {step} | val loss {val:.4f}")
-            run.metrics.flush()
-        stopping = table[:, 3].any()
-        if (job.train.ckpt_interval and step % job.train.ckpt_interval == 0) or step == job.train.max_iters \
-                or stopping:
-            run.save(step)
-        if stopping:
-            rprint(f"stop requested by signal: checkpointed at step {step}, exiting")
+        if run.end_step(step, wall, samples_seen, lambda: progress.line(step - 1, loss, lr), table[:, 3].any()):
             return 0
     return 0
 

@@ -3,10 +3,16 @@ kernels/gradnorm.cu (llmpi.gpu.gradnorm)."""
 import math
 
 
-def clip_grad_norm(grad, max_norm):
+def sumsq(grad):
+    """Sum of squares of a flat buffer, as a float."""
+    return float(grad.dot(grad))
+
+
+def clip_grad_norm(grad, max_norm, norm=None):
     """Scale the flat `grad` in place so its global L2 norm is at most max_norm (0 disables).
-    Returns the norm before clipping, as a float."""
-    norm = math.sqrt(float(grad.dot(grad)))
+    Returns the norm before clipping, as a float. `norm`: the global norm when `grad` is only a
+    part of the model (a pipeline stage's), summed over the parts by the caller."""
+    norm = math.sqrt(sumsq(grad)) if norm is None else norm
     if max_norm > 0 and norm > max_norm:
         grad *= max_norm / (norm + 1e-6)
     return norm

@@ -40,7 +40,7 @@ class Weights:
 
     def __init__(self, params):
         self.views = params.views
-        self.head = self.views["wte"]
+        self.head = self.views.get("wte")  # None on a pipeline stage without the head
 
     def refresh(self):
         return self.views

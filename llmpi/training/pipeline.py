@@ -1,0 +1,246 @@
+"""Pipeline-parallel training: the ranks form D data replicas x S stages (llmpi.parallel.grid);
+each rank holds blocks [a, b) of the GPT with its own flat buffers (the first stage also the
+embedding, the last ln_f and the LM head with a tied copy of wte).
+
+One step: the replica's share of the batch, cut into micro-batches, runs through the stages in
+the schedule's order (llmpi.parallel.pipeline); the first and the last stage sum their wte
+gradients (the tied LM head, as Megatron does); each stage's buffer is all-reduced in its data
+group with any registered algorithm, sample-weighted as in data parallelism; the gradient is
+clipped by the global norm over the stages (wte counted once); every stage applies the optimizer
+to its own buffer. Checkpoints hold each stage's part under the HF names (llmpi.training.run).
+"""
+import math
+import os
+import time
+
+import h5py
+import numpy as np
+from mpi4py import MPI
+
+from ..comm.buckets import Allreducer
+from ..comm.device import device_direct
+from ..comm.p2p import FORWARD, Channel, exchange_add, tag
+from ..comm.world import agree, rprint
+from ..data import get_batch
+from ..errors import UserError
+from ..parallel.allocate import even_split
+from ..parallel.grid import check_shape, make_grid
+from ..parallel.pipeline import StageStep, micro_batch_sizes, peak_in_flight
+from .metrics import Progress
+from .optim import schedule_lr
+from .run import Run
+
+TIMELINE_STEPS = 3  # steps recorded for `llmpi.compare --timeline`, after the first (warm-up) one
+EVENT_KINDS = ("F", "B", "wait", "allreduce", "optimizer")
+
+
+def stage_bounds(spec, n_layer, S):
+    """parallel.partition -> [(first, last)] blocks per stage: "uniform" or "a,b,c" counts."""
+    if spec == "uniform":
+        counts = even_split(S, n_layer)
+    else:
+        try:
+            counts = [int(c) for c in spec.split(",")]
+        except ValueError:
+            raise UserError(f"parallel.partition must be uniform, auto or blocks per stage like '1,3,1' "
+                            f"(got {spec!r})") from None
+        if len(counts) != S or min(counts) < 1 or sum(counts) != n_layer:
+            raise UserError(f"parallel.partition {spec!r} must give each of the {S} stages at least one block, "
+                            f"{n_layer} blocks in all (model.n_layer)")
+    edges = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class PipelineRun(Run):
+    """A run whose rank holds one pipeline stage of one data replica."""
+
+    def _layout(self):
+        job = self.job
+        S = self.stages = job.parallel.pipeline
+        agree(lambda: check_shape(self.world, S, job.model.n_layer), self.comm)
+        bounds = agree(lambda: stage_bounds(job.parallel.partition, job.model.n_layer, S), self.comm)
+        self.grid = make_grid(self.comm, S)
+        self.stage, self.bounds = self.grid.stage, bounds
+        self.data_rank, self.data_world = self.grid.replica, self.grid.D
+        self.blocks = bounds[self.stage]
+        share = even_split(self.grid.D, job.train.batch_size)[self.grid.replica]
+        self.micro_batches = job.parallel.micro_batches or max(1, min(4 * S, share))
+        smallest = min(even_split(self.grid.D, job.train.batch_size))
+        agree(lambda: _check_micro_batches(self.micro_batches, smallest, job), self.comm)
+
+    def _replica_ranks(self):
+        return [row[0] for row in self.grid.slots]  # stage 0 draws the replica's samples
+
+    def _saved_names(self):
+        names = self.model.params.names
+        return [n for n in names if n != "wte"] if self.grid.last and self.stages > 1 else names
+
+    def activation_bytes(self):
+        """What this stage keeps for backward at its schedule's peak (for the memory check)."""
+        j = self.job
+        share = -(-j.train.batch_size // self.data_world)
+        micro = -(-share // self.micro_batches)  # the largest micro-batch
+        in_flight = peak_in_flight(j.parallel.schedule, self.stages, self.stage, self.micro_batches)
+        return self.model.activation_bytes_per_token() * micro * j.model.block_size * in_flight
+
+    def describe(self):
+        super().describe()
+        counts = [b - a for a, b in self.bounds]
+        rprint(f"pipeline: {self.grid.D} replica(s) x {self.stages} stages, blocks per stage {counts}, "
+               f"{self.micro_batches} micro-batches, schedule {self.job.parallel.schedule}")
+
+    def val_loss(self, eval_index):
+        """This replica's mean val loss over eval_iters batches, forward through the stages (on the
+        last stage; 0 on the others)."""
+        j, model, grid = self.job, self.model, self.grid
+        n = max(1, -(-j.train.batch_size // self.data_world))
+        channel = self.channel()
+        weights, total = model.weights.refresh(), 0.0
+        for i in range(j.train.eval_iters):
+            x = y = None
+            if grid.first or grid.last:
+                starts = self.val_sampler.val_starts(eval_index * j.train.eval_iters + i, n)
+                x, y = get_batch(self.tokens.val, starts, j.model.block_size, self.xp)
+            if grid.first:
+                h, _ = model.embedding.forward(x)
+            else:
+                h = self.xp.empty((n, j.model.block_size, j.model.n_embd), dtype=model.params.dtype)
+                h = channel.wait(channel.post_recv(h, grid.stage - 1, tag(i, FORWARD)))
+            h, _ = model.blocks.forward(h, weights)
+            if grid.last:
+                logits, _, _ = model.head.forward(h, model.weights.head)
+                total += float(model.ops.crossentropy.loss(logits, y))
+            else:
+                channel.send(h, grid.stage + 1, tag(i, FORWARD))
+                channel.wait_sends()
+        return total / j.train.eval_iters if grid.last else 0.0
+
+    def channel(self):
+        direct = device_direct(self.job.parallel.cuda_aware_mpi)
+        return Channel(self.grid.pipeline, time.perf_counter, direct)
+
+    def evaluate(self, eval_index):
+        mean = np.array([self.val_loss(eval_index)])
+        self.comm.Allreduce(MPI.IN_PLACE, mean)  # only the replicas' last stages contribute
+        return float(mean[0]) / self.data_world
+
+
+def _check_micro_batches(m, smallest_share, job):
+    if m > smallest_share:
+        raise UserError(f"parallel.micro_batches = {m} exceeds a replica's share of {smallest_share} samples "
+                        f"(train.batch_size = {job.train.batch_size}); use at most {smallest_share} or a larger batch")
+
+
+def train_pipeline(run):
+    job, comm, grid, model = run.job, run.comm, run.grid, run.model
+    B, T, S = job.train.batch_size, job.model.block_size, run.stages
+    reducer = Allreducer(grid.data, job.parallel.allreduce, int(job.parallel.bucket_mb * 2**20),
+                         cuda_aware_mpi=job.parallel.cuda_aware_mpi)
+    stage_step = StageStep(model, grid.pipeline, job.parallel.schedule, run.slowdown,
+                           device_direct(job.parallel.cuda_aware_mpi))
+    shares = even_split(grid.D, B)
+    share, offset = shares[grid.replica], sum(shares[:grid.replica])
+    sizes = micro_batch_sizes(share, run.micro_batches)
+    own = _own_span(run)  # the part of the gradient this stage adds to the global norm
+    progress = Progress(job.train.max_iters, run.start_step)
+    timeline = Timeline(run, range(run.start_step + 1, run.start_step + 1 + TIMELINE_STEPS))
+    t_origin = time.perf_counter() - run.wall_offset
+    samples_seen, step = run.start_step * B, run.start_step
+    while step < job.train.max_iters:
+        run.check_fault(step)
+        lr = schedule_lr(job, step)
+        model.params.zero_grad()
+        stage_step.record = timeline.start(step)
+        t0 = time.perf_counter()
+        loss_sum = stage_step.run(_micro_batches(run, step, offset, share, sizes), sizes, B)
+        t_pipe = time.perf_counter()
+        if S > 1 and (grid.first or grid.last):  # the tied LM head: both copies get the summed gradient
+            exchange_add(model.params.grad_views["wte"], S - 1 - grid.stage, grid.pipeline)
+        reducer.reduce(model.params.grad)
+        t_reduced = time.perf_counter()
+        # One small collective carries the loss, the stage's share of the norm, its timings and any stop request.
+        row = np.array([loss_sum, model.ops.sumsq(model.params.grad[own[0]:own[1]]), stage_step.compute,
+                        t_pipe - t0, float(run.stop.requested)])
+        table = np.empty((run.world, row.size))
+        comm.Allgather(row, table)
+        comm_s = time.perf_counter() - t_pipe
+        loss = table[:, 0].sum() / B
+        if job.optim.grad_clip > 0:
+            norm = math.sqrt(table[grid.slots[grid.replica], 1].sum())  # every replica's stages hold the same gradient
+            model.ops.clip_grad_norm(model.params.grad, job.optim.grad_clip, norm=norm)
+        run.optimizer.step(lr)
+        bubble = float(np.mean(1.0 - table[:, 2] / np.maximum(table[:, 3], 1e-12)))
+        timeline.add(stage_step.events, (("allreduce", -1, t_pipe, t_reduced),
+                                         ("optimizer", -1, t_reduced, time.perf_counter())))
+        samples_seen += B
+        wall = time.perf_counter() - t_origin
+        run.metrics.log_step(step=step + 1, wall=wall, loss=loss, lr=lr, tokens=B * T, samples=samples_seen,
+                             comm=comm_s, staleness=-1, bubble=bubble)
+        progress.add(B * T, comm_s)
+        step += 1
+        timeline.finish(step)
+        line = lambda: progress.line(step - 1, loss, lr, f"bubble {100 * bubble:.0f}%")  # noqa: E731
+        if run.end_step(step, wall, samples_seen, line, table[:, 4].any()):
+            return 0
+    return 0
+
+
+def _own_span(run):
+    """[lo, hi) of the stage's gradient buffer that counts towards the global norm: all of it, but
+    the last stage's tied copy of wte (the first stage counts wte)."""
+    params = run.model.params
+    if run.stages > 1 and run.grid.last:
+        lo, n = params.spans["wte"]
+        if lo + n != params.size:
+            raise AssertionError("the tied wte copy must end the last stage's layout")
+        return 0, lo
+    return 0, params.size
+
+
+def _micro_batches(run, step, offset, share, sizes):
+    """[(x, y)] of this replica's micro-batches on the stages that read data (first and last, from
+    the same sampler), [None] * m elsewhere."""
+    if not (run.grid.first or run.grid.last):
+        return [None] * len(sizes)
+    starts = run.sampler.starts(step, run.job.train.batch_size, offset, share)
+    out, lo = [], 0
+    for size in sizes:
+        out.append(get_batch(run.tokens.train, starts[lo:lo + size], run.job.model.block_size, run.xp))
+        lo += size
+    return out
+
+
+class Timeline:
+    """Per-rank events of a few steps, for `python -m llmpi.compare --timeline RUN`: rank 0 writes
+    runs/NAME/timeline.h5 (rank, step, kind, micro_batch, start, end in seconds from the step's
+    common start, taken after a barrier, so the rows line up)."""
+
+    def __init__(self, run, steps):
+        self.run, self.steps, self.rows, self.t_ref, self.step = run, set(steps), [], 0.0, None
+
+    def start(self, step):
+        if step not in self.steps:
+            return False
+        self.run.comm.Barrier()
+        self.t_ref, self.step = time.perf_counter(), step
+        return True
+
+    def add(self, events, phases):
+        if self.t_ref:
+            for kind, mb, t0, t1 in (*events, *phases):
+                self.rows.append((self.run.rank, self.step, EVENT_KINDS.index(kind), mb, t0 - self.t_ref, t1 - self.t_ref))
+            self.t_ref = 0.0
+
+    def finish(self, step):
+        if step != max(self.steps) + 1:
+            return
+        rows = self.run.comm.gather(self.rows, root=0)
+        if self.run.is_root:
+            table = np.array([r for part in rows for r in part], dtype=np.float64).reshape(-1, 6)
+            path = os.path.join(self.run.run_dir, "timeline.h5")
+            with h5py.File(path + ".tmp", "w") as f:
+                for i, name in enumerate(("rank", "step", "kind", "micro_batch", "start", "end")):
+                    f.create_dataset(name, data=table[:, i])
+                f.attrs["kinds"] = list(EVENT_KINDS)
+                f.attrs["stages"] = self.run.stages
+            os.replace(path + ".tmp", path)
