@@ -131,3 +131,14 @@ def test_a_format_1_checkpoint_still_resumes(tmp_path, corpus):
         f.attrs["format_version"] = 7
     proc = train(tmp_path, corpus, "--set", "train.max_iters=8", "--resume", name="old", check=False)
     assert proc.returncode == 2 and "format version 7" in proc.stderr
+
+
+def test_a_model_over_one_ranks_memory_limit_trains_on_two_stages(tmp_path, corpus):
+    limit = ["--set", "parallel.memory_limit_mb=1.5"]  # the whole model needs ~2.1 MiB, a stage ~0.7
+    proc = train(tmp_path, corpus, *limit, name="big", check=False)
+    assert proc.returncode == 2 and "parallel.memory_limit_mb gives it 1.5" in proc.stderr, proc.stderr
+    assert "use more pipeline stages" in proc.stderr
+    proc = train(tmp_path, corpus, *limit, "--set", "parallel.pipeline=2", np=2, name="big")
+    assert "eval: step 8" in proc.stdout
+    proc = train(tmp_path, corpus, "--set", "parallel.memory_limit_mb=1,2,3", np=2, name="other", check=False)
+    assert proc.returncode == 2 and "3 values for 2 ranks" in proc.stderr

@@ -51,6 +51,18 @@ def gpt2_layout(cfg):
     return stage_layout(cfg, 0, cfg.n_layer)
 
 
+def block_activation_bytes(cfg):
+    """Bytes per token one block caches for backward (see GPT.activation_bytes_per_token)."""
+    C, NH, T = cfg.n_embd, cfg.n_head, cfg.block_size
+    return (16 * C + NH * T + 4) * np.dtype(DTYPES[cfg.dtype]).itemsize
+
+
+def parameter_bytes(cfg, first=0, last=None):
+    """Bytes of the parameters a part over blocks [first, last) holds (one flat buffer)."""
+    layout = stage_layout(cfg, first, cfg.n_layer if last is None else last)
+    return sum(math.prod(shape) for _, shape in layout) * np.dtype(DTYPES[cfg.dtype]).itemsize
+
+
 class GPT:
     """The model (or, with `blocks=(a, b)`, the part of it one pipeline stage holds) over one flat
     parameter buffer. `ops`: an op table (llmpi.model.ops); by default the one for xp and
@@ -130,8 +142,7 @@ class GPT:
         (The head adds (2C + 2 + V) * itemsize per token once; it is left out so that
         dividing by the block count gives the per-layer figure exactly.)
         """
-        C, NH, T = self.cfg.n_embd, self.cfg.n_head, self.cfg.block_size
-        return (self.last - self.first) * (16 * C + NH * T + 4) * self.params.dtype.itemsize
+        return (self.last - self.first) * block_activation_bytes(self.cfg)
 
     def forward(self, idx, targets=None):
         """idx (B, T) int, targets (B, T) int or None -> (logits (B, T, V) or None, loss or None, cache).

@@ -23,6 +23,7 @@ from ..comm.p2p import FORWARD, Channel, exchange_add, tag
 from ..comm.world import agree, rprint
 from ..data import get_batch
 from ..errors import UserError
+from ..model.gpt import block_activation_bytes
 from ..parallel.allocate import even_split
 from ..parallel.grid import check_shape, make_grid
 from ..parallel.pipeline import StageStep, micro_batch_sizes, peak_in_flight
@@ -81,7 +82,8 @@ class PipelineRun(Run):
         share = -(-j.train.batch_size // self.data_world)
         micro = -(-share // self.micro_batches)  # the largest micro-batch
         in_flight = peak_in_flight(j.parallel.schedule, self.stages, self.stage, self.micro_batches)
-        return self.model.activation_bytes_per_token() * micro * j.model.block_size * in_flight
+        first, last = self.blocks
+        return block_activation_bytes(j.model) * (last - first) * micro * j.model.block_size * in_flight
 
     def describe(self):
         super().describe()

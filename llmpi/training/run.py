@@ -13,7 +13,7 @@ from ..comm import device as comm_device
 from ..comm.world import agree, local_rank, rprint
 from ..data import Sampler, default_data_path, ensure_prepared, get_batch
 from ..errors import UserError
-from ..model.gpt import GPT
+from ..model.gpt import GPT, block_activation_bytes, parameter_bytes
 from ..parallel.allocate import Balancer
 from ..parallel.threaded import ThreadedGrad
 from . import checkpoint
@@ -80,6 +80,7 @@ class Run:
         if job.model.vocab_size == 0:
             job.model.vocab_size = self.tokens.vocab_size
         self.resume_state = agree(lambda: self._find_resume(args), comm)
+        agree(self._check_memory, comm)
         try:
             self.model = GPT(job.model, xp=self.xp, seed=job.train.seed, blocks=self.blocks)
             self.optimizer = make_optimizer(job.optim, self.model.params, self.model.ops)
@@ -104,6 +105,32 @@ class Run:
 
     def _layout(self):
         """Where this rank sits among the replicas and which blocks it holds (all of them here)."""
+
+    def state_bytes(self):
+        """Parameters, gradients and optimizer state of this rank's part (AdamW: m and v; SGD: a buffer)."""
+        return parameter_bytes(self.job.model, *(self.blocks or (0, None))) * (4 if self.job.optim.name == "adamw" else 3)
+
+    def activation_bytes(self):
+        """What backward keeps of one forward of this rank's share (or micro-batch)."""
+        j = self.job
+        micro = j.train.micro_batch or -(-j.train.batch_size // self.world)
+        return block_activation_bytes(j.model) * j.model.n_layer * micro * j.model.block_size
+
+    def _check_memory(self):
+        """parallel.memory_limit_mb against llmpi's own accounting of this rank's buffers."""
+        limits = config_mod.memory_limits_mb(self.job.parallel.memory_limit_mb)
+        if not limits:
+            return
+        if len(limits) not in (1, self.world):
+            raise UserError(f"parallel.memory_limit_mb has {len(limits)} values for {self.world} ranks; give one "
+                            "value or one per rank")
+        limit = limits[0] if len(limits) == 1 else limits[self.rank]
+        need = self.state_bytes() + self.activation_bytes()
+        if need > limit * 2**20:
+            raise UserError(f"rank {self.rank} needs {need / 2**20:.1f} MiB ({self.state_bytes() / 2**20:.1f} "
+                            f"params+grads+optimizer + {self.activation_bytes() / 2**20:.1f} activations) but "
+                            f"parallel.memory_limit_mb gives it {limit:g}; use more pipeline stages "
+                            "(parallel.pipeline), fewer micro-batch samples or a smaller model")
 
     def _write_run_dir(self):
         """Rank 0: the run directory with the resolved config.toml; on a fresh start (or
@@ -208,19 +235,19 @@ class Run:
     def describe(self):
         j, m = self.job, self.model
         micro = j.train.micro_batch or -(-j.train.batch_size // self.world)
-        act = m.activation_bytes_per_token() * micro * j.model.block_size
-        state_bytes = m.params.data.nbytes * (4 if j.optim.name == "adamw" else 3)
+        act, state_bytes = self.activation_bytes(), self.state_bytes()
         rprint(f"llmpi: {self.world} rank(s), mode {j.parallel.mode}, allreduce {j.parallel.allreduce}, "
-                    f"device {backend.device_name}, BLAS threads/rank {backend.threads_hint()}")
+               f"device {backend.device_name}, BLAS threads/rank {backend.threads_hint()}")
         rprint(f"data: {self.data_path} ({self.tokens.tokenizer.name}, vocab {self.tokens.vocab_size}, "
-                    f"{len(self.tokens.train):,} train / {len(self.tokens.val):,} val tokens, "
-                    f"sharding {j.data.sharding})")
-        rprint(f"model: {m.num_params():,} params, {j.model.n_layer} layers x {j.model.n_embd} ch, "
-                    f"{m.precision()}; memory per rank ~ {state_bytes / 2**20:.1f} MiB params+grads+optimizer "
-                    f"+ {act / 2**20:.1f} MiB activations ({m.activation_bytes_per_token() // j.model.n_layer:,} "
-                    f"B/token/layer x {micro} x {j.model.block_size} tokens)")
+               f"{len(self.tokens.train):,} train / {len(self.tokens.val):,} val tokens, "
+               f"sharding {j.data.sharding})")
+        total = parameter_bytes(j.model) // m.params.dtype.itemsize
+        rprint(f"model: {total:,} params, {j.model.n_layer} layers x {j.model.n_embd} ch, "
+               f"{m.precision()}; memory on rank 0 ~ {state_bytes / 2**20:.1f} MiB params+grads+optimizer "
+               f"+ {act / 2**20:.1f} MiB activations ({block_activation_bytes(j.model):,} "
+               f"B/token/layer x {micro} x {j.model.block_size} tokens)")
         rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "
-                    f"{j.model.block_size} tokens")
+               f"{j.model.block_size} tokens")
         if self.resume_state is not None:
             rprint(f"resumed from {self.resume_state.path} at step {self.start_step}")
         buffers = comm_device.describe_buffers(m.params.data, j.parallel.mode, j.parallel.allreduce,
