@@ -36,6 +36,7 @@ setup(
         "numpy>=1.23",
         "h5py>=3.7",
         "mpi4py>=3.1",
+        "scipy>=1.9",
         "tomli>=2.0; python_version<'3.11'",
     ],
     extras_require={

@@ -134,7 +134,7 @@ def test_partitions_and_shapes_are_checked():
     assert stage_bounds("uniform", 5, 2) == [(0, 3), (3, 5)]
     assert stage_bounds("1,3,1", 5, 3) == [(0, 1), (1, 4), (4, 5)]
     for bad in ("1,3", "0,4,1", "1,3,2", "two"):
-        with pytest.raises(UserError, match="parallel.partition"):
+        with pytest.raises(UserError, match="partition"):
             stage_bounds(bad, 5, 3)
     assert check_shape(4, 2, 4) == 2
     with pytest.raises(UserError, match="does not divide"):

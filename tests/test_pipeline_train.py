@@ -42,11 +42,18 @@ def log(tmp_path, name):
     (2, ["--set", "parallel.pipeline=2", "--set", "parallel.schedule=gpipe", "--set", "parallel.micro_batches=3"]),
     (3, ["--set", "parallel.pipeline=3", "--set", "parallel.partition=1,2,1", "--set", "parallel.micro_batches=4"]),
     (4, ["--set", "parallel.pipeline=2", "--set", "parallel.allreduce=ring"]),
-], ids=["S2-1f1b", "S2-gpipe-m3", "S3-1,2,1", "2x2-ring"])
+    (2, ["--set", "parallel.pipeline=2", "--set", "parallel.partition=auto", "--slowdown", "0=3"]),
+], ids=["S2-1f1b", "S2-gpipe-m3", "S3-1,2,1", "2x2-ring", "S2-auto-slow-rank"])
 def test_pipeline_loss_curve_matches_one_process(tmp_path, corpus, np_, extra):
     train(tmp_path, corpus, name="one")
     proc = train(tmp_path, corpus, *extra, np=np_, name="pipe")
     assert "pipeline:" in proc.stdout and "bubble" in proc.stdout
+    if "parallel.partition=auto" in extra:  # the 3x slower rank 0 runs the stage with fewer blocks
+        plan = next(ln for ln in proc.stdout.splitlines() if ln.startswith("pipeline:"))
+        blocks = [int(b) for b in plan.split("blocks per stage [")[1].split("]")[0].split(",")]
+        ranks = next(ln for ln in proc.stdout.splitlines() if ln.startswith("plan (auto)"))
+        slow_stage = 0 if "ranks per stage [[0], [1]]" in ranks else 1
+        assert blocks[slow_stage] < blocks[1 - slow_stage], proc.stdout
     one, pipe = log(tmp_path, "one"), log(tmp_path, "pipe")
     np.testing.assert_allclose(pipe["steps"]["loss"], one["steps"]["loss"], rtol=1e-5)
     np.testing.assert_allclose(pipe["evals"]["val_loss"], one["evals"]["val_loss"], rtol=1e-5)
@@ -82,7 +89,7 @@ def test_a_killed_stage_ends_the_job(tmp_path, corpus):
     (2, ["--set", "parallel.pipeline=2", "--set", "train.micro_batch=2"], "leave train.micro_batch at 0"),
     (2, ["--set", "parallel.pipeline=2", "--set", "parallel.micro_batches=9"], "exceeds a replica's share of 8"),
     (2, ["--set", "parallel.pipeline=2", "--set", "parallel.mode=async"], "needs parallel.mode = 'sync'"),
-    (2, ["--set", "parallel.pipeline=2", "--set", "parallel.partition=3,2"], "4 blocks in all"),
+    (2, ["--set", "parallel.pipeline=2", "--set", "parallel.partition=3,2"], "sums to 5 blocks; the model has 4"),
     (1, ["--set", "parallel.schedule=zigzag"], "choose one of: 1f1b, gpipe"),
 ])
 def test_bad_pipeline_jobs_are_one_line_and_exit_2(tmp_path, corpus, np_, extra, message):

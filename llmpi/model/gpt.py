@@ -57,6 +57,11 @@ def block_activation_bytes(cfg):
     return (16 * C + NH * T + 4) * np.dtype(DTYPES[cfg.dtype]).itemsize
 
 
+def head_activation_bytes(cfg):
+    """Bytes per token ln_f and the LM head keep for backward: (2C + 2 + V) x itemsize."""
+    return (2 * cfg.n_embd + 2 + cfg.vocab_size) * np.dtype(DTYPES[cfg.dtype]).itemsize
+
+
 def parameter_bytes(cfg, first=0, last=None):
     """Bytes of the parameters a part over blocks [first, last) holds (one flat buffer)."""
     layout = stage_layout(cfg, first, cfg.n_layer if last is None else last)

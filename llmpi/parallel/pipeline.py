@@ -17,6 +17,7 @@ receive posted one action ahead of its use).
 import time
 
 from ..comm.p2p import BACKWARD, FORWARD, Channel, tag
+from ..errors import UserError
 
 SCHEDULES = ("1f1b", "gpipe")  # parallel.schedule
 
@@ -37,6 +38,16 @@ def schedule(kind, S, s, m):
 def peak_in_flight(kind, S, s, m):
     """Micro-batches whose activations stage s holds at once under the schedule."""
     return m if kind == "gpipe" else min(S - s, m)
+
+
+def micro_batch_count(requested, smallest_share, S, batch_size):
+    """parallel.micro_batches (0: up to 4 x S, as many as the smallest replica share allows), or a
+    UserError when a replica's share cannot be cut that often."""
+    m = requested or max(1, min(4 * S, smallest_share))
+    if m > smallest_share:
+        raise UserError(f"parallel.micro_batches = {m} exceeds a replica's share of {smallest_share} samples "
+                        f"(train.batch_size = {batch_size}); use at most {smallest_share} or a larger batch")
+    return m
 
 
 def micro_batch_sizes(count, m):

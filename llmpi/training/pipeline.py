@@ -22,13 +22,16 @@ from ..comm.device import device_direct
 from ..comm.p2p import FORWARD, Channel, exchange_add, tag
 from ..comm.world import agree, rprint
 from ..data import get_batch
-from ..errors import UserError
-from ..model.gpt import block_activation_bytes
+from ..model.gpt import block_activation_bytes, head_activation_bytes
+from .. import config as config_mod
+from ..parallel import partition
 from ..parallel.allocate import even_split
 from ..parallel.grid import check_shape, make_grid
-from ..parallel.pipeline import StageStep, micro_batch_sizes, peak_in_flight
+from ..parallel.partition import parse_partition
+from ..parallel.pipeline import StageStep, micro_batch_count, micro_batch_sizes, peak_in_flight
+from ..parallel.profile import profile
 from .metrics import Progress
-from .optim import schedule_lr
+from .optim import make_optimizer, schedule_lr
 from .run import Run
 
 TIMELINE_STEPS = 3  # steps recorded for `llmpi.compare --timeline`, after the first (warm-up) one
@@ -36,18 +39,12 @@ EVENT_KINDS = ("F", "B", "wait", "allreduce", "optimizer")
 
 
 def stage_bounds(spec, n_layer, S):
-    """parallel.partition -> [(first, last)] blocks per stage: "uniform" or "a,b,c" counts."""
-    if spec == "uniform":
-        counts = even_split(S, n_layer)
-    else:
-        try:
-            counts = [int(c) for c in spec.split(",")]
-        except ValueError:
-            raise UserError(f"parallel.partition must be uniform, auto or blocks per stage like '1,3,1' "
-                            f"(got {spec!r})") from None
-        if len(counts) != S or min(counts) < 1 or sum(counts) != n_layer:
-            raise UserError(f"parallel.partition {spec!r} must give each of the {S} stages at least one block, "
-                            f"{n_layer} blocks in all (model.n_layer)")
+    """parallel.partition "uniform" or "a,b,c" -> [(first, last)] blocks per stage."""
+    counts = even_split(S, n_layer) if spec == "uniform" else parse_partition(spec, n_layer, S)
+    return _bounds(counts)
+
+
+def _bounds(counts):
     edges = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
     return list(zip(edges[:-1], edges[1:]))
 
@@ -56,18 +53,33 @@ class PipelineRun(Run):
     """A run whose rank holds one pipeline stage of one data replica."""
 
     def _layout(self):
-        job = self.job
-        S = self.stages = job.parallel.pipeline
-        agree(lambda: check_shape(self.world, S, job.model.n_layer), self.comm)
-        bounds = agree(lambda: stage_bounds(job.parallel.partition, job.model.n_layer, S), self.comm)
-        self.grid = make_grid(self.comm, S)
+        job, p = self.job, self.job.parallel
+        S = self.stages = p.pipeline
+        D = agree(lambda: check_shape(self.world, S, job.model.n_layer), self.comm)
+        shares = even_split(D, job.train.batch_size)
+        self.micro_batches = agree(lambda: micro_batch_count(p.micro_batches, min(shares), S, job.train.batch_size),
+                                   self.comm)
+        self.plan, slots = None, None
+        if p.partition == "auto":  # measure every rank, then the allocator's exact plan
+            self.plan = self._auto_plan(S, -(-max(shares) // self.micro_batches))
+            bounds, slots = _bounds(self.plan.blocks), self.plan.slots
+        else:
+            bounds = agree(lambda: stage_bounds(p.partition, job.model.n_layer, S), self.comm)
+        self.grid = make_grid(self.comm, S, slots)
         self.stage, self.bounds = self.grid.stage, bounds
         self.data_rank, self.data_world = self.grid.replica, self.grid.D
         self.blocks = bounds[self.stage]
-        share = even_split(self.grid.D, job.train.batch_size)[self.grid.replica]
-        self.micro_batches = job.parallel.micro_batches or max(1, min(4 * S, share))
-        smallest = min(even_split(self.grid.D, job.train.batch_size))
-        agree(lambda: _check_micro_batches(self.micro_batches, smallest, job), self.comm)
+
+    def _auto_plan(self, S, micro):
+        """Profile this rank (llmpi.parallel.profile, --slowdown applied) and solve the partition and
+        the placement of ranks exactly (llmpi.parallel.partition) under parallel.memory_limit_mb."""
+        job = self.job
+        limits = [v * 2**20 for v in config_mod.memory_limits_mb(job.parallel.memory_limit_mb)]
+        limit = (limits * self.world if len(limits) == 1 else limits) or None
+        prof = profile(self.comm, job.model, micro, S,
+                       lambda params, ops: make_optimizer(job.optim, params, ops), self.xp, slowdown=self.slowdown)
+        return agree(lambda: partition.optimal(prof.costs(), S, self.micro_batches, job.parallel.schedule, limit),
+                     self.comm)
 
     def _replica_ranks(self):
         return [row[0] for row in self.grid.slots]  # stage 0 draws the replica's samples
@@ -83,13 +95,20 @@ class PipelineRun(Run):
         micro = -(-share // self.micro_batches)  # the largest micro-batch
         in_flight = peak_in_flight(j.parallel.schedule, self.stages, self.stage, self.micro_batches)
         first, last = self.blocks
-        return block_activation_bytes(j.model) * (last - first) * micro * j.model.block_size * in_flight
+        per_token = block_activation_bytes(j.model) * (last - first)
+        if self.grid.last:
+            per_token += head_activation_bytes(j.model)
+        return per_token * micro * j.model.block_size * in_flight
 
     def describe(self):
         super().describe()
         counts = [b - a for a, b in self.bounds]
         rprint(f"pipeline: {self.grid.D} replica(s) x {self.stages} stages, blocks per stage {counts}, "
                f"{self.micro_batches} micro-batches, schedule {self.job.parallel.schedule}")
+        if self.plan is not None:
+            rprint(f"plan (auto): ranks per stage {[[row[s] for row in self.plan.slots] for s in range(self.stages)]}, "
+                   f"predicted step {1e3 * self.plan.step_time:.1f} ms, bubble {100 * self.plan.bubble:.0f}%"
+                   + ("" if self.plan.exact else " (heuristic search)"))
 
     def val_loss(self, eval_index):
         """This replica's mean val loss over eval_iters batches, forward through the stages (on the
@@ -125,12 +144,6 @@ class PipelineRun(Run):
         mean = np.array([self.val_loss(eval_index)])
         self.comm.Allreduce(MPI.IN_PLACE, mean)  # only the replicas' last stages contribute
         return float(mean[0]) / self.data_world
-
-
-def _check_micro_batches(m, smallest_share, job):
-    if m > smallest_share:
-        raise UserError(f"parallel.micro_batches = {m} exceeds a replica's share of {smallest_share} samples "
-                        f"(train.batch_size = {job.train.batch_size}); use at most {smallest_share} or a larger batch")
 
 
 def train_pipeline(run):
@@ -230,7 +243,8 @@ class Timeline:
     def add(self, events, phases):
         if self.t_ref:
             for kind, mb, t0, t1 in (*events, *phases):
-                self.rows.append((self.run.rank, self.step, EVENT_KINDS.index(kind), mb, t0 - self.t_ref, t1 - self.t_ref))
+                self.rows.append((self.run.rank, self.step, EVENT_KINDS.index(kind), mb,
+                                  t0 - self.t_ref, t1 - self.t_ref))
             self.t_ref = 0.0
 
     def finish(self, step):

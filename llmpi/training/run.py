@@ -13,7 +13,7 @@ from ..comm import device as comm_device
 from ..comm.world import agree, local_rank, rprint
 from ..data import Sampler, default_data_path, ensure_prepared, get_batch
 from ..errors import UserError
-from ..model.gpt import GPT, block_activation_bytes, parameter_bytes
+from ..model.gpt import GPT, block_activation_bytes, head_activation_bytes, parameter_bytes
 from ..parallel.allocate import Balancer
 from ..parallel.threaded import ThreadedGrad
 from . import checkpoint
@@ -70,7 +70,6 @@ class Run:
         self.is_root = self.rank == 0
         self.data_rank, self.data_world = self.rank, self.world  # this rank's place among the replicas
         self.blocks = None  # the whole model
-        self._layout()
         self.xp = backend.select(job.train.device, local_rank())
         self.run_dir = os.path.join(job.train.out_dir, job.train.run_name)
         self.slowdown = parse_slowdown(job.parallel.slowdown, self.world).get(self.rank, 1.0)
@@ -79,6 +78,7 @@ class Run:
                                       vocab_size=job.model.vocab_size, progress=self.is_root)
         if job.model.vocab_size == 0:
             job.model.vocab_size = self.tokens.vocab_size
+        self._layout()
         self.resume_state = agree(lambda: self._find_resume(args), comm)
         agree(self._check_memory, comm)
         try:
@@ -108,13 +108,15 @@ class Run:
 
     def state_bytes(self):
         """Parameters, gradients and optimizer state of this rank's part (AdamW: m and v; SGD: a buffer)."""
-        return parameter_bytes(self.job.model, *(self.blocks or (0, None))) * (4 if self.job.optim.name == "adamw" else 3)
+        buffers = 4 if self.job.optim.name == "adamw" else 3
+        return parameter_bytes(self.job.model, *(self.blocks or (0, None))) * buffers
 
     def activation_bytes(self):
         """What backward keeps of one forward of this rank's share (or micro-batch)."""
         j = self.job
         micro = j.train.micro_batch or -(-j.train.batch_size // self.world)
-        return block_activation_bytes(j.model) * j.model.n_layer * micro * j.model.block_size
+        per_token = block_activation_bytes(j.model) * j.model.n_layer + head_activation_bytes(j.model)
+        return per_token * micro * j.model.block_size
 
     def _check_memory(self):
         """parallel.memory_limit_mb against llmpi's own accounting of this rank's buffers."""
@@ -302,7 +304,8 @@ class Run:
         for k, v in (extra_per_rank or {}).items():
             per_rank[k] = self.comm.gather(v, root=0)
         if self.data_rank == 0:
-            self._save_stage(checkpoint.stage_path(path, self.stage), with_optimizer="optim" not in (extra_per_rank or {}))
+            self._save_stage(checkpoint.stage_path(path, self.stage),
+                             with_optimizer="optim" not in (extra_per_rank or {}))
         self.comm.Barrier()  # every stage file is in place before the manifest names it
         if self.is_root:
             stages = [checkpoint.stage_path(path, s) for s in range(self.stages)]
