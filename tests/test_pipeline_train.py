@@ -2,6 +2,7 @@
 pipelines and grids against one process (float32: the same samples, only the order of additions
 differs, so within float32 rounding), resume across grids, a killed stage, refusals, the
 timeline, and format-1 checkpoints."""
+import json
 import os
 
 import h5py
@@ -149,3 +150,15 @@ def test_a_model_over_one_ranks_memory_limit_trains_on_two_stages(tmp_path, corp
     assert "eval: step 8" in proc.stdout
     proc = train(tmp_path, corpus, "--set", "parallel.memory_limit_mb=1,2,3", np=2, name="other", check=False)
     assert proc.returncode == 2 and "3 values for 2 ranks" in proc.stderr
+
+
+def test_bench_pipeline_reports_its_figures(tmp_path):
+    proc = run(["-m", "llmpi.bench", "pipeline", "--steps", "8", "--batch", "16", "--micro-batches", "4", "--json"],
+               cwd=str(tmp_path), check=True, timeout=600)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("bubble_measured", "bubble_theory", "activation_mb_1f1b", "activation_mb_gpipe", "plan_cut",
+                "plan_error", "pipeline_vs_dp"):
+        assert np.isfinite(result[key]), key
+    assert result["bubble_theory"] == pytest.approx(1 / 5)
+    # stage 0 keeps 2 micro-batches under 1F1B, all 8 under GPipe (m = 8 for the memory figure)
+    assert result["activation_mb_gpipe"] == pytest.approx(4 * result["activation_mb_1f1b"])

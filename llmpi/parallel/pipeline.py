@@ -158,14 +158,20 @@ class StageStep:
             busy *= self.slowdown
         self.compute += busy
         if self.measure_memory and what == "F":
-            self.peak_activation_bytes = max(self.peak_activation_bytes, _bytes_held(self._caches))
+            held = _bytes_held(self._caches, exclude=self._weights.values())  # the weights are no activations
+            self.peak_activation_bytes = max(self.peak_activation_bytes, held)
         if self.record:
             self.events.append((what, i, start, self.clock()))
 
 
-def _bytes_held(caches):
-    """Bytes of the distinct arrays (views counted through their base) the caches reference."""
-    seen, total, stack = set(), 0, [caches]
+def _base(a):
+    return a if a.base is None else a.base
+
+
+def _bytes_held(caches, exclude=()):
+    """Bytes of the distinct arrays (views counted through their base) the caches reference, but
+    those whose base is one of `exclude`'s (the parameter buffers the caches point into)."""
+    seen, total, stack = {id(_base(a)) for a in exclude}, 0, [caches]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
@@ -173,7 +179,7 @@ def _bytes_held(caches):
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
         elif hasattr(item, "nbytes") and hasattr(item, "base"):
-            base = item if item.base is None else item.base
+            base = _base(item)
             if id(base) not in seen:
                 seen.add(id(base))
                 total += base.nbytes

@@ -101,6 +101,8 @@ class PipelineRun(Run):
         return per_token * micro * j.model.block_size * in_flight
 
     def describe(self):
+        if self.plan is not None:  # the prediction beside the measured step times of metrics.h5
+            self.metrics.attrs.update(plan_step_s=self.plan.step_time, plan_bubble=self.plan.bubble)
         super().describe()
         counts = [b - a for a, b in self.bounds]
         rprint(f"pipeline: {self.grid.D} replica(s) x {self.stages} stages, blocks per stage {counts}, "
