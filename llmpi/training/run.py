@@ -2,6 +2,7 @@
 batch allocation and metrics; resume from a checkpoint; signals; injected faults; evaluation
 and checkpointing. The loops (llmpi.training.sync, llmpi.training.async_rma) drive it.
 """
+import atexit
 import os
 import signal
 
@@ -17,6 +18,7 @@ from ..model.gpt import GPT, block_activation_bytes, head_activation_bytes, para
 from ..parallel.allocate import Balancer
 from ..parallel.threaded import ThreadedGrad
 from . import checkpoint
+from .lock import RunLock
 from .metrics import MetricsLog
 from .optim import make_optimizer
 
@@ -72,6 +74,8 @@ class Run:
         self.blocks = None  # the whole model
         self.xp = backend.select(job.train.device, local_rank())
         self.run_dir = os.path.join(job.train.out_dir, job.train.run_name)
+        self.lock = RunLock(self.run_dir)
+        agree(lambda: self._take_lock() if self.is_root else None, comm)
         self.slowdown = parse_slowdown(job.parallel.slowdown, self.world).get(self.rank, 1.0)
         self.data_path = job.data.path or default_data_path()
         self.tokens = ensure_prepared(self.data_path, comm, block_size=job.model.block_size,
@@ -133,6 +137,19 @@ class Run:
                             f"params+grads+optimizer + {self.activation_bytes() / 2**20:.1f} activations) but "
                             f"parallel.memory_limit_mb gives it {limit:g}; use more pipeline stages "
                             "(parallel.pipeline), fewer micro-batch samples or a smaller model")
+
+    def _take_lock(self):
+        """Rank 0: hold the run directory's lock for the run's life (llmpi.training.lock); released at
+        any exit that runs Python's exit handlers, found stale after a kill."""
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            self.lock.acquire()
+        except OSError as err:
+            raise UserError(f"cannot write the run directory {self.run_dir} ({err.strerror}); "
+                            "set train.out_dir to a writable directory") from None
+        atexit.register(self.lock.release)
+        if self.lock.note:
+            rprint(f"lock: {self.lock.note}")
 
     def _write_run_dir(self):
         """Rank 0: the run directory with the resolved config.toml; on a fresh start (or
