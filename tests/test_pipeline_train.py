@@ -137,8 +137,15 @@ def test_a_format_1_checkpoint_still_resumes(tmp_path, corpus):
     assert log(tmp_path, "old")["steps"]["step"].tolist() == [1, 2, 3, 4, 5, 6]
     with h5py.File(os.path.join(run_dir, "ckpt_0000006.h5"), "r+") as f:
         f.attrs["format_version"] = 7
-    proc = train(tmp_path, corpus, "--set", "train.max_iters=8", "--resume", name="old", check=False)
-    assert proc.returncode == 2 and "format version 7" in proc.stderr
+    proc = train(tmp_path, corpus, "--set", "train.max_iters=8", "--resume", name="old")
+    assert "skipped ckpt_0000006.h5" in proc.stdout and "format version 7" in proc.stdout
+    assert "resumed from runs/old/ckpt_0000004.h5" in proc.stdout  # the format-1 one, still there
+    for name in os.listdir(run_dir):
+        if name.startswith("ckpt_"):
+            with h5py.File(os.path.join(run_dir, name), "r+") as f:
+                f.attrs["format_version"] = 7
+    proc = train(tmp_path, corpus, "--set", "train.max_iters=10", "--resume", name="old", check=False)
+    assert proc.returncode == 2 and "format version 7" in proc.stderr and "no checkpoint" in proc.stderr
 
 
 def test_a_model_over_one_ranks_memory_limit_trains_on_two_stages(tmp_path, corpus):

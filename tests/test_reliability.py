@@ -62,3 +62,58 @@ def test_a_stale_lock_of_a_killed_job_is_removed(tmp_path, corpus):
     lock.write_text(json.dumps({"host": "another-node", "pid": 1, "job": "42", "since": "then"}))
     proc = run(train_args(corpus, "stale", "--overwrite"), cwd=str(tmp_path), check=False)
     assert proc.returncode == 2 and "in use by pid 1 on another-node, Slurm job 42" in proc.stderr
+
+
+def _stage_file(run_dir, step, stage=0):
+    return os.path.join(run_dir, f"stage{stage}_{step:07d}.h5")
+
+
+def test_a_bit_flipped_checkpoint_is_skipped_on_resume_and_never_pruned_over(tmp_path, corpus):
+    """4 KiB of one checkpoint's parameters flipped: --resume names it, takes the newest one that
+    verifies, and training on does not prune that good one before a newer one verifies."""
+    every2 = ["--set", "train.ckpt_interval=2", "--set", "schedule.decay_iters=10"]
+    run(train_args(corpus, "whole", *every2, "--set", "train.max_iters=10"), cwd=str(tmp_path), check=True)
+    run(train_args(corpus, "flip", *every2), cwd=str(tmp_path), check=True)
+    run_dir = os.path.join(str(tmp_path), "runs", "flip")
+    with h5py.File(_stage_file(run_dir, 6), "r+") as f:  # the newest checkpoint (steps 4 and 6 are kept)
+        wte = f["params/wte"]
+        flat = wte[()].reshape(-1)
+        flat[:1024] = (flat[:1024].view(np.uint32) ^ np.uint32(0x00400000)).view(np.float32)
+        wte[...] = flat.reshape(wte.shape)
+    proc = run(train_args(corpus, "flip", *every2, "--set", "train.max_iters=10", "--resume"), np=2,
+               cwd=str(tmp_path), check=True)
+    assert "resume: skipped ckpt_0000006.h5" in proc.stdout and "checksum mismatch in /params/wte" in proc.stdout
+    assert "resumed from runs/flip/ckpt_0000004.h5 at step 4" in proc.stdout
+    from llmpi.training import metrics
+    whole = metrics.read(os.path.join(str(tmp_path), "runs", "whole", "metrics.h5"))["steps"]
+    flip = metrics.read(os.path.join(run_dir, "metrics.h5"))["steps"]
+    np.testing.assert_array_equal(flip["step"], whole["step"])
+    np.testing.assert_allclose(flip["loss"], whole["loss"], rtol=2e-5)  # as if the damage never happened
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_"))
+    assert names == ["ckpt_0000008.h5", "ckpt_0000010.h5"]  # the damaged 6 was rewritten, then pruned
+
+
+def test_a_checkpoint_locked_by_hdf5_is_not_called_corrupt(tmp_path, corpus):
+    run(train_args(corpus, "locked"), cwd=str(tmp_path), check=True)
+    path = os.path.join(str(tmp_path), "runs", "locked", "ckpt_0000006.h5")
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({path!r}, 'r+'); "
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              env=clean_env())
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        proc = run(train_args(corpus, "locked", "--set", "train.max_iters=8", "--resume"), cwd=str(tmp_path),
+                   check=False)
+    finally:
+        holder.kill()
+    assert proc.returncode == 2 and "is locked by another process" in proc.stderr
+    assert "HDF5_USE_FILE_LOCKING=FALSE" in proc.stderr and "corrupt" not in proc.stderr
+
+
+def test_prune_keeps_the_newest_verified_checkpoint_whatever_its_age(tmp_path):
+    from llmpi.training import checkpoint
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"ckpt_{step:07d}.h5").write_bytes(b"")
+        (tmp_path / f"stage0_{step:07d}.h5").write_bytes(b"")
+    checkpoint.prune(str(tmp_path), keep=2, protect=str(tmp_path / "ckpt_0000002.h5"))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000002.h5", "ckpt_0000006.h5", "ckpt_0000008.h5",
+                                            "stage0_0000002.h5", "stage0_0000006.h5", "stage0_0000008.h5"]

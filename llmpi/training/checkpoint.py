@@ -14,6 +14,8 @@ that `ckpt_*.h5` finds the manifests only):
                          copy of wte is not written twice: the first stage has wte)
   /optim/KEY/NAME        sync mode: its optimizer state by name (AdamW m, v; SGD's buffer);
                          attr optim_step
+Every dataset carries the sha256 of its bytes; reading checks it, and `verify` reads everything, so
+a damaged checkpoint is found before training resumes from it (format 1 had no checksums).
 Why files joined by a manifest, not one file or an HDF5 virtual dataset: each stage writes only
 what it holds (no rank ever gathers the whole model, and h5py from PyPI has no parallel HDF5),
 and a reader of any layout opens only the files that hold its names. Every file is written to a
@@ -22,6 +24,7 @@ all of its parts do. Format 1 checkpoints (one flat /params buffer) are read too
 buffers cut into names by the model config they carry.
 """
 import glob
+import hashlib
 import os
 import re
 
@@ -47,10 +50,16 @@ def stage_path(path: str, stage: int) -> str:
     return os.path.join(folder, f"stage{stage}_{NAME_RE.search(name).group(1)}.h5")
 
 
+def _digest(array):
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
 def _write_group(f, name, d):
+    """One dataset per entry, each with the sha256 of its bytes (checked whenever it is read)."""
     g = f.create_group(name)
     for k, v in d.items():
-        g.create_dataset(k, data=np.asarray(v))
+        ds = g.create_dataset(k, data=np.asarray(v))
+        ds.attrs["sha256"] = _digest(ds[()])
 
 
 def _durable_replace(tmp, path):
@@ -108,11 +117,13 @@ def save_manifest(path, step, job, stages, per_rank=None, balancer=None, attrs=N
     return _atomic_h5(path, fill)
 
 
-def prune(run_dir: str, keep: int = 2):
-    """Keep only the newest `keep` checkpoints so long runs do not fill the disk (the manifest
-    goes first, so a half-pruned checkpoint is never taken for a whole one)."""
+def prune(run_dir: str, keep: int = 2, protect=None):
+    """Keep only the newest `keep` checkpoints so long runs do not fill the disk, and `protect`
+    (the newest one known to verify) whatever its age; the manifest goes first, so a half-pruned
+    checkpoint is never taken for a whole one."""
     for old in list_checkpoints(run_dir)[:-keep]:
-        remove(old)
+        if protect is None or os.path.abspath(old) != os.path.abspath(protect):
+            remove(old)
 
 
 def remove(path):
@@ -174,9 +185,31 @@ class Checkpoint:
                 file, dataset, span = table[name]
                 with h5py.File(file, "r") as f:  # a format-1 span is (lo, hi, shape)
                     out[name] = f[dataset][()] if span is None else f[dataset][span[0]:span[1]].reshape(span[2])
+                    _check_digest(f[dataset], out[name], self.path)
         except (OSError, KeyError) as err:
             raise _damaged(self.path, err) from None
         return out
+
+
+def _check_digest(dataset, value, path):
+    expected = dataset.attrs.get("sha256")
+    if expected is not None and _digest(value) != expected:
+        raise UserError(f"checkpoint {path} is damaged (checksum mismatch in {dataset.name})")
+
+
+def verify(path):
+    """Read every dataset of the checkpoint (manifest and stage files) and check its checksum;
+    a UserError names the first problem."""
+    ck = load(path)
+    files = {path} | {src[0] for table in ck._sources.values() for src in table.values()}
+    for file in sorted(files):
+        try:
+            with h5py.File(file, "r") as f:
+                f.visititems(lambda name, obj: _check_digest(obj, obj[()], path)
+                             if isinstance(obj, h5py.Dataset) else None)
+        except OSError as err:
+            raise _damaged(path, err) from None
+    return ck
 
 
 def load(path: str) -> Checkpoint:
@@ -185,7 +218,10 @@ def load(path: str) -> Checkpoint:
         raise UserError(f"checkpoint {path} does not exist; check the run name or drop --resume")
     try:
         f = h5py.File(path, "r")
-    except OSError:
+    except OSError as err:
+        if "unable to lock file" in str(err).lower():  # HDF5's own locking: a writer still has it open
+            raise UserError(f"checkpoint {path} is locked by another process ({err}); if no job uses it, "
+                            "on file systems without flock set HDF5_USE_FILE_LOCKING=FALSE") from None
         raise UserError(f"checkpoint {path} is not a readable HDF5 file (corrupt or truncated); "
                         "delete it to resume from an older one") from None
     with f:

@@ -75,6 +75,7 @@ class Run:
         self.xp = backend.select(job.train.device, local_rank())
         self.run_dir = os.path.join(job.train.out_dir, job.train.run_name)
         self.lock = RunLock(self.run_dir)
+        self.verified = None  # the newest checkpoint known to read back whole (never pruned)
         agree(lambda: self._take_lock() if self.is_root else None, comm)
         self.slowdown = parse_slowdown(job.parallel.slowdown, self.world).get(self.rank, 1.0)
         self.data_path = job.data.path or default_data_path()
@@ -176,6 +177,13 @@ class Run:
             return None
         if path is None:
             raise UserError(f"--resume: no checkpoint in {self.run_dir}; check --run-name or drop --resume")
+        # rank 0 reads every candidate through, newest first; all ranks take its choice
+        path, skipped, error = self.comm.bcast(self._newest_verified() if self.is_root else None, root=0)
+        for note in skipped:
+            rprint(f"resume: skipped {note}")
+        if error:
+            raise UserError(error)
+        self.verified = path
         state = checkpoint.load(path)
         checkpoint.check_model_matches(state.config, self.job, path)
         # sync keeps one optimizer state and counts steps, async one per rank and counts pushes
@@ -191,6 +199,18 @@ class Run:
             raise UserError(f"run {self.run_dir} is already at step {state.step} (train.max_iters = "
                             f"{self.job.train.max_iters}); raise train.max_iters to train further")
         return state
+
+    def _newest_verified(self):
+        """(path, [why each newer one was skipped], None), or (None, notes, the error line)."""
+        skipped = []
+        for path in reversed(checkpoint.list_checkpoints(self.run_dir)):
+            try:
+                checkpoint.verify(path)
+                return path, skipped, None
+            except UserError as err:
+                skipped.append(f"{os.path.basename(path)}: {err}")
+        return None, skipped, (f"--resume: no checkpoint in {self.run_dir} verifies ({'; '.join(skipped)}); "
+                               "start afresh with --overwrite")
 
     def _restore(self, ck):
         """This rank's parameters and optimizer state by name, from a checkpoint of any layout
@@ -330,7 +350,12 @@ class Run:
                                      balancer=self.balancer.state_dict(),
                                      attrs={"world_size": self.world, "mode": self.job.parallel.mode,
                                             "pipeline": self.stages, "data_world": self.data_world, **(attrs or {})})
-            checkpoint.prune(self.run_dir)
+            try:  # read back: only a checkpoint that verifies may let older ones go
+                checkpoint.verify(path)
+                self.verified = path
+            except UserError as err:
+                rprint(f"warning: the new checkpoint does not verify ({err}); keeping the older ones")
+            checkpoint.prune(self.run_dir, protect=self.verified)
             self.metrics.flush()
             rprint(f"checkpoint: {path}")
 
