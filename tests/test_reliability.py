@@ -117,3 +117,23 @@ def test_prune_keeps_the_newest_verified_checkpoint_whatever_its_age(tmp_path):
     checkpoint.prune(str(tmp_path), keep=2, protect=str(tmp_path / "ckpt_0000002.h5"))
     assert sorted(os.listdir(tmp_path)) == ["ckpt_0000002.h5", "ckpt_0000006.h5", "ckpt_0000008.h5",
                                             "stage0_0000002.h5", "stage0_0000006.h5", "stage0_0000008.h5"]
+
+
+def test_temporaries_of_killed_writers_are_removed_at_start(tmp_path, corpus):
+    run(train_args(corpus, "tmp"), cwd=str(tmp_path), check=True)
+    run_dir = tmp_path / "runs" / "tmp"
+    for name in ("ckpt_0000006.h5.tmp.12345", "stage1_0000006.h5.tmp.999", "metrics.h5.tmp.4242", "timeline.h5.tmp"):
+        (run_dir / name).write_bytes(b"x" * 1000)
+    proc = run(train_args(corpus, "tmp", "--set", "train.max_iters=8", "--resume"), cwd=str(tmp_path), check=True)
+    assert proc.stdout.count("left by a writer that was killed") == 4
+    assert not [n for n in os.listdir(run_dir) if ".tmp" in n]
+
+
+def test_a_loss_that_turns_nan_stops_the_run_with_one_line(tmp_path, corpus):
+    """optim.lr = 1e6 blows the weights up within a few steps: the run stops at the first
+    non-finite loss, before that update, and says which step."""
+    proc = run(train_args(corpus, "nan", "--set", "optim.lr=1e6", "--set", "schedule.min_lr=0",
+                          "--set", "schedule.warmup_iters=0", "--set", "optim.grad_clip=0",
+                          "--set", "train.max_iters=40"), np=2, cwd=str(tmp_path), check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "the loss became nan at step" in lines[0], proc.stderr

@@ -182,6 +182,7 @@ def train_pipeline(run):
         comm.Allgather(row, table)
         comm_s = time.perf_counter() - t_pipe
         loss = table[:, 0].sum() / B
+        run.check_finite(loss, step + 1)
         if job.optim.grad_clip > 0:
             norm = math.sqrt(table[grid.slots[grid.replica], 1].sum())  # every replica's stages hold the same gradient
             model.ops.clip_grad_norm(model.params.grad, job.optim.grad_clip, norm=norm)

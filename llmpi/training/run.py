@@ -4,6 +4,7 @@ and checkpointing. The loops (llmpi.training.sync, llmpi.training.async_rma) dri
 """
 import atexit
 import os
+import re
 import signal
 
 import numpy as np
@@ -73,6 +74,8 @@ class Run:
         self.data_rank, self.data_world = self.rank, self.world  # this rank's place among the replicas
         self.blocks = None  # the whole model
         self.xp = backend.select(job.train.device, local_rank())
+        # a diverging run ends at check_finite with one line, not with NumPy's overflow warnings per rank
+        np.seterr(over="ignore", invalid="ignore", divide="ignore")
         self.run_dir = os.path.join(job.train.out_dir, job.train.run_name)
         self.lock = RunLock(self.run_dir)
         self.verified = None  # the newest checkpoint known to read back whole (never pruned)
@@ -151,6 +154,7 @@ class Run:
         atexit.register(self.lock.release)
         if self.lock.note:
             rprint(f"lock: {self.lock.note}")
+        self.clean_stale_temporaries()
 
     def _write_run_dir(self):
         """Rank 0: the run directory with the resolved config.toml; on a fresh start (or
@@ -293,6 +297,24 @@ class Run:
                                                j.parallel.cuda_aware_mpi)
         if buffers and self.world > 1:
             rprint(f"gpu buffers: {buffers}")
+
+    def check_finite(self, loss, step):
+        """Stop the run (every rank alike: the loss came through the step's collective) before a
+        NaN or inf loss reaches the weights; the checkpoints written so far stay."""
+        if not np.isfinite(loss):
+            kept = checkpoint.latest(self.run_dir)
+            raise UserError(f"the loss became {loss} at step {step}; training stopped before the update"
+                            + (f", {kept} is the last checkpoint" if kept else "")
+                            + "; lower optim.lr, raise schedule.warmup_iters or check the data")
+
+    def clean_stale_temporaries(self):
+        """Rank 0, holding the lock: remove the temporary files (NAME.tmp[.PID]) that checkpoint, log
+        and timeline writers of earlier jobs left when they were killed mid-write; no writer of this
+        run directory is alive now (the lock), on any host, and nothing else would delete them."""
+        for name in os.listdir(self.run_dir):
+            if re.search(r"\.tmp(\.\d+)?$", name):
+                os.remove(os.path.join(self.run_dir, name))
+                rprint(f"removed {os.path.join(self.run_dir, name)}, left by a writer that was killed")
 
     def end_step(self, step, wall, samples, progress_line, stopping):
         """After optimizer step `step` (1-based): the progress line (`progress_line()`, which

@@ -70,6 +70,7 @@ def train_sync(run):
         comm.Allgather(row, table)
         comm_s = reducer.comm_seconds - comm_before + time.perf_counter() - t_c
         loss = table[:, 0].sum() / B
+        run.check_finite(loss, step + 1)
         if job.optim.grad_clip > 0:
             model.ops.clip_grad_norm(model.params.grad, job.optim.grad_clip)
         run.optimizer.step(lr)
