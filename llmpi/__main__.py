@@ -37,4 +37,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, prog="llmpi") or 0)
+    sys.exit(run_main(main, prog="llmpi", check_launcher=False) or 0)

@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 
-from .comm.world import rank
+from .comm.world import launcher_mismatch, rank
 from .errors import EXIT_USER_ERROR, UserError
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -105,10 +105,14 @@ def user_error_exit(err: UserError, prog: str = "llmpi"):
     sys.exit(EXIT_USER_ERROR)
 
 
-def run_main(main, argv=None, prog="llmpi"):
-    """Run an entry point with the job-wide error policy described above."""
+def run_main(main, argv=None, prog="llmpi", check_launcher=True):
+    """Run an entry point with the job-wide error policy described above; first, unless told not
+    to (`python -m llmpi info` reports it instead), refuse a launcher of another MPI."""
     sys.excepthook = abort_on_exception
     try:
+        mismatch = check_launcher and launcher_mismatch()
+        if mismatch:
+            raise UserError(mismatch)
         return main(argv)
     except UserError as err:
         user_error_exit(err, prog)

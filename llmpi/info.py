@@ -19,7 +19,7 @@ import llmpi
 from . import backend
 from .cli import THREAD_VARS, ArgumentParser
 from .comm.device import mpi_cuda_support
-from .comm.world import rprint
+from .comm.world import launcher_mismatch, rprint
 from .errors import UserError
 from .gpu.loader import kernel_dir as find_kernel_dir
 CUPY_DISTS = ("cupy", "cupy-cuda12x", "cupy-cuda11x", "cupy-cuda13x", "cupy-rocm-5-0")
@@ -102,6 +102,7 @@ def collect(comm=None) -> dict:
         "mpi standard": "{}.{}".format(*MPI.Get_version()),
         "world size": f"{comm.Get_size()} rank(s) on {node_count(comm)} node(s)",
         "cuda-aware mpi": cuda_aware_mpi(),
+        "launcher": launcher_mismatch() or "matches mpi4py's MPI",
     }
     info.update(cupy_info())
     info["kernels"] = kernel_dir()

@@ -137,3 +137,14 @@ def test_a_loss_that_turns_nan_stops_the_run_with_one_line(tmp_path, corpus):
                           "--set", "train.max_iters=40"), np=2, cwd=str(tmp_path), check=False)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "the loss became nan at step" in lines[0], proc.stderr
+
+
+def test_a_launcher_of_another_mpi_is_refused_and_reported(tmp_path, corpus):
+    """Open MPI's mpiexec starting an MPICH-built mpi4py: N singletons that would each train the
+    run as rank 0 of 1. The launcher's environment says N, MPI says 1: one line, exit 2."""
+    env = clean_env(OMPI_COMM_WORLD_SIZE=4)
+    proc = run(train_args(corpus, "mismatch"), cwd=str(tmp_path), env=env, check=False)
+    assert proc.returncode == 2 and "the launcher started 4 processes (OMPI_COMM_WORLD_SIZE=4" in proc.stderr
+    assert not (tmp_path / "runs" / "mismatch").exists()
+    info = run(["-m", "llmpi", "info", "--json"], cwd=str(tmp_path), env=env, check=True)
+    assert "the launcher started 4 processes" in json.loads(info.stdout.strip().splitlines()[-1])["launcher"]

@@ -61,3 +61,26 @@ def agree(check, comm=None):
         if m is not None:
             raise UserError(m)
     return value
+
+
+# What a launcher tells the processes it starts about their number, by launcher family.
+LAUNCHER_SIZE_VARS = (("OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun/mpiexec"), ("PMI_SIZE", "an MPICH/Hydra or PMI launcher"),
+                      ("PMIX_SIZE", "a PMIx launcher (Open MPI 5, Slurm)"), ("SLURM_STEP_NUM_TASKS", "srun"))
+
+
+def launcher_mismatch():
+    """None, or the line saying that the launcher started N processes while mpi4py's MPI sees a
+    world of one: a launcher of another MPI than the one mpi4py was built with starts N singletons,
+    each of which would train the same run as rank 0 of 1."""
+    MPI = _mpi()
+    if MPI.COMM_WORLD.Get_size() != 1:
+        return None
+    import os
+    for var, who in LAUNCHER_SIZE_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 1:
+            library = " ".join(MPI.Get_library_version().replace("\x00", "").split()[:3])
+            return (f"the launcher started {value} processes ({var}={value}: {who}) but mpi4py's MPI ({library}) "
+                    "sees a world of 1: launch with the mpiexec of the MPI mpi4py was built with, or rebuild "
+                    "mpi4py against this launcher's MPI (pip install --no-binary=mpi4py mpi4py)")
+    return None
