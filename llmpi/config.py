@@ -80,7 +80,7 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    mode: str = "sync"         # sync: all-reduce every step; async: one-sided RMA windows
+    mode: str = "sync"         # sync: all-reduce each step; async: one-sided RMA windows; local: average every H steps
     allreduce: str = "mpi"     # the gradient all-reduce (llmpi.comm.allreduce)
     bucket_mb: float = 0.0     # all-reduce in buckets of this many MiB; 0 = one call on the flat buffer
     overlap: bool = False      # start bucket reductions during backward (non-blocking)
@@ -89,7 +89,12 @@ class ParallelConfig:
     balance_interval: int = 20 # dynamic: re-allocate every K steps
     server: str = "sharded"    # async: windows sharded over all ranks, or a rank0 parameter server
     max_staleness: int = -1    # async: re-pull when the pull is more than s versions old; -1 = unbounded
-    async_lr: str = "auto"     # async push: per_sample lr/P, sqrt lr/sqrt(P), full lr; auto: sqrt (adamw), per_sample (sgd)
+    async_lr: str = "auto"     # async push: per_sample lr/P, sqrt lr/sqrt(P), full lr; auto: sqrt adamw, per_sample sgd
+    async_rule: str = "plain"  # async: staleness divides a push by 1 + its staleness; dc: delay-compensated gradient
+    dc_lambda: float = async_rma.DC_LAMBDA  # async_rule dc: lambda in g + lambda * g * g * (w_now - w_pulled)
+    local_steps: int = 8       # local: optimizer steps H between two averages of the replicas
+    outer_lr: float = 1.0      # local: outer step on the averaged delta (1 with outer_momentum 0: plain averaging)
+    outer_momentum: float = 0.0  # local: the outer step's Nesterov momentum (DiLoCo: outer_lr 0.7, momentum 0.9)
     slowdown: str = ""         # straggler simulation "RANK=FACTOR[,RANK=FACTOR]"
     pipeline: int = 1          # pipeline stages S: the ranks form world/S data replicas x S stages
     micro_batches: int = 0     # pipeline: micro-batches per replica's share; 0 = min(4 x stages, the share)
@@ -120,6 +125,7 @@ CHOICES = {
     "parallel.balance": allocate.MODES,
     "parallel.server": rma.SERVERS,
     "parallel.async_lr": async_rma.PUSH_RULES,
+    "parallel.async_rule": async_rma.ASYNC_RULES,
     "parallel.schedule": pipeline.SCHEDULES,
 }
 
@@ -225,7 +231,8 @@ def validate(job: Job):
                 "model.n_embd": m.n_embd, "train.batch_size": t.batch_size, "train.max_iters": t.max_iters,
                 "train.log_interval": t.log_interval, "train.eval_iters": t.eval_iters,
                 "parallel.balance_interval": job.parallel.balance_interval, "train.threads": t.threads,
-                "parallel.pipeline": job.parallel.pipeline}
+                "parallel.pipeline": job.parallel.pipeline, "parallel.local_steps": job.parallel.local_steps,
+                "parallel.outer_lr": job.parallel.outer_lr}
     for k, v in positive.items():
         if v <= 0:
             raise UserError(f"{k} must be positive (got {v})")
@@ -234,12 +241,14 @@ def validate(job: Job):
               "schedule.warmup_iters": job.schedule.warmup_iters, "schedule.decay_iters": job.schedule.decay_iters,
               "optim.lr": job.optim.lr, "optim.weight_decay": job.optim.weight_decay,
               "optim.grad_clip": job.optim.grad_clip, "parallel.bucket_mb": job.parallel.bucket_mb,
-              "train.seed": t.seed, "parallel.micro_batches": job.parallel.micro_batches}
+              "train.seed": t.seed, "parallel.micro_batches": job.parallel.micro_batches,
+              "parallel.dc_lambda": job.parallel.dc_lambda}
     for k, v in nonneg.items():
         if v < 0:
             raise UserError(f"{k} must be >= 0 (got {v})")
     o = job.optim
-    for k, v in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2), ("optim.momentum", o.momentum)):
+    for k, v in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2), ("optim.momentum", o.momentum),
+                 ("parallel.outer_momentum", job.parallel.outer_momentum)):
         if not 0 <= v < 1:
             raise UserError(f"{k} must be in [0, 1) (got {v})")
     if o.eps <= 0:
@@ -250,6 +259,9 @@ def validate(job: Job):
     if job.parallel.mode == "async" and job.parallel.balance != "none":
         raise UserError("parallel.balance applies to sync mode (async ranks already push at their own "
                         "pace); set parallel.balance = 'none' with parallel.mode = 'async'")
+    if job.parallel.mode == "local" and job.parallel.balance != "none":
+        raise UserError("parallel.balance applies to sync mode (local-SGD shares stay fixed for the "
+                        "average's weights); set parallel.balance = 'none' with parallel.mode = 'local'")
     if job.parallel.max_staleness < -1:
         raise UserError(f"parallel.max_staleness must be -1 (unbounded) or >= 0 (got {job.parallel.max_staleness})")
     if t.threads > 1 and (job.parallel.overlap or t.device != "cpu"):

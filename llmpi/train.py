@@ -24,7 +24,8 @@ def parse_args(argv):
     p = ArgumentParser(
         prog="python -m llmpi.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a GPT data-parallel under MPI (sync all-reduce or async RMA).",
+        description="Train a GPT under MPI: data parallel (sync all-reduce, async RMA or local SGD), "
+                    "pipeline stages on a data x pipeline grid.",
         epilog="job keys (set in the job file or with --set section.key=value), with their built-in "
                "defaults, which the job file overrides:\n"
                + config_mod.describe())

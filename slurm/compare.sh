@@ -1,11 +1,23 @@
 #!/bin/bash
-# Train the sync and the async job of a comparison pair on the same allocation, one after the
-# other, then compare them:  sbatch slurm/compare.sh [section.key=value ...]   (or: bash slurm/compare.sh)
-# The overrides apply to both runs. Runs: runs/<job name>-sync-<id>, runs/<job name>-async-<id>;
-# plot: runs/compare-<id>.png. Without Slurm it uses mpiexec -n ${NP:-4} and a time-stamped id.
+# Train comparison runs on the same allocation, one after the other, then compare them:
+#   sbatch slurm/compare.sh [section.key=value ...]   (or: bash slurm/compare.sh)
+# The overrides apply to every run. By default the pair sync + async: runs/<job name>-sync-<id>,
+# runs/<job name>-async-<id>; plot: runs/compare-<id>.png (matplotlib, a dependency of llmpi).
+# Without Slurm it uses mpiexec -n ${NP:-4} and a time-stamped id.
+#
+# The study (every method on the same sample budget, across worker counts, with a straggler):
+#   LLMPI_METHODS="sync async async-staleness async-dc local" LLMPI_RANKS="2 4 8 16" \
+#   LLMPI_SLOWED="no yes" bash slurm/compare.sh train.max_iters=400 ...
+# runs every method at every rank count, without and with rank 1 slowed 2x (runs named
+# <job name>-<method>-p<ranks>[-slow]-<id>). On a cluster make it one array, a task per
+# (ranks, slowed) pair: sbatch --ntasks=16 --array=0-7 slurm/compare.sh (each task compares all
+# the runs of the array present when it ends, so the last one to finish draws every point).
 #
 # Environment: LLMPI_VENV, LLMPI_LAUNCHER=srun|mpirun, LLMPI_SRUN_MPI (default pmi2),
-# LLMPI_OUT_DIR (default runs), LLMPI_SYNC_JOB / LLMPI_ASYNC_JOB (default jobs/compare_{sync,async}.toml).
+# LLMPI_OUT_DIR (default runs), LLMPI_SYNC_JOB / LLMPI_ASYNC_JOB / LLMPI_LOCAL_JOB (default
+# jobs/compare_{sync,async,local}.toml), LLMPI_METHODS (sync async async-staleness async-dc local;
+# default "sync async"), LLMPI_RANKS (default: one size, the allocation's or NP), LLMPI_SLOWED
+# (no, yes or "no yes"; default no), LLMPI_TARGET_LOSS (default: the highest final val loss).
 #
 #SBATCH --job-name=llmpi-compare
 #SBATCH --nodes=1
@@ -31,18 +43,27 @@ threads="${SLURM_CPUS_PER_TASK:-1}"
 export OMP_NUM_THREADS="${threads}" OPENBLAS_NUM_THREADS="${threads}" MKL_NUM_THREADS="${threads}"
 
 out_dir="${LLMPI_OUT_DIR:-runs}"
+methods=(${LLMPI_METHODS:-sync async})
+ranks=(${LLMPI_RANKS:-})
+slowed=(${LLMPI_SLOWED:-no})
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-    id="${SLURM_JOB_ID}"
-    if [[ "${LLMPI_LAUNCHER:-srun}" == mpirun ]]; then
-        launcher=(mpirun -np "${SLURM_NTASKS}")
-    else
-        launcher=(srun --mpi="${LLMPI_SRUN_MPI:-pmi2}")
-    fi
+    id="${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}"
 else
     id="local-$(date +%Y%m%d-%H%M%S)"
-    launcher=(mpiexec -n "${NP:-4}")
 fi
 name="${SLURM_JOB_NAME:-llmpi-compare}"
+
+launch() {  # launch NP|"" CMD...: NP ranks, or the allocation's (NP, default 4, without Slurm)
+    local n="$1"
+    shift
+    if [[ -n "${SLURM_JOB_ID:-}" && "${LLMPI_LAUNCHER:-srun}" == mpirun ]]; then
+        mpirun -np "${n:-${SLURM_NTASKS}}" "$@"
+    elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        srun --mpi="${LLMPI_SRUN_MPI:-pmi2}" ${n:+-n "${n}"} "$@"
+    else
+        mpiexec -n "${n:-${NP:-4}}" "$@"
+    fi
+}
 
 common=(--set "train.out_dir=${out_dir}")
 for a in "$@"; do
@@ -52,16 +73,61 @@ if [[ -n "${SLURM_GPUS_PER_TASK:-}" || -n "${SLURM_GPUS:-}" ]]; then
     common+=(--device gpu)
 fi
 
-train() {  # train JOB RUN_NAME: resumes when a requeued job already checkpointed this run
-    local flags=(--run-name "$2")
-    if compgen -G "${out_dir}/$2/ckpt_*.h5" > /dev/null; then
-        flags+=(--resume)
-    fi
-    "${launcher[@]}" python -m llmpi.train "$1" "${flags[@]}" "${common[@]}"
+job_of() {  # job_of METHOD: the job file and overrides of a method
+    case "$1" in
+        sync) echo "${LLMPI_SYNC_JOB:-jobs/compare_sync.toml}" ;;
+        async) echo "${LLMPI_ASYNC_JOB:-jobs/compare_async.toml}" ;;
+        async-staleness | async-dc) echo "${LLMPI_ASYNC_JOB:-jobs/compare_async.toml} --set parallel.async_rule=${1#async-}" ;;
+        local) echo "${LLMPI_LOCAL_JOB:-jobs/compare_local.toml}" ;;
+        *) echo "compare.sh: unknown method '$1' in LLMPI_METHODS (sync async async-staleness async-dc local)" >&2
+           exit 2 ;;
+    esac
 }
 
-sync_run="${name}-sync-${id}"
-async_run="${name}-async-${id}"
-train "${LLMPI_SYNC_JOB:-jobs/compare_sync.toml}" "${sync_run}"
-train "${LLMPI_ASYNC_JOB:-jobs/compare_async.toml}" "${async_run}"
-python -m llmpi.compare "${out_dir}/${sync_run}" "${out_dir}/${async_run}" --plot "${out_dir}/compare-${id}.png"
+train() {  # train NP RUN_NAME JOB [ARGS...]: resumes when a requeued job already checkpointed this run
+    local n="$1" run_name="$2"
+    shift 2
+    local flags=(--run-name "${run_name}")
+    if compgen -G "${out_dir}/${run_name}/ckpt_*.h5" > /dev/null; then
+        flags+=(--resume)
+    fi
+    launch "${n}" python -m llmpi.train "$@" "${flags[@]}" "${common[@]}"
+}
+
+# (ranks, slowed) pairs; one Slurm array task takes one of them
+pairs=()
+for n in "${ranks[@]:-}"; do
+    for slow in "${slowed[@]}"; do
+        pairs+=("${n}:${slow}")
+    done
+done
+if [[ -n "${SLURM_ARRAY_TASK_ID:-}" && ${#pairs[@]} -gt 1 ]]; then
+    pairs=("${pairs[SLURM_ARRAY_TASK_ID]}")
+fi
+
+runs=()
+for pair in "${pairs[@]}"; do
+    n="${pair%%:*}" slow="${pair#*:}"
+    tag="${n:+-p${n}}"
+    extra=()
+    if [[ "${slow}" == yes ]]; then
+        tag+="-slow"
+        extra=(--slowdown 1=2)
+    fi
+    for method in "${methods[@]}"; do
+        read -r -a job <<< "$(job_of "${method}")"
+        run_name="${name}-${method}${tag}-${id}"
+        train "${n}" "${run_name}" "${job[@]}" "${extra[@]}"
+        runs+=("${out_dir}/${run_name}")
+    done
+done
+for d in "${out_dir}/${name}"-*-"${id}"; do  # an array's other tasks' runs, where present
+    if [[ -d "${d}" && " ${runs[*]} " != *" ${d} "* ]]; then
+        runs+=("${d}")
+    fi
+done
+target=()
+if [[ -n "${LLMPI_TARGET_LOSS:-}" ]]; then
+    target=(--target-loss "${LLMPI_TARGET_LOSS}")
+fi
+python -m llmpi.compare "${runs[@]}" "${target[@]}" --plot "${out_dir}/compare-${id}.png"

@@ -48,3 +48,50 @@ def test_plot(tmp_path):
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(UserError, match="has no metrics.h5"):
         compare.main([str(tmp_path)])
+
+
+def make_study_run(root, name, ranks, val, comm_bytes, **parallel):
+    """A run with the config.toml beside its metrics, as llmpi.train leaves it."""
+    from llmpi import config
+    d = os.path.join(str(root), name)
+    os.makedirs(d)
+    log = MetricsLog(os.path.join(d, "metrics.h5"), True)
+    for i in range(10):
+        log.log_step(step=i + 1, wall=float(i + 1), loss=3.0, lr=1e-3, tokens=64, samples=4 * (i + 1), comm=0.1,
+                     staleness=-1, comm_bytes=comm_bytes)
+    log.log_eval(step=10, wall=10.0 / ranks, samples=40, val_loss=val)
+    log.attrs.update(mode=parallel.get("mode", "sync"), world_size=ranks)
+    log.flush()
+    job = config.load_job(None, ["model.vocab_size=65", *(f"parallel.{k}={v}" for k, v in parallel.items())])
+    with open(os.path.join(d, "config.toml"), "w") as f:
+        f.write(config.to_toml(job))
+    return d
+
+
+def test_methods_bytes_per_sample_and_the_default_target(tmp_path, capsys):
+    from llmpi.model.gpt import parameter_bytes
+    from llmpi import config
+    sync = make_study_run(tmp_path, "sync", 4, 2.1, -1)
+    local = make_study_run(tmp_path, "local", 4, 2.2, 800, mode="local", local_steps=8)
+    dc = make_study_run(tmp_path, "dc", 2, 2.0, 16, mode="async", async_rule="dc", slowdown="1=2")
+    compare.main([sync, local, dc, "--json"])
+    out = capsys.readouterr().out
+    rows = {r["run"]: r for r in json.loads(out.strip().splitlines()[-1])["runs"]}
+    assert [rows[n]["method"] for n in ("sync", "local", "dc")] == ["sync", "local H=8", "async dc slowed"]
+    # sync counts no bytes: its all-reduce moves the gradient buffer out and in on each of 4 ranks a step
+    n = parameter_bytes(config.load_job(None, ["model.vocab_size=65"]).model)
+    assert rows["sync"]["comm_bytes_per_sample"] == pytest.approx(2 * n * 4 * 10 / 40)
+    assert rows["local"]["comm_bytes_per_sample"] == pytest.approx(800 * 10 / 40)
+    # by default the target is the highest final val loss, so every run has a time to it
+    assert "target loss: 2.2000 (the highest of the runs' final losses" in out
+    assert all(r["time_to_target_s"] is not None for r in rows.values())
+    assert rows["local"]["time_to_target_s"] == pytest.approx(2.5)
+
+
+def test_plot_against_ranks(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [make_study_run(tmp_path, f"{m}{p}", p, 2.0 + p / 100, 10, mode=m) for m in ("sync", "local")
+            for p in (2, 4)]
+    out = str(tmp_path / "fig.png")
+    compare.main([*runs, "--plot", out])
+    assert os.path.getsize(out) > 1000

@@ -34,10 +34,12 @@ def rprint(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def local_rank() -> int:
-    """This rank's index among the ranks on its node (COMM_TYPE_SHARED split)."""
+def local_rank(comm=None) -> int:
+    """This rank's index among the ranks of `comm` (default COMM_WORLD) on its node
+    (COMM_TYPE_SHARED split; collective on comm)."""
     MPI = _mpi()
-    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED, key=MPI.COMM_WORLD.Get_rank())
+    comm = comm or MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     r = node.Get_rank()
     node.Free()
     return r

@@ -19,6 +19,23 @@ batch B/P move the weights as far as one synchronous step of batch B would with 
 "sqrt" uses lr / sqrt(P), which suits AdamW better: its update has about the same size
 whatever the batch, so P noisy pushes of lr/P partly cancel and undershoot; "full" uses lr;
 "auto" (the default) is sqrt for AdamW and per_sample for SGD.
+
+Update rule of a push (`parallel.async_rule`), on top of that scale (the two multiply), with
+g the worker's gradient at its pulled parameters w_pulled, s = ticket - v_pull its staleness
+and opt(g, lr) its optimizer's update (lr = schedule x push scale):
+
+  plain      w += opt(g, lr)
+  staleness  w += opt(g, lr) / (1 + s)                              (Zhang et al. 2016)
+  dc         w += opt(g + lambda * g * g * (w_now - w_pulled), lr)  (DC-ASGD, Zheng et al. 2017)
+
+where w_now is the vector read again just before the push and lambda is `parallel.dc_lambda`.
+Their cost in messages, per push with the vector on R window ranks (R = P sharded, 1 rank0):
+plain pulls (R Get_accumulate + R Flush) and pushes (1 Fetch_and_op + R Accumulate + R Flush);
+staleness costs nothing more (the ticket that decides whether the push lands already tells s;
+an update is linear in lr, so dividing it after the ticket equals dividing lr); dc adds one more
+pull (R Get_accumulate + R Flush: the vector's bytes again) and three element-wise passes.
+`max_staleness` (bounded staleness, SSP) is orthogonal: it decides when to recompute, the rule
+how far a push moves.
 """
 import time
 
@@ -36,6 +53,25 @@ PUSH_SCALES = {"per_sample": lambda P: 1.0 / P, "sqrt": lambda P: P ** -0.5, "fu
 PUSH_RULES = ("auto", *PUSH_SCALES)
 IDLE_POLL_SECONDS = 0.01  # a rank without samples polls the version counter this often
 STALE_RETRIES = 3  # bounded staleness: recompute at most this often before pushing anyway
+ASYNC_RULES = ("plain", "staleness", "dc")  # parallel.async_rule, formulas in the module doc
+DC_LAMBDA = 0.04  # DC-ASGD's constant lambda (the paper's DC-ASGD-c setting)
+
+
+def staleness_factor(rule, staleness):
+    """How much of its update a push of this staleness applies: 1 / (1 + s) under "staleness"."""
+    return 1.0 / (1 + staleness) if rule == "staleness" else 1.0
+
+
+def compensate(grad, w_now, w_pulled, lam):
+    """DC-ASGD's delay compensation, in place: grad += lam * grad * grad * (w_now - w_pulled),
+    the first-order Taylor term of the gradient at w_now with the Hessian approximated by
+    lam * g g^T's diagonal."""
+    drift = w_now - w_pulled
+    drift *= grad
+    drift *= grad
+    drift *= lam
+    grad += drift
+    return grad
 
 
 def local_gradient(run, step, count):
@@ -64,6 +100,8 @@ def train_async(run):
     if rule == "auto":
         rule = "sqrt" if job.optim.name == "adamw" else "per_sample"
     push_scale = PUSH_SCALES[rule](P)
+    update_rule, nbytes = job.parallel.async_rule, params.data.nbytes
+    w_now = run.xp.empty_like(params.data) if update_rule == "dc" else None
     # device parameters and pushes go through the window's pinned host staging (llmpi.comm.rma)
     window = ShardedWindow(comm, params.data.size, np.dtype(params.data.dtype), server=job.parallel.server)
     version = VersionCounter(comm)
@@ -76,7 +114,9 @@ def train_async(run):
     comm.Barrier()  # the windows hold the initial parameters before anyone pulls
 
     count = run.balancer.counts[run.rank]
-    rows = []  # (ticket, wall, loss, lr, staleness, comm seconds, samples) of this rank's applied pushes
+    # (ticket, wall, loss, lr, staleness, comm seconds, samples, bytes pulled and pushed) of this rank's
+    # applied pushes
+    rows = []
     evals = []  # rank 0's (version, wall, val loss), logged once the samples behind each version are known
     progress = Progress(job.train.max_iters, start_version // P)
     t_origin = time.perf_counter() - run.wall_offset
@@ -92,6 +132,7 @@ def train_async(run):
         window.get(params.data)
         v_pull = version.read()
         pull_s = time.perf_counter() - t_p  # the pull is communication too, counted with the push
+        pulls = 1
         if v_pull >= budget or stop_flag.read() or run.stop.requested:
             break
         run.check_fault(local_step)
@@ -105,19 +146,30 @@ def train_async(run):
             window.get(params.data)
             v_pull = version.read()
             pull_s += time.perf_counter() - t_p
+            pulls += 1
             loss = local_gradient(run, local_step * P + run.rank, count)
         if run.slowdown > 1.0:
             time.sleep((run.slowdown - 1.0) * (time.perf_counter() - t0))
+        if w_now is not None:  # dc: where the others have moved the vector since the pull
+            t_p = time.perf_counter()
+            window.get(w_now)
+            pull_s += time.perf_counter() - t_p
+            pulls += 1
+            compensate(params.grad, w_now, params.data, job.parallel.dc_lambda)
         lr = schedule_lr(job, v_pull // P) * push_scale
         delta = run.optimizer.delta(lr)
         t_c = time.perf_counter()
         ticket = version.fetch_add(1)
         if ticket >= budget:
             break
+        if update_rule == "staleness":
+            factor = staleness_factor(update_rule, ticket - v_pull)
+            delta *= factor
+            lr *= factor
         window.accumulate(delta)
         comm_s = pull_s + time.perf_counter() - t_c
         wall = time.perf_counter() - t_origin
-        rows.append((ticket, wall, loss, lr, ticket - v_pull, comm_s, count))
+        rows.append((ticket, wall, loss, lr, ticket - v_pull, comm_s, count, (pulls + 1) * nbytes))
         local_step += 1
         progress.add(count * T * P, comm_s)
         if run.is_root and local_step % job.train.log_interval == 0:
@@ -179,11 +231,11 @@ def _log_metrics(run, rows, evals, base_samples):
         samples_at = {}  # version -> samples behind it
         total = base_samples
         T = run.job.model.block_size
-        for ticket, wall, loss, lr, stale, comm_s, count in merged:
+        for ticket, wall, loss, lr, stale, comm_s, count, comm_bytes in merged:
             total += count
             samples_at[ticket + 1] = total
             run.metrics.log_step(step=ticket + 1, wall=wall, loss=loss, lr=lr, tokens=count * T,
-                                 samples=total, comm=comm_s, staleness=stale)
+                                 samples=total, comm=comm_s, staleness=stale, comm_bytes=comm_bytes)
         for version, wall, val in evals:
             run.metrics.log_eval(step=version, wall=wall, samples=samples_at.get(version, total), val_loss=val)
     return run.comm.bcast(total, root=0)

@@ -4,7 +4,10 @@ metrics.h5 holds two groups of equal-length 1-D datasets:
   /steps: step, wall (seconds since start), loss, lr, tokens (global, this step),
           samples (global, cumulative), comm (seconds communicating, rank 0),
           staleness (async: staleness of this push; -1 in sync mode),
-          bubble (pipeline: the measured idle share of the step, mean over ranks; -1 otherwise)
+          bubble (pipeline: the measured idle share of the step, mean over ranks; -1 otherwise),
+          comm_bytes (bytes of parameters, gradients or updates sent plus received in this row, all
+          ranks together: an all-reduce of n bytes counts n out and n in per rank, an async push its
+          pulls and the push; -1 where the loop does not count them)
   /evals: step, wall, samples, val_loss
 The whole file is rewritten to a temporary name and renamed at each flush, so a
 crash never leaves a half-written log.
@@ -15,7 +18,7 @@ import time
 import h5py
 import numpy as np
 
-STEP_FIELDS = ("step", "wall", "loss", "lr", "tokens", "samples", "comm", "staleness", "bubble")
+STEP_FIELDS = ("step", "wall", "loss", "lr", "tokens", "samples", "comm", "staleness", "bubble", "comm_bytes")
 EVAL_FIELDS = ("step", "wall", "samples", "val_loss")
 
 

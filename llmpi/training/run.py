@@ -73,7 +73,7 @@ class Run:
         self.is_root = self.rank == 0
         self.data_rank, self.data_world = self.rank, self.world  # this rank's place among the replicas
         self.blocks = None  # the whole model
-        self.xp = backend.select(job.train.device, local_rank())
+        self.xp = backend.select(job.train.device, local_rank(comm))
         # a diverging run ends at check_finite with one line, not with NumPy's overflow warnings per rank
         np.seterr(over="ignore", invalid="ignore", divide="ignore")
         self.run_dir = os.path.join(job.train.out_dir, job.train.run_name)

@@ -76,8 +76,9 @@ def train_sync(run):
         run.optimizer.step(lr)
         samples_seen += B
         wall = time.perf_counter() - t_origin
-        run.metrics.log_step(step=step + 1, wall=wall, loss=loss, lr=lr, tokens=B * T,
-                             samples=samples_seen, comm=comm_s, staleness=-1)
+        run.metrics.log_step(step=step + 1, wall=wall, loss=loss, lr=lr, tokens=B * T, samples=samples_seen,
+                             comm=comm_s, staleness=-1,  # an all-reduce of n bytes: n out and n in per rank
+                             comm_bytes=2 * model.params.grad.nbytes * run.world if run.world > 1 else 0)
         progress.add(B * T, comm_s)
         run.balancer.observe([t if c > 0 else 0.0 for t, c in zip(table[:, 1], table[:, 2])])
         if run.balancer.maybe_rebalance(step + 1):
