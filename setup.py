@@ -36,7 +36,10 @@ setup(
         "numpy>=1.23",
         "h5py>=3.7",
         "mpi4py>=3.1",
+        "tomli-w>=1.0",  # config.toml and checkpoints' job text, written so any string reads back
+        "tokenizers>=0.21",  # byte-level BPE (llmpi.data.bpe): trains and encodes offline
         "scipy>=1.9",
+        "matplotlib>=3.5",  # llmpi.compare's figures (slurm/compare.sh ends with them)
         "tomli>=2.0; python_version<'3.11'",
     ],
     extras_require={
@@ -45,6 +48,7 @@ setup(
         "gpu": ["cupy-cuda12x"],
         "plot": ["matplotlib"],
         "bench": ["torch"],
+        "zstd": ["zstandard"],  # .zst inputs to `llmpi.data prepare`
     },
     entry_points={"console_scripts": ["llmpi-train=llmpi.train:main"]},
 )

@@ -5,9 +5,12 @@ onto one dataclass below. Unknown sections or keys and invalid values raise User
 naming the key and what is allowed. No config file is ever executed.
 """
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
+
+import tomli_w
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -268,8 +271,31 @@ def validate(job: Job):
         raise UserError("train.threads > 1 splits the batch over CPU threads: it needs train.device = 'cpu' "
                         "and parallel.overlap = false")
     _validate_pipeline(job)
+    _validate_values(job)
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+
+
+SEED_LIMIT = 2 ** 63  # seeds are hashed as unsigned 64-bit integers (llmpi.data.sampler)
+
+
+def _validate_values(job):
+    """Numbers that would train to NaN or end as a traceback, refused up front."""
+    for sec in fields(job):
+        table = getattr(job, sec.name)
+        for f in fields(table):
+            value = getattr(table, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{sec.name}.{f.name} must be a finite number (got {value})")
+    if job.train.seed >= SEED_LIMIT:
+        raise UserError(f"train.seed must be below 2**63 (got {job.train.seed})")
+    if job.optim.nesterov and job.optim.momentum <= 0:
+        raise UserError("optim.nesterov = true needs optim.momentum > 0")
+    run_name = job.train.run_name
+    if os.path.isabs(run_name) or os.path.normpath(run_name) in ("", ".") or \
+            os.path.normpath(run_name).split(os.sep)[0] == "..":
+        raise UserError(f"train.run_name {run_name!r} must name a directory inside train.out_dir "
+                        "(no absolute path, no '..')")
 
 
 def memory_limits_mb(text: str):
@@ -305,19 +331,9 @@ def to_dict(job: Job) -> dict:
 
 
 def to_toml(job: Job) -> str:
-    """The resolved job as TOML (saved in every run directory and checkpoint)."""
-    lines = []
-    for sec, table in to_dict(job).items():
-        lines.append(f"[{sec}]")
-        for k, v in table.items():
-            if isinstance(v, bool):
-                lines.append(f"{k} = {'true' if v else 'false'}")
-            elif isinstance(v, str):
-                lines.append(f'{k} = "{v}"')
-            else:
-                lines.append(f"{k} = {v!r}")
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved job as TOML (saved in every run directory and checkpoint), written by a TOML
+    library so that any string (a quote in a run name, a backslash in a path) reads back as it was."""
+    return tomli_w.dumps(to_dict(job))
 
 
 def from_toml_text(text: str) -> Job:

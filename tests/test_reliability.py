@@ -148,3 +148,31 @@ def test_a_launcher_of_another_mpi_is_refused_and_reported(tmp_path, corpus):
     assert not (tmp_path / "runs" / "mismatch").exists()
     info = run(["-m", "llmpi", "info", "--json"], cwd=str(tmp_path), env=env, check=True)
     assert "the launcher started 4 processes" in json.loads(info.stdout.strip().splitlines()[-1])["launcher"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=inf", "optim.lr must be a finite number"), ("optim.weight_decay=nan", "optim.weight_decay must be a finite"),
+    ("optim.eps=nan", "optim.eps must be"), ("optim.grad_clip=nan", "optim.grad_clip must be a finite"),
+    ("parallel.bucket_mb=nan", "parallel.bucket_mb must be a finite"),
+    ("train.seed=99999999999999999999999", "train.seed must be below 2**63"),
+    ("optim.name=sgd --set optim.nesterov=true --set optim.momentum=0", "optim.nesterov = true needs optim.momentum > 0"),
+    ("train.batch_size=2000000", "GiB each; use a smaller train.batch_size"),
+])
+def test_numbers_that_would_train_to_nan_or_crash_are_refused(tmp_path, corpus, override, message):
+    proc = run(train_args(corpus, "bad", *f"--set {override}".split()), cwd=str(tmp_path), check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_quotes_and_backslashes_in_names_survive_the_checkpoint(tmp_path, corpus):
+    import shutil
+    odd = tmp_path / "da\\ta"
+    odd.mkdir()
+    shutil.copy(corpus, odd / "c.h5")
+    args = train_args(str(odd / "c.h5"), 'my"run')
+    run(args, cwd=str(tmp_path), check=True)
+    proc = run([*args, "--set", "train.max_iters=8", "--resume"], cwd=str(tmp_path), check=True)
+    assert "resumed from" in proc.stdout
+    run(["-m", "llmpi.sample", 'runs/my"run', "--tokens", "5"], cwd=str(tmp_path), check=True)
+    proc = run(train_args(corpus, "../../x"), cwd=str(tmp_path), check=False)  # would write outside runs/
+    assert proc.returncode == 2 and "must name a directory inside train.out_dir" in proc.stderr

@@ -43,6 +43,14 @@ def parse_slowdown(spec: str, world: int) -> dict:
     return out
 
 
+def _node_memory():
+    """Bytes of physical memory on this node (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 class StopFlag:
     """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) and a first Ctrl-C ask for
     checkpoint-and-exit at the end of the step (the request travels in the step's collective,
@@ -127,7 +135,16 @@ class Run:
         return per_token * micro * j.model.block_size
 
     def _check_memory(self):
-        """parallel.memory_limit_mb against llmpi's own accounting of this rank's buffers."""
+        """parallel.memory_limit_mb, and on the CPU the node's memory shared by its ranks, against
+        llmpi's own accounting of this rank's buffers (collective)."""
+        need = self.state_bytes() + self.activation_bytes()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        share, ranks_here = _node_memory() / node.Get_size(), node.Get_size()
+        node.Free()
+        if self.xp is np and share and need > share:
+            raise UserError(f"rank {self.rank} needs ~{need / 2**30:.1f} GiB (parameters, gradients, optimizer state, "
+                            f"activations) but this node's {ranks_here} rank(s) have {share / 2**30:.1f} GiB each; "
+                            "use a smaller train.batch_size or train.micro_batch, a smaller model, or more stages")
         limits = config_mod.memory_limits_mb(self.job.parallel.memory_limit_mb)
         if not limits:
             return
@@ -135,7 +152,6 @@ class Run:
             raise UserError(f"parallel.memory_limit_mb has {len(limits)} values for {self.world} ranks; give one "
                             "value or one per rank")
         limit = limits[0] if len(limits) == 1 else limits[self.rank]
-        need = self.state_bytes() + self.activation_bytes()
         if need > limit * 2**20:
             raise UserError(f"rank {self.rank} needs {need / 2**20:.1f} MiB ({self.state_bytes() / 2**20:.1f} "
                             f"params+grads+optimizer + {self.activation_bytes() / 2**20:.1f} activations) but "
