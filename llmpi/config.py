@@ -79,6 +79,7 @@ class TrainConfig:
     run_name: str = ""         # "" = the job file's name
     device: str = "cpu"        # auto: the GPU when CuPy sees one
     threads: int = 1           # CPU compute threads per rank, each on a slice of the batch (llmpi.parallel.threaded)
+    watchdog_s: float = 600.0  # abort the job when no step completes for this long after the first; 0 disables
 
 
 @dataclass
@@ -245,7 +246,7 @@ def validate(job: Job):
               "optim.lr": job.optim.lr, "optim.weight_decay": job.optim.weight_decay,
               "optim.grad_clip": job.optim.grad_clip, "parallel.bucket_mb": job.parallel.bucket_mb,
               "train.seed": t.seed, "parallel.micro_batches": job.parallel.micro_batches,
-              "parallel.dc_lambda": job.parallel.dc_lambda}
+              "parallel.dc_lambda": job.parallel.dc_lambda, "train.watchdog_s": t.watchdog_s}
     for k, v in nonneg.items():
         if v < 0:
             raise UserError(f"{k} must be >= 0 (got {v})")

@@ -146,7 +146,7 @@ def settings(job, spec, world_size, rank):
     """(S, D, m, sequences per micro-batch, memory limit bytes per rank or None, this rank's
     slowdown), the way the runtime (llmpi.training.pipeline, llmpi.training.run) chooses them;
     `spec` (--partition) checked before any measuring."""
-    from .training.run import parse_slowdown
+    from .training.signals import parse_slowdown
     p, B = job.parallel, job.train.batch_size
     S = p.pipeline
     D = check_shape(world_size, S, job.model.n_layer)

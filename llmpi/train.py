@@ -64,7 +64,9 @@ def main(argv=None):
     else:  # the whole model on every rank
         run, loop = Run(job, args, comm), LOOPS[job.parallel.mode]
     run.describe()
-    return loop(run)
+    status = loop(run)
+    run.watchdog.stop()
+    return status
 
 
 if __name__ == "__main__":

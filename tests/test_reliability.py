@@ -176,3 +176,15 @@ def test_quotes_and_backslashes_in_names_survive_the_checkpoint(tmp_path, corpus
     run(["-m", "llmpi.sample", 'runs/my"run', "--tokens", "5"], cwd=str(tmp_path), check=True)
     proc = run(train_args(corpus, "../../x"), cwd=str(tmp_path), check=False)  # would write outside runs/
     assert proc.returncode == 2 and "must name a directory inside train.out_dir" in proc.stderr
+
+
+def test_a_hung_rank_is_named_by_the_watchdog_and_ends_the_job(tmp_path, corpus):
+    """Rank 1 stops responding at step 3 while rank 0 waits for it in the step's collective: within
+    train.watchdog_s both say so with their stacks, and the job ends instead of hanging."""
+    t0 = time.time()
+    proc = run(train_args(corpus, "hang", "--set", "train.watchdog_s=3", "--set", "train.max_iters=40"), np=2,
+               cwd=str(tmp_path), check=False, env=clean_env(LLMPI_FAULT="1:3:HANG"), timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 60
+    assert "[rank 1] watchdog: no step completed for 3 s" in proc.stderr
+    assert "in check" in proc.stderr  # rank 1's stack shows where it hangs (the injected fault)
+    assert "[rank 0] watchdog" in proc.stderr or "Abort" in proc.stderr

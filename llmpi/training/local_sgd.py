@@ -130,4 +130,5 @@ def _end_round(run, before, step, wall, loss, progress, stopping, momentum):
         run.save(step, extra_per_rank={"optim": state, "outer": outer})
     if stopping:
         rprint(f"stop requested by signal: checkpointed at step {step}, exiting")
+    run.watchdog.step_done()
     return bool(stopping)

@@ -5,7 +5,6 @@ and checkpointing. The loops (llmpi.training.sync, llmpi.training.async_rma) dri
 import atexit
 import os
 import re
-import signal
 
 import numpy as np
 from mpi4py import MPI
@@ -20,54 +19,9 @@ from ..parallel.allocate import Balancer
 from ..parallel.threaded import ThreadedGrad
 from . import checkpoint
 from .lock import RunLock
+from .signals import Fault, StopFlag, Watchdog, node_memory, parse_slowdown
 from .metrics import MetricsLog
 from .optim import make_optimizer
-
-# Test hook: "RANK:STEP" raises on that rank at that step (the abort path); "RANK:STEP:USR1"
-# sends that rank SIGUSR1 instead (the checkpoint-and-exit path, without timing races).
-FAULT_ENV = "LLMPI_FAULT"
-
-
-def parse_slowdown(spec: str, world: int) -> dict:
-    """'1=2.0,3=1.5' -> {1: 2.0, 3: 1.5}, checked against the world size."""
-    out = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        try:
-            r, f = item.split("=")
-            r, f = int(r), float(f)
-        except ValueError:
-            raise UserError(f"--slowdown item {item!r} must look like RANK=FACTOR, e.g. 1=2.0") from None
-        if not 0 <= r < world or f < 1.0:
-            raise UserError(f"--slowdown {item!r}: rank must be in 0..{world - 1} and FACTOR >= 1")
-        out[r] = f
-    return out
-
-
-def _node_memory():
-    """Bytes of physical memory on this node (0 where the system does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-class StopFlag:
-    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) and a first Ctrl-C ask for
-    checkpoint-and-exit at the end of the step (the request travels in the step's collective,
-    so every rank stops at the same step); a second Ctrl-C aborts the job (run_main)."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            if not self.requested:
-                rprint("interrupt: checkpointing at the end of this step (Ctrl-C again aborts)")
-        self.requested = True
-
 
 class Run:
     """Everything a training loop needs, built identically on every rank. This one holds the whole
@@ -114,7 +68,9 @@ class Run:
         self.metrics.attrs.update(mode=job.parallel.mode, world_size=self.world)
         self.start_step, self.wall_offset = 0, 0.0
         self.stop = StopFlag()
-        self.fault = self._fault()
+        self.fault = Fault(self.rank)
+        self.check_fault = self.fault.check
+        self.watchdog = Watchdog(self.rank, job.train.watchdog_s)
         if self.resume_state is not None:
             self._restore(self.resume_state)
         agree(lambda: self._write_run_dir() if self.is_root else None, comm)
@@ -139,7 +95,7 @@ class Run:
         llmpi's own accounting of this rank's buffers (collective)."""
         need = self.state_bytes() + self.activation_bytes()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        share, ranks_here = _node_memory() / node.Get_size(), node.Get_size()
+        share, ranks_here = node_memory() / node.Get_size(), node.Get_size()
         node.Free()
         if self.xp is np and share and need > share:
             raise UserError(f"rank {self.rank} needs ~{need / 2**30:.1f} GiB (parameters, gradients, optimizer state, "
@@ -277,20 +233,6 @@ class Run:
             views[name][...] = value
         return flat
 
-    def _fault(self):
-        parts = os.environ.get(FAULT_ENV, "").split(":")
-        if len(parts) >= 2 and int(parts[0]) == self.rank:
-            return int(parts[1]), parts[2] if len(parts) > 2 else ""
-        return None
-
-    def check_fault(self, step):
-        if self.fault is None or step != self.fault[0]:
-            return
-        if self.fault[1] == "USR1":
-            os.kill(os.getpid(), signal.SIGUSR1)
-            return
-        raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {self.rank} at step {step}")
-
     def describe(self):
         j, m = self.job, self.model
         micro = j.train.micro_batch or -(-j.train.batch_size // self.world)
@@ -349,6 +291,7 @@ class Run:
             self.save(step)
         if stopping:
             rprint(f"stop requested by signal: checkpointed at step {step}, exiting")
+        self.watchdog.step_done()  # after the evaluation and the checkpoint, which take time too
         return bool(stopping)
 
     def val_loss(self, eval_index):
