@@ -91,6 +91,19 @@ def scatter_add_rows(target, index, rows):
     target[sorted_index[starts]] += np.add.reduceat(rows[order], starts, axis=0)
 
 
+def memory_per_rank(ranks_on_node):
+    """Bytes of the memory this rank's arrays live in, its share: the node's physical memory over
+    its ranks on the CPU; on the GPU the device's memory over the ranks that share it (0 where the
+    system does not say)."""
+    if xp is np:
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, ranks_on_node)
+        except (ValueError, OSError, AttributeError):
+            return 0
+    devices = xp.cuda.runtime.getDeviceCount()
+    return xp.cuda.Device().mem_info[1] // max(1, -(-ranks_on_node // devices))
+
+
 def pinned_empty(n, dtype):
     """A 1-D NumPy array of n elements in page-locked memory: the GPU's copy engine moves it by DMA,
     without a bounce buffer. Needs CuPy."""

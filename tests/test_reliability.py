@@ -156,7 +156,7 @@ def test_a_launcher_of_another_mpi_is_refused_and_reported(tmp_path, corpus):
     ("parallel.bucket_mb=nan", "parallel.bucket_mb must be a finite"),
     ("train.seed=99999999999999999999999", "train.seed must be below 2**63"),
     ("optim.name=sgd --set optim.nesterov=true --set optim.momentum=0", "optim.nesterov = true needs optim.momentum > 0"),
-    ("train.batch_size=2000000", "GiB each; use a smaller train.batch_size"),
+    ("train.batch_size=2000000", "GiB each on cpu; use a smaller train.batch_size"),
 ])
 def test_numbers_that_would_train_to_nan_or_crash_are_refused(tmp_path, corpus, override, message):
     proc = run(train_args(corpus, "bad", *f"--set {override}".split()), cwd=str(tmp_path), check=False)

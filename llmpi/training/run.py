@@ -19,7 +19,7 @@ from ..parallel.allocate import Balancer
 from ..parallel.threaded import ThreadedGrad
 from . import checkpoint
 from .lock import RunLock
-from .signals import Fault, StopFlag, Watchdog, node_memory, parse_slowdown
+from .signals import Fault, StopFlag, Watchdog, parse_slowdown
 from .metrics import MetricsLog
 from .optim import make_optimizer
 
@@ -91,16 +91,18 @@ class Run:
         return per_token * micro * j.model.block_size
 
     def _check_memory(self):
-        """parallel.memory_limit_mb, and on the CPU the node's memory shared by its ranks, against
+        """parallel.memory_limit_mb, and the memory the arrays live in shared by its ranks, against
         llmpi's own accounting of this rank's buffers (collective)."""
         need = self.state_bytes() + self.activation_bytes()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        share, ranks_here = node_memory() / node.Get_size(), node.Get_size()
+        ranks_here = node.Get_size()
         node.Free()
-        if self.xp is np and share and need > share:
+        share = backend.memory_per_rank(ranks_here)
+        if share and need > share:
             raise UserError(f"rank {self.rank} needs ~{need / 2**30:.1f} GiB (parameters, gradients, optimizer state, "
-                            f"activations) but this node's {ranks_here} rank(s) have {share / 2**30:.1f} GiB each; "
-                            "use a smaller train.batch_size or train.micro_batch, a smaller model, or more stages")
+                            f"activations) but this node's {ranks_here} rank(s) have {share / 2**30:.1f} GiB each "
+                            f"on {backend.device_name}; use a smaller train.batch_size or train.micro_batch, a smaller "
+                            "model, or more stages")
         limits = config_mod.memory_limits_mb(self.job.parallel.memory_limit_mb)
         if not limits:
             return

@@ -1,5 +1,5 @@
 """The process's side of a run: the stop request of a signal, injected faults (the tests' hook),
-the hang watchdog, and the facts of the node (memory, the --slowdown factors).
+the hang watchdog, and the --slowdown factors.
 """
 import faulthandler
 import os
@@ -29,14 +29,6 @@ def parse_slowdown(spec: str, world: int) -> dict:
     return out
 
 
-def node_memory():
-    """Bytes of physical memory on this node (0 where the system does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 class StopFlag:
     """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) and a first Ctrl-C ask for
     checkpoint-and-exit at the end of the step (the request travels in the step's collective,
@@ -53,7 +45,6 @@ class StopFlag:
             if not self.requested:
                 rprint("interrupt: checkpointing at the end of this step (Ctrl-C again aborts)")
         self.requested = True
-
 
 
 class Fault:
