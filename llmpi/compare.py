@@ -20,6 +20,7 @@ from .comm.world import agree, rank
 from .errors import UserError
 from .model.gpt import parameter_bytes
 from .training import metrics
+from .training.metrics import bits_per_byte
 
 
 def load_run(run_dir):
@@ -75,6 +76,8 @@ def summarize(m, target=None):
     row = {
         "run": m["name"], "mode": mode, "method": method(m), "ranks": world,
         "final_val_loss": float(e["val_loss"][-1]) if len(e["val_loss"]) else float("nan"),
+        "final_val_bits_per_byte": bits_per_byte(float(e["val_loss"][-1]), float(m["attrs"].get("bytes_per_token", 0)))
+        if len(e["val_loss"]) else None,
         "samples": int(s["samples"][-1]) if len(s["samples"]) else 0,
         "updates": int(len(s["step"])),
         "wall_s": wall,
@@ -105,13 +108,14 @@ def default_target(runs):
 
 
 def table(rows, target, chosen=True):
-    head = (f"{'run':<24} {'method':<17} {'P':>2} {'val loss':>8} {'samples':>9} {'updates':>7} {'wall s':>8} "
-            f"{'upd/s':>7} {'t->tgt s':>8} {'smp->tgt':>9} {'stale mean/p95/max':>18} {'B/sample':>9} {'comm':>5}")
+    head = (f"{'run':<24} {'method':<17} {'P':>2} {'val loss':>8} {'bits/B':>6} {'samples':>9} {'updates':>7} "
+            f"{'wall s':>8} {'upd/s':>7} {'t->tgt s':>8} {'smp->tgt':>9} {'stale mean/p95/max':>18} {'B/sample':>9} {'comm':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         stale = "-" if r["staleness_mean"] is None else \
             f"{r['staleness_mean']:.1f}/{r['staleness_p95']:.0f}/{r['staleness_max']}"
         lines.append(f"{r['run'][:24]:<24} {r['method'][:17]:<17} {r['ranks']:>2} {r['final_val_loss']:>8.4f} "
+                     f"{_fmt(r['final_val_bits_per_byte'], '.3f'):>6} "
                      f"{r['samples']:>9} {r['updates']:>7} {r['wall_s']:>8.1f} {r['updates_per_s']:>7.1f} "
                      f"{_fmt(r['time_to_target_s'], '.1f'):>8} {_fmt(r['samples_to_target'], 'd'):>9} "
                      f"{stale:>18} {_fmt(r['comm_bytes_per_sample'], '9.3g'):>9} {100 * r['comm_share']:>4.0f}%")

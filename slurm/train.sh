@@ -1,6 +1,8 @@
 #!/bin/bash
 # Train one llmpi job under Slurm:  sbatch slurm/train.sh [JOB.toml] [section.key=value | --flag ...]
 # Bare section.key=value arguments become --set overrides; anything else goes to the trainer as is.
+# GPT-2 124M on your own BPE corpus (prepare data/corpus_gpt2.h5 first, see README):
+#   sbatch --nodes=2 --ntasks-per-node=4 --gpus-per-task=1 --time=24:00:00 slurm/train.sh gpt2_124m model.dtype=bf16
 # The run directory is runs/<job name>-<job id>, so a requeued job (same id) finds its checkpoints
 # and resumes. To continue a run in a new job: sbatch --export=ALL,LLMPI_RUN_NAME=NAME slurm/train.sh
 #

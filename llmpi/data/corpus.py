@@ -1,137 +1,61 @@
-"""A corpus into an HDF5 token file (`python -m llmpi.data prepare`): text files, directories,
-or the built-in stdlib sources, tokenized in bounded pieces and written atomically;
-`ensure_prepared` makes the default file on first use under MPI. File layout and the default corpus: data/README.md.
+"""A corpus into an HDF5 token file (`python -m llmpi.data prepare`), on one rank or many.
+
+Every rank tokenizes its share of the documents (llmpi.data.inputs) into a scratch file of raw
+tokens next to the output; rank 0 then joins the scratch files in rank order into the .h5,
+hashing as it writes, so the file is the same whatever the rank count. The output is written
+under a temporary name and renamed, so an error, Ctrl-C or SIGTERM leaves no partial file.
+`ensure_prepared` makes the default file on first use under MPI. Layout and why: data/README.md.
 """
-import codecs
 import hashlib
 import os
+import shutil
 import sys
-import sysconfig
-import time
 
 import h5py
 import numpy as np
 
 from ..comm.world import agree, world
 from ..errors import UserError
+from .bpe import BPETokenizer, load_tokenizer_file, train_bpe
+from .encode import bpe_pieces, check_no_nul, encoded
+from .inputs import READ_BYTES, gather, pieces, split_shares, texts
+from .progress import Progress, across_ranks, from_root
 from .tokenfile import FORMAT_VERSION, TokenFile
 from .tokenizers import MAX_CODEPOINT, TOKENIZERS, ByteTokenizer, CharTokenizer, codepoints, mark_seen, token_dtype
 
-DEFAULT_CORPUS_CAP = 8 << 20     # bytes of stdlib source in the default corpus: prepares in about a second
-READ_BYTES = 4 << 20             # read inputs in pieces this big (bounded memory, steady progress)
 CHUNK_TOKENS = 1 << 16           # HDF5 chunk: small enough that a random window reads little extra
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+BPE_TRAIN_MB = 256               # BPE merges are learnt from the first this many MB of the corpus
 
 
 def default_data_path() -> str:
     return os.path.join("data", "stdlib_byte.h5")
 
 
-def _default_corpus():
-    """Sorted .py files of this Python's standard library, whole files up to DEFAULT_CORPUS_CAP."""
-    root = sysconfig.get_paths()["stdlib"]
-    files, total = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(dirpath, name)
-            size = os.path.getsize(path)
-            if total + size > DEFAULT_CORPUS_CAP:
-                return files, f"Python {sys.version.split()[0]} stdlib .py sources ({len(files)} files, {total} bytes)"
-            files.append((path, size))
-            total += size
-    return files, f"Python {sys.version.split()[0]} stdlib .py sources ({len(files)} files, {total} bytes)"
-
-
-def _gather(inputs):
-    """(files, source description) for the --input list; directories are walked in sorted order."""
-    if not inputs:
-        return _default_corpus()
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files += [os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith(".")]
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise UserError(f"input {item!r} does not exist; give existing text files or directories to --input")
-    return [(p, os.path.getsize(p)) for p in files], ", ".join(str(i) for i in inputs)
-
-
-class _Progress:
-    """A bar on a terminal, a plain line every few seconds otherwise, nothing when disabled."""
-
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.total, self.label, self.enabled = max(total, 1), label, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.done = self.tokens = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, nbytes: int, ntokens: int):
-        self.done += nbytes
-        self.tokens += ntokens
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= (0.1 if self.tty else 2.0):
-            self.last = now
-            self._show(now, end="" if self.tty else "\n")
-
-    def close(self):
-        if self.enabled:
-            self._show(time.perf_counter(), end="\n")
-
-    def _show(self, now, end):
-        frac = min(self.done / self.total, 1.0)
-        rate = self.tokens / max(now - self.t0, 1e-9)
-        text = (f"{self.label}: {100 * frac:5.1f}% {self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB "
-                f"{rate / 1e6:.2f} Mtok/s")
-        if self.tty:
-            bar = "#" * int(30 * frac)
-            text = f"\r{self.label}: [{bar:<30}] " + text.split(": ", 1)[1]
-        sys.stderr.write(text + end)
-        sys.stderr.flush()
-
-
-def _read_pieces(files):
-    """(path, offset, bytes) pieces of every input file in order."""
-    for path, _ in files:
-        try:
-            with open(path, "rb") as f:
-                offset = 0
-                while piece := f.read(READ_BYTES):
-                    yield path, offset, piece
-                    offset += len(piece)
-        except OSError as err:
-            raise UserError(f"cannot read input {path!r}: {err.strerror}") from None
-
-
-def _iter_codepoints(files):
-    """(nbytes, code points) per piece; each file is decoded as strict UTF-8 on its own."""
-    for path, offset, piece in _read_pieces(files):
-        if offset == 0:
-            decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        last = offset + len(piece) >= dict(files)[path]
-        try:
-            text = decoder.decode(piece, final=last)
-        except UnicodeDecodeError as err:
-            raise UserError(f"input {path!r} is not valid UTF-8 near byte {offset + max(err.start, 0)}; "
-                            "use --tokenizer byte, which reads any bytes") from None
-        if "\x00" in text:
-            raise UserError(f"input {path!r} contains NUL characters, which the char tokenizer cannot store; "
-                            "use --tokenizer byte")
-        yield len(piece), codepoints(text)
+def _check_options(tokenizer, vocab_size, tokenizer_file, val_fraction, bpe_train_mb):
+    if tokenizer not in TOKENIZERS:
+        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(TOKENIZERS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1) (got {val_fraction})")
+    if tokenizer != "bpe" and (vocab_size or tokenizer_file):
+        raise UserError(f"--vocab-size and --tokenizer-file are for --tokenizer bpe, not {tokenizer}")
+    if tokenizer == "bpe" and bool(vocab_size) == bool(tokenizer_file):
+        raise UserError("--tokenizer bpe needs either --vocab-size N (train a BPE on the corpus) or "
+                        "--tokenizer-file tokenizer.json (use that one)")
+    if vocab_size:
+        token_dtype(vocab_size)  # a vocabulary no token file could hold fails before any work
+    if not bpe_train_mb > 0:
+        raise UserError(f"--bpe-train-mb must be positive (got {bpe_train_mb})")
 
 
 class _SplitWriter:
-    """Streams tokens into `train` then `val`, hashing them in the stored byte order."""
+    """Streams tokens into `train` then `val`, hashing them in the stored byte order and counting
+    the source bytes of each split."""
 
-    def __init__(self, f, n_train, n_val, dtype):
+    def __init__(self, f, n_train, n_val, dtype, token_nbytes):
         self.dsets = [self._create(f, "train", n_train, dtype), self._create(f, "val", n_val, dtype)]
         self.n_train, self.n_total, self.pos = n_train, n_train + n_val, 0
-        self.dtype, self.sha = dtype, hashlib.sha256()
+        self.dtype, self.sha, self.token_nbytes = dtype, hashlib.sha256(), token_nbytes
+        self.source_bytes = [0, 0]
         self.pending, self.n_pending = [], 0
 
     @staticmethod
@@ -140,7 +64,7 @@ class _SplitWriter:
         return f.create_dataset(name, shape=(n,), dtype=dtype, chunks=chunks)
 
     def write(self, ids):
-        """Buffer small pieces (one per small file) so HDF5 sees few large writes."""
+        """Buffer small pieces so HDF5 sees few large writes."""
         self.pending.append(ids)
         self.n_pending += len(ids)
         if self.n_pending >= READ_BYTES:
@@ -149,8 +73,6 @@ class _SplitWriter:
     def flush(self):
         ids = np.concatenate(self.pending).astype(self.dtype, copy=False) if self.pending else np.zeros(0)
         self.pending, self.n_pending = [], 0
-        if self.pos + len(ids) > self.n_total:
-            raise UserError("an input file grew while it was being read; prepare again")
         self.sha.update(ids.tobytes())
         i = 0
         while i < len(ids):
@@ -158,67 +80,156 @@ class _SplitWriter:
             lo = self.pos - split * self.n_train
             take = min(len(ids) - i, (self.n_train if split == 0 else self.n_total) - self.pos)
             self.dsets[split][lo:lo + take] = ids[i:i + take]
+            counts = np.bincount(ids[i:i + take], minlength=len(self.token_nbytes))  # cheaper than a gather
+            self.source_bytes[split] += int(counts @ self.token_nbytes)
             i += take
             self.pos += take
 
 
-def prepare(inputs=None, tokenizer="byte", val_fraction=0.1, out=None, progress=True) -> str:
-    """Tokenize `inputs` (files/dirs; None = the stdlib corpus) into the HDF5 token file `out`.
-
-    The last `val_fraction` of the tokens is the validation split. The file is written under a
-    temporary name and renamed into place, so an error or Ctrl-C leaves no partial file."""
-    out = out or default_data_path()
-    if tokenizer not in TOKENIZERS:
-        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(TOKENIZERS)}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1) (got {val_fraction})")
-    files, source = _gather(inputs)
-    total = sum(size for _, size in files)
-    if total == 0:
-        raise UserError(f"{out}: the corpus is empty ({source or 'no files'}); give --input files that contain text")
-    if tokenizer == "char":
-        bar = _Progress(total, progress, "scan")
-        seen, n_total = np.zeros(MAX_CODEPOINT + 1, dtype=bool), 0
-        for nbytes, cps in _iter_codepoints(files):
-            mark_seen(seen, cps)
-            n_total += len(cps)
-            bar.update(nbytes, len(cps))
-        bar.close()
-        tok = CharTokenizer.from_seen(seen, out)
-        pieces = ((n, tok.encode_codepoints(cps)) for n, cps in _iter_codepoints(files))
-    else:
-        tok, n_total = ByteTokenizer(), total
-        pieces = ((len(p), np.frombuffer(p, np.uint8)) for _, _, p in _read_pieces(files))
-    n_val = int(n_total * val_fraction)
-    n_train = n_total - n_val
-    parent = os.path.dirname(os.path.abspath(out))
+def _make_scratch(scratch):
+    parent = os.path.dirname(scratch)
     try:
         os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)  # left by a killed run whose rank 0 had our pid
+        os.mkdir(scratch)
+        return scratch
     except OSError as err:
-        raise UserError(f"cannot create the output directory {parent!r}: {err.strerror}") from None
-    tmp = f"{out}.tmp{os.getpid()}"
+        raise UserError(f"cannot create the output directory {parent!r} or a scratch directory in it: "
+                        f"{err.strerror}") from None
+
+
+def _train(files, text_key, vocab_size, sample_mb, progress):
+    """Rank 0: a BPE learnt from the corpus' first `sample_mb` MB of text, in input order."""
+    limit = int(sample_mb * 1e6)
+    bar = Progress(min(sum(size for _, size in files), limit), progress, "bpe sample")
+    learnt = {"bytes": 0}
+
+    def sample():
+        for text, _, _ in bpe_pieces(texts(pieces(split_shares(files, 1)[0], text_key))):
+            learnt["bytes"] += len(text.encode("utf-8"))  # text, not input bytes: .gz/.zst hold more
+            bar.show(learnt["bytes"], 0)
+            yield text
+            if learnt["bytes"] >= limit:
+                break
+        bar.close()
+        if progress:
+            print("bpe: learning merges", file=sys.stderr, flush=True)
+
+    tok = train_bpe(sample(), vocab_size, show_progress=progress and sys.stderr.isatty())
+    return tok.json, learnt["bytes"]
+
+
+def _char_vocabulary(comm, share, total, text_key, progress, source):
+    """The char tokenizer of the corpus: each rank marks the characters of its share, then an OR over ranks."""
+    from mpi4py import MPI
+
+    def scan(exchange):
+        seen = np.zeros(MAX_CODEPOINT + 1, dtype=bool)
+        for text, piece in texts(pieces(share, text_key)):
+            check_no_nul(text, piece)
+            cps = codepoints(text)
+            mark_seen(seen, cps)
+            if exchange.add(piece.disk, len(cps)):
+                break
+        return seen
+
+    seen = across_ranks(comm, scan, Progress(total, progress, "scan"))
+    comm.Allreduce(MPI.IN_PLACE, seen, op=MPI.LOR)
+    return CharTokenizer.from_seen(seen, source)
+
+
+def _tokenize(share, tok, text_key, part, dtype, exchange):
+    """This rank's share into its scratch file; (tokens, documents) written."""
+    n_tokens = n_docs = 0
+    with open(part, "wb") as f:
+        for disk, ids, docs in encoded(pieces(share, text_key), tok):
+            try:
+                ids.astype(dtype, copy=False).tofile(f)
+            except OSError as err:
+                raise UserError(f"cannot write the scratch file {part!r}: {err.strerror}") from None
+            n_tokens, n_docs = n_tokens + len(ids), n_docs + docs
+            if exchange.add(disk, len(ids)):
+                break
+    return n_tokens, n_docs
+
+
+def _write(out, parts, counts, tok, dtype, val_fraction, source, attrs, progress):
+    """Rank 0: the scratch files, in rank order, into the token file `out` (via a temporary name)."""
+    n_total = sum(n for n, _ in counts)
+    if n_total == 0:
+        raise UserError(f"{out}: the corpus has no text ({source}); give --input files that contain text")
+    n_val = int(n_total * val_fraction)
+    n_train = n_total - n_val
+    tmp = os.path.join(os.path.dirname(parts[0]), "tokens.h5")
+    bar = Progress(n_total * dtype.itemsize, progress, "write")
     try:
         with h5py.File(tmp, "w") as f:
-            writer = _SplitWriter(f, n_train, n_val, token_dtype(tok.vocab_size))
-            bar = _Progress(total, progress, "tokenize")
-            for nbytes, ids in pieces:
-                writer.write(ids)
-                bar.update(nbytes, len(ids))
+            writer = _SplitWriter(f, n_train, n_val, dtype, tok.token_nbytes)
+            done = 0
+            for part in parts:
+                with open(part, "rb") as src:
+                    while (ids := np.fromfile(src, dtype=dtype, count=READ_BYTES)).size:
+                        writer.write(ids)
+                        done += ids.size
+                        bar.show(done * dtype.itemsize, done)
             writer.flush()
             bar.close()
-            if writer.pos != n_total:
-                raise UserError(f"an input file shrank while it was being read ({source}); prepare again")
             f.attrs.update(format_version=FORMAT_VERSION, tokenizer=tok.name, vocab=tok.vocab,
                            vocab_size=tok.vocab_size, n_train=n_train, n_val=n_val, source=source,
-                           checksum=writer.sha.hexdigest())
+                           checksum=writer.sha.hexdigest(), source_bytes_train=writer.source_bytes[0],
+                           source_bytes_val=writer.source_bytes[1], documents=sum(d for _, d in counts), **attrs)
+            if isinstance(tok, BPETokenizer):
+                f.create_dataset("tokenizer_json", data=np.frombuffer(tok.json.encode("utf-8"), np.uint8))
         os.replace(tmp, out)
     except OSError as err:
         raise UserError(f"cannot write {out!r}: {err}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
 
+
+def prepare(inputs=None, tokenizer="byte", val_fraction=0.1, out=None, progress=True, *, vocab_size=0,
+            tokenizer_file=None, text_key="text", bpe_train_mb=BPE_TRAIN_MB, comm=None) -> str:
+    """Tokenize `inputs` (files/dirs; None = the stdlib corpus) into the HDF5 token file `out`.
+
+    The last `val_fraction` of the tokens is the validation split. `comm`: the ranks that share
+    the work (default: this process alone); every one of them must call prepare alike."""
+    from mpi4py import MPI
+    comm = comm or MPI.COMM_SELF
+    rank, root = comm.Get_rank(), comm.Get_rank() == 0
+    out = out or default_data_path()
+    agree(lambda: _check_options(tokenizer, vocab_size, tokenizer_file, val_fraction, bpe_train_mb), comm)
+    files, source = agree(lambda: gather(inputs), comm)
+    total = sum(size for _, size in files)
+    if total == 0:
+        raise UserError(f"{out}: the corpus is empty ({source or 'no files'}); give --input files that contain text")
+    tok = agree(lambda: load_tokenizer_file(tokenizer_file) if tokenizer_file else None, comm)
+    share = split_shares(files, comm.Get_size())[rank]
+    # named before it exists, so that a signal at any point after its creation removes it (rank 0's name is used)
+    scratch, parts = os.path.abspath(f"{out}.tmp{os.getpid()}"), None
+    attrs = {}
+    try:
+        scratch = from_root(comm, lambda: _make_scratch(scratch))
+        parts = [os.path.join(scratch, f"part{r:05d}") for r in range(comm.Get_size())]
+        if tokenizer == "bpe" and tok is None:
+            tok_json, learnt = from_root(comm, lambda: _train(files, text_key, vocab_size, bpe_train_mb,
+                                                              progress and root))
+            tok = BPETokenizer(tok_json, "the trained BPE")
+            attrs.update(vocab_asked=vocab_size, bpe_train_bytes=learnt)
+        elif tokenizer == "char":
+            tok = _char_vocabulary(comm, share, total, text_key, progress and root, out)
+        elif tokenizer == "byte":
+            tok = ByteTokenizer()
+        if isinstance(tok, BPETokenizer):
+            attrs.update(eot_token=tok.eot)
+        dtype = token_dtype(tok.vocab_size)
+        counts = across_ranks(comm, lambda ex: _tokenize(share, tok, text_key, parts[rank], dtype, ex),
+                              Progress(total, progress and root, "tokenize"))
+        counts = comm.allgather(counts)
+        from_root(comm, lambda: _write(out, parts, counts, tok, dtype, val_fraction, source, attrs, progress))
+    finally:
+        if root:
+            shutil.rmtree(scratch, ignore_errors=True)
+        elif parts and os.path.exists(parts[rank]):
+            os.remove(parts[rank])
+    return out
 
 
 def ensure_prepared(path=None, comm=None, *, block_size=None, vocab_size=None, inputs=None,

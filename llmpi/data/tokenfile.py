@@ -1,5 +1,5 @@
 """Reading HDF5 token files: open, validate (attributes, lengths, checksum, id range), expose
-the train and val splits. Layout: data/README.md.
+the train and val splits and how many source bytes a token stands for. Layout: data/README.md.
 """
 import hashlib
 import os
@@ -50,7 +50,12 @@ class TokenFile:
         if int(a["format_version"]) != FORMAT_VERSION:
             self._fail(f"format_version {a['format_version']} is not the {FORMAT_VERSION} this llmpi reads")
         self.attrs = a
-        self.tokenizer = make_tokenizer(a["tokenizer"], a["vocab"], self.path)
+        tokenizer_json = None
+        if a["tokenizer"] == "bpe":
+            if not isinstance(f.get("tokenizer_json"), h5py.Dataset):
+                self._fail("a bpe token file without its tokenizer_json dataset")
+            tokenizer_json = f["tokenizer_json"][...].tobytes().decode("utf-8")
+        self.tokenizer = make_tokenizer(a["tokenizer"], a["vocab"], self.path, tokenizer_json)
         self.vocab_size = int(a["vocab_size"])
         self.n_train, self.n_val = int(a["n_train"]), int(a["n_val"])
         if self.tokenizer.vocab_size != self.vocab_size:
@@ -94,6 +99,23 @@ class TokenFile:
             self._fail("checksum mismatch (the tokens were changed or damaged)")
         if top >= self.vocab_size:
             self._fail(f"token id {top} is out of range for vocab_size {self.vocab_size}")
+
+    @property
+    def source_bytes(self) -> dict:
+        """{"train": n, "val": n}: the bytes of source text each split stands for (end-of-text tokens
+        stand for none). Files written before this was stored get it counted from their tokens."""
+        if "source_bytes_train" not in self.attrs:
+            self.attrs["source_bytes_train"], self.attrs["source_bytes_val"] = (
+                sum(int(self.tokenizer.token_nbytes[split[lo:lo + (1 << 22)]].sum())
+                    for lo in range(0, len(split), 1 << 22)) for split in (self.train, self.val))
+        return {"train": int(self.attrs["source_bytes_train"]), "val": int(self.attrs["source_bytes_val"])}
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Source bytes per token of the val split (the train split's if val is empty), for bits per
+        byte = nats per token / bytes_per_token / ln 2: 1.0 exactly for byte files."""
+        split, n = ("val", self.n_val) if self.n_val else ("train", self.n_train)
+        return self.source_bytes[split] / n
 
     def verify(self):
         """Re-read every token: checksum and id range. Raises UserError on a mismatch."""

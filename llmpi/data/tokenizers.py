@@ -1,15 +1,18 @@
-"""Tokenizers for llmpi token files: byte (vocab 256) and char (the corpus' own characters).
+"""Tokenizers for llmpi token files: byte (vocab 256), char (the corpus' own characters) and bpe
+(byte-level BPE, llmpi.data.bpe).
 
-Both map text to integer ids and back exactly. `to_bytes(ids)` gives the original
+All map text to integer ids and back exactly. `to_bytes(ids)` gives the original
 bytes of the corpus; `decode(ids)` gives a str (for generated text, whose byte
 sequences may not be valid UTF-8, invalid bytes become U+FFFD unless
-errors="surrogateescape" is asked for, which round-trips exactly).
+errors="surrogateescape" is asked for, which round-trips exactly). `token_nbytes[i]` is the
+number of source bytes token i stands for (bits per byte: llmpi.data.tokenfile).
 """
 import numpy as np
 
 from ..errors import UserError
+from .bpe import BPETokenizer
 
-TOKENIZERS = ("byte", "char")
+TOKENIZERS = ("byte", "char", "bpe")
 MAX_CODEPOINT = 0x10FFFF
 
 
@@ -18,7 +21,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     for dt in ("<u1", "<u2", "<u4"):
         if vocab_size <= np.iinfo(dt).max + 1:
             return np.dtype(dt)
-    raise UserError(f"vocab_size {vocab_size} is too large for a token file")
+    raise UserError(f"a vocabulary of {vocab_size} tokens is more than a token file can hold (32-bit ids); "
+                    "use a smaller vocabulary")
 
 
 def codepoints(text: str) -> np.ndarray:
@@ -37,6 +41,7 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 256
     vocab = ""
+    token_nbytes = np.ones(256, dtype=np.int64)
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8", "surrogateescape"), dtype=np.uint8).copy()
@@ -59,6 +64,7 @@ class CharTokenizer:
         self.source = source
         self._table = codepoints(chars)
         self._lut = None
+        self.token_nbytes = np.array([len(c.encode("utf-8")) for c in chars], dtype=np.int64)
         if self.vocab_size and np.any(np.diff(self._table.astype(np.int64)) <= 0):
             raise UserError(f"{source}: the char vocabulary is not sorted and unique; re-run llmpi.data prepare")
 
@@ -92,10 +98,12 @@ class CharTokenizer:
         return self._table[ids.astype(np.int64)].astype("<u4").tobytes().decode("utf-32-le")
 
 
-def make_tokenizer(name: str, vocab: str = "", source: str = "the corpus"):
-    """The tokenizer stored in a token file's attributes (name, vocab string)."""
+def make_tokenizer(name: str, vocab: str = "", source: str = "the corpus", tokenizer_json: str = None):
+    """The tokenizer stored in a token file: its name, vocab string and (bpe) tokenizer JSON."""
     if name == "byte":
         return ByteTokenizer()
     if name == "char":
         return CharTokenizer(vocab, source)
+    if name == "bpe":
+        return BPETokenizer(tokenizer_json or "", f"the tokenizer of {source}")
     raise UserError(f"{source}: unknown tokenizer {name!r}; choose one of: {', '.join(TOKENIZERS)}")

@@ -45,7 +45,7 @@ from .. import backend
 from ..comm.rma import ShardedWindow, VersionCounter
 from ..comm.world import rprint
 from ..data import get_batch
-from .metrics import Progress
+from .metrics import Progress, loss_text
 from .optim import schedule_lr
 
 # parallel.async_lr: the push's learning-rate scale for P workers ("auto" is resolved per optimizer)
@@ -118,7 +118,7 @@ def train_async(run):
     # applied pushes
     rows = []
     evals = []  # rank 0's (version, wall, val loss), logged once the samples behind each version are known
-    progress = Progress(job.train.max_iters, start_version // P)
+    progress = Progress(job.train.max_iters, start_version // P, run.bytes_per_token)
     t_origin = time.perf_counter() - run.wall_offset
     # A resumed run continues each rank's batch stream where the budget stood, not from the start.
     local_step, next_eval = start_version // P, _next_multiple(start_version, job.train.eval_interval * P)
@@ -187,7 +187,7 @@ def train_async(run):
     stopped_early = final_version < budget
     wall = time.perf_counter() - t_origin
     val = run.evaluate(final_version)
-    rprint(f"eval: version {final_version} | val loss {val:.4f}")
+    rprint(f"eval: version {final_version} | {loss_text('val loss', val, run.bytes_per_token)}")
     evals.append((final_version, wall, val))
     samples = _log_metrics(run, rows, evals, _resumed_samples(run, start_version, B, P))
     run.save(final_version // P, extra_per_rank={"optim": _host_state(run.optimizer)},
@@ -209,7 +209,7 @@ def _host_state(optimizer):
 
 def _evaluate(run, version):
     val = run.val_loss(version)
-    rprint(f"eval: version {version} | val loss {val:.4f}")
+    rprint(f"eval: version {version} | {loss_text('val loss', val, run.bytes_per_token)}")
     return val
 
 

@@ -29,7 +29,7 @@ from ..comm.buckets import Allreducer
 from ..comm.world import agree, rprint
 from ..errors import UserError
 from .async_rma import local_gradient
-from .metrics import Progress
+from .metrics import Progress, loss_text
 from .optim import schedule_lr
 
 
@@ -57,7 +57,7 @@ def train_local(run):
     anchor = params.data.copy()
     momentum = xp.zeros_like(params.data)
     agree(lambda: _restore_outer(run, momentum), run.comm)
-    progress = Progress(job.train.max_iters, run.start_step)
+    progress = Progress(job.train.max_iters, run.start_step, run.bytes_per_token)
     t_origin = time.perf_counter() - run.wall_offset
     step = run.start_step
     while step < job.train.max_iters:
@@ -121,7 +121,7 @@ def _end_round(run, before, step, wall, loss, progress, stopping, momentum):
     if _crossed(before, step, t.eval_interval) or done:
         val = run.evaluate(step)
         run.metrics.log_eval(step=step, wall=wall, samples=step * t.batch_size, val_loss=val)
-        rprint(f"eval: step {step} | val loss {val:.4f}")
+        rprint(f"eval: step {step} | {loss_text('val loss', val, run.bytes_per_token)}")
         run.metrics.flush()
     if _crossed(before, step, t.ckpt_interval) or done or stopping:
         state = {k: backend.to_host(v) for k, v in run.optimizer.state_dict().items()}

@@ -12,6 +12,7 @@ metrics.h5 holds two groups of equal-length 1-D datasets:
 The whole file is rewritten to a temporary name and renamed at each flush, so a
 crash never leaves a half-written log.
 """
+import math
 import os
 import time
 
@@ -90,11 +91,24 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class Progress:
-    """Timing for the rank-0 progress line: tokens/s, ms/step, comm share, ETA."""
+def bits_per_byte(nats_per_token, bytes_per_token):
+    """A loss in nats per token as bits per byte of the source text (tokenizers compare on it:
+    byte, char and BPE files of one corpus), or None when the data file cannot say."""
+    return nats_per_token / bytes_per_token / math.log(2) if bytes_per_token else None
 
-    def __init__(self, total_steps: int, start_step: int):
-        self.total, self.start_step = total_steps, start_step
+
+def loss_text(name, nats, bytes_per_token):
+    """"loss 2.4567" plus " (3.21 bits/byte)" where the data file gives its bytes per token."""
+    bpb = bits_per_byte(nats, bytes_per_token)
+    return f"{name} {nats:.4f}" + (f" ({bpb:.3f} bits/byte)" if bpb is not None else "")
+
+
+class Progress:
+    """Timing for the rank-0 progress line: tokens/s, ms/step, comm share, ETA (and the loss in
+    bits per byte, given the data's bytes per token)."""
+
+    def __init__(self, total_steps: int, start_step: int, bytes_per_token=None):
+        self.total, self.start_step, self.bytes_per_token = total_steps, start_step, bytes_per_token
         self.t_start = time.perf_counter()
         self.window_t, self.window_tokens, self.window_steps, self.window_comm = self.t_start, 0, 0, 0.0
 
@@ -112,6 +126,7 @@ class Progress:
         done = step + 1 - self.start_step
         eta = (now - self.t_start) / max(done, 1) * (self.total - step - 1)
         self.window_t, self.window_tokens, self.window_steps, self.window_comm = now, 0, 0, 0.0
-        text = (f"step {step + 1:>5}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+        text = (f"step {step + 1:>5}/{self.total} | {loss_text('loss', loss, self.bytes_per_token)} | lr {lr:.2e} | "
+                f"{tok_s:,.0f} tok/s | "
                 f"{ms:.1f} ms/step | comm {comm:.0f}% | eta {format_eta(eta)}")
         return text + (f" | {extra}" if extra else "")

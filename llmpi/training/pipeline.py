@@ -159,7 +159,7 @@ def train_pipeline(run):
     share, offset = shares[grid.replica], sum(shares[:grid.replica])
     sizes = micro_batch_sizes(share, run.micro_batches)
     own = _own_span(run)  # the part of the gradient this stage adds to the global norm
-    progress = Progress(job.train.max_iters, run.start_step)
+    progress = Progress(job.train.max_iters, run.start_step, run.bytes_per_token)
     timeline = Timeline(run, range(run.start_step + 1, run.start_step + 1 + TIMELINE_STEPS))
     t_origin = time.perf_counter() - run.wall_offset
     samples_seen, step = run.start_step * B, run.start_step

@@ -20,7 +20,7 @@ from ..parallel.threaded import ThreadedGrad
 from . import checkpoint
 from .lock import RunLock
 from .signals import Fault, StopFlag, Watchdog, parse_slowdown
-from .metrics import MetricsLog
+from .metrics import MetricsLog, loss_text
 from .optim import make_optimizer
 
 class Run:
@@ -48,6 +48,7 @@ class Run:
                                       vocab_size=job.model.vocab_size, progress=self.is_root)
         if job.model.vocab_size == 0:
             job.model.vocab_size = self.tokens.vocab_size
+        self.bytes_per_token = self.tokens.bytes_per_token  # for losses in bits per byte
         self._layout()
         self.resume_state = agree(lambda: self._find_resume(args), comm)
         agree(self._check_memory, comm)
@@ -65,7 +66,8 @@ class Run:
         self.balancer = Balancer(self.data_world, job.train.batch_size, [job.train.batch_size] * self.data_world,
                                  mode=job.parallel.balance, interval=job.parallel.balance_interval)
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.h5"), self.is_root)
-        self.metrics.attrs.update(mode=job.parallel.mode, world_size=self.world)
+        self.metrics.attrs.update(mode=job.parallel.mode, world_size=self.world,
+                                  bytes_per_token=self.bytes_per_token or 0.0)
         self.start_step, self.wall_offset = 0, 0.0
         self.stop = StopFlag()
         self.fault = Fault(self.rank)
@@ -287,7 +289,7 @@ class Run:
         if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_iters:
             val = self.evaluate(step)
             self.metrics.log_eval(step=step, wall=wall, samples=samples, val_loss=val)
-            rprint(f"eval: step {step} | val loss {val:.4f}")
+            rprint(f"eval: step {step} | {loss_text('val loss', val, self.bytes_per_token)}")
             self.metrics.flush()
         if (t.ckpt_interval and step % t.ckpt_interval == 0) or step == t.max_iters or stopping:
             self.save(step)

@@ -25,7 +25,7 @@ def train_sync(run):
     B, T = job.train.batch_size, job.model.block_size
     reducer = Allreducer(comm, job.parallel.allreduce, int(job.parallel.bucket_mb * 2**20), job.parallel.overlap,
                          cuda_aware_mpi=job.parallel.cuda_aware_mpi)
-    progress = Progress(job.train.max_iters, run.start_step)
+    progress = Progress(job.train.max_iters, run.start_step, run.bytes_per_token)
     t_origin = time.perf_counter() - run.wall_offset
     samples_seen = run.start_step * B
     step = run.start_step
