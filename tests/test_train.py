@@ -4,7 +4,10 @@ Jobs run as a user runs them (`mpiexec -n N python -m llmpi.train ...`) in a tem
 directory, on a small byte-level corpus made from llmpi's own sources.
 """
 import glob
+import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -280,3 +283,14 @@ def test_async_checkpoint_on_signal_and_resume(tmp_path, corpus):
     order = np.argsort(s["step"])
     np.testing.assert_array_equal(s["step"][order], np.arange(1, 25))
     np.testing.assert_array_equal(s["samples"][order], 4 * np.arange(1, 25))  # resumed from the saved count
+
+
+def test_losses_are_also_printed_in_bits_per_byte(tmp_path, corpus):
+    """A byte-level file has exactly one source byte per token: bits per byte = nats / ln 2."""
+    proc = train(tmp_path, corpus, name="bpb")
+    val, bpb = map(float, re.search(r"eval: step 12 \| val loss (\S+) \((\S+) bits/byte\)", proc.stdout).groups())
+    assert abs(bpb - val / math.log(2)) < 2e-3
+    assert re.search(r"\| loss \S+ \(\S+ bits/byte\) \| lr", proc.stdout)
+    summary = run(["-m", "llmpi.compare", "runs/bpb", "--json"], cwd=str(tmp_path), check=True)
+    (row,) = json.loads(summary.stdout.strip().splitlines()[-1])["runs"]
+    assert abs(row["final_val_bits_per_byte"] - row["final_val_loss"] / math.log(2)) < 1e-9
