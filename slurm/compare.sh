@@ -43,9 +43,9 @@ threads="${SLURM_CPUS_PER_TASK:-1}"
 export OMP_NUM_THREADS="${threads}" OPENBLAS_NUM_THREADS="${threads}" MKL_NUM_THREADS="${threads}"
 
 out_dir="${LLMPI_OUT_DIR:-runs}"
-methods=(${LLMPI_METHODS:-sync async})
-ranks=(${LLMPI_RANKS:-})
-slowed=(${LLMPI_SLOWED:-no})
+read -r -a methods <<< "${LLMPI_METHODS:-sync async}"
+read -r -a ranks <<< "${LLMPI_RANKS:-}"
+read -r -a slowed <<< "${LLMPI_SLOWED:-no}"
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     id="${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}"
 else
@@ -112,7 +112,7 @@ for pair in "${pairs[@]}"; do
     extra=()
     if [[ "${slow}" == yes ]]; then
         tag+="-slow"
-        extra=(--slowdown 1=2)
+        extra=(--slowdown "1=2")
     fi
     for method in "${methods[@]}"; do
         read -r -a job <<< "$(job_of "${method}")"
