@@ -137,7 +137,8 @@ def _plot_vs_ranks(ax, rows, target):
                 a.plot(*zip(*points), marker="o", ms=4, label=name)
         a.set(xlabel="ranks", title=f"{title} vs ranks")
         a.set_xscale("log", base=2)
-    ax[2].set_yscale("log")
+    if any((r["comm_bytes_per_sample"] or 0) > 0 for r in rows):  # a log axis needs a positive value
+        ax[2].set_yscale("log")
 
 
 def plot(runs, rows, target, out):
@@ -168,9 +169,7 @@ def plot(runs, rows, target, out):
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    timeline.save_figure(fig, out)
 
 
 def _parser():
@@ -200,8 +199,12 @@ def command(argv=None):
 def _run(args):
     if not args.runs and not args.timeline:
         raise UserError("give run directories to compare, or --timeline RUN")
-    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-        raise UserError(f"--plot {args.plot}: its directory does not exist; create it or choose another path")
+    figure = args.plot or (os.path.join(args.timeline, "timeline.png") if args.timeline else None)
+    folder = os.path.dirname(os.path.abspath(figure)) if figure else None
+    if folder and not os.path.isdir(folder):
+        raise UserError(f"--plot {figure}: its directory does not exist; create it or choose another path")
+    if folder and not os.access(folder, os.W_OK):
+        raise UserError(f"--plot {figure}: its directory {folder} is not writable; choose another path")
     if args.timeline:
         rows = timeline.read(args.timeline)
         out = args.plot or os.path.join(args.timeline, "timeline.png")

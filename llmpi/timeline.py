@@ -65,6 +65,18 @@ def draw(rows, out):
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()], labels=list(COLORS),
               ncol=len(COLORS), loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize=8)
     fig.tight_layout()
+    save_figure(fig, out)
+
+
+def save_figure(fig, out):
+    """Write a figure under a temporary name and rename it (no half-written PNG); a path that
+    cannot be written is one line, not a traceback."""
     tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    except OSError as err:
+        raise UserError(f"cannot write the figure {out} ({err.strerror}); choose another --plot path") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

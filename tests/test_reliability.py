@@ -188,3 +188,25 @@ def test_a_hung_rank_is_named_by_the_watchdog_and_ends_the_job(tmp_path, corpus)
     assert "[rank 1] watchdog: no step completed for 3 s" in proc.stderr
     assert "in check" in proc.stderr  # rank 1's stack shows where it hangs (the injected fault)
     assert "[rank 0] watchdog" in proc.stderr or "Abort" in proc.stderr
+
+
+def test_a_data_file_locked_by_hdf5_is_named_as_locked(tmp_path, corpus):
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({corpus!r}, 'r+'); "
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              env=clean_env())
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        proc = run(train_args(corpus, "dlock"), cwd=str(tmp_path), check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2 and "is locked by another process" in proc.stderr
+    assert "HDF5_USE_FILE_LOCKING=FALSE" in proc.stderr and "damaged" not in proc.stderr
+
+
+def test_compare_into_a_read_only_directory_is_one_line(tmp_path, corpus):
+    run(train_args(corpus, "ro"), cwd=str(tmp_path), check=True)
+    for target in ("/proc/llmpi_figure.png", str(tmp_path / "no" / "such" / "f.png")):  # /proc: even for root
+        proc = run(["-m", "llmpi.compare", "runs/ro", "--plot", target], cwd=str(tmp_path), check=False)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "--plot" in lines[0], proc.stderr

@@ -25,7 +25,10 @@ class TokenFile:
                             f"`python -m llmpi.data prepare --out {self.path}`")
         try:
             self._f = h5py.File(self.path, "r")
-        except OSError:
+        except OSError as err:
+            if "unable to lock file" in str(err).lower():  # HDF5's own locking: a writer has it open
+                raise UserError(f"data file {self.path!r} is locked by another process ({err}); if no job "
+                                "writes it, on file systems without flock set HDF5_USE_FILE_LOCKING=FALSE") from None
             raise UserError(f"{self.path!r} is not an HDF5 file (or is damaged); "
                             "re-create it with `python -m llmpi.data prepare`") from None
         try:
