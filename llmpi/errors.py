@@ -1,7 +1,7 @@
 """User-facing errors: one readable line, exit code 2, the same on every rank.
 
 Anything a user can get wrong (a config key, a data file, a checkpoint) raises
-`UserError`. Entry points run under `llmpi.comm.util.run_main`, which prints the
+`UserError`. Entry points run under `llmpi.cli.run_main`, which prints the
 message once (rank 0) and exits every rank with `EXIT_USER_ERROR`; any other
 exception is a bug and aborts the whole MPI job with its traceback.
 """

@@ -1,4 +1,4 @@
-"""llmpi.allocate: exact optimality against brute force, capacity, Balancer policies, and
+"""llmpi.parallel.allocate: exact optimality against brute force, capacity, Balancer policies, and
 the weighted-gradient identity the trainer relies on. Single-process (each rank of an
 `mpiexec -n 4 pytest` run checks the same things independently)."""
 import heapq

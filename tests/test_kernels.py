@@ -311,7 +311,7 @@ def test_cast_to_bf16(cp, n):
 @pytest.mark.parametrize("transa", [False, True])
 @pytest.mark.parametrize("transb", [False, True])
 def test_bf16_matmul(cp, transa, transb):
-    """llmpi.bf16.matmul (cuBLAS GemmEx, float32 accumulate) against float64 on the same bf16 inputs;
+    """llmpi.gpu.bf16.matmul (cuBLAS GemmEx, float32 accumulate) against float64 on the same bf16 inputs;
     emulated, this checks our row-major to column-major mapping against a NumPy GemmEx."""
     from llmpi.gpu import bf16
     r = np.random.default_rng(9)

@@ -6,7 +6,7 @@ Each variant runs in its own subprocess (its own CUDA context and memory pool):
 - llmpi tf32: the same with CUPY_TF32=1, so cuBLAS may use TF32 tensor cores and attention
   runs on TF32 tensor cores (kernels/attention_tc.cu);
 - llmpi bf16: model.dtype = "bf16": every matmul on bf16 inputs (cuBLAS GemmEx, fp32
-  accumulate, llmpi.bf16), bf16 tensor-core attention, fp32 elsewhere, fp32 master weights;
+  accumulate, llmpi.gpu.bf16), bf16 tensor-core attention, fp32 elsewhere, fp32 master weights;
 - torch tf32: float32 with TF32 matmuls allowed, flash SDPA, fused AdamW;
 - torch bf16: the same under bf16 autocast (fp32 master weights).
 A step is zero_grad + forward + backward + clip + AdamW on random tokens; the median of

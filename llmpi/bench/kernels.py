@@ -2,7 +2,7 @@
 CUDA kernel checked against its reference, then timed, at GPT-2 124M shapes (B=8, T=1024,
 C=768, NH=12, V=50257, AdamW over 124M parameters); `--shape small` is a seconds-long smoke run.
 
-The references are the NumPy layers of llmpi.layers run on CuPy arrays (the same code as on
+The references are the NumPy layers of llmpi.model.layers run on CuPy arrays (the same code as on
 the CPU; the embedding scatter-add runs on the host). Times are medians of CUDA-event
 intervals around 10 calls queued behind a spin kernel (the kernels' GPU time, as in a
 training step where the host runs ahead); the time of one call issued alone, launch gaps and

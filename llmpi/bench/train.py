@@ -159,7 +159,7 @@ def main(argv=None):
     print(f"machine: {machine()}")
     if args.threads > 1:
         print(f"threads: llmpi runs {args.threads} compute threads over batch chunks with 1 BLAS thread each "
-              f"(llmpi.threaded); torch runs {args.threads} intra-op threads")
+              f"(llmpi.parallel.threaded); torch runs {args.threads} intra-op threads")
     # alternate the two sides and keep each one's best run, so a burst of outside load hits both alike
     ours = ref = None
     have_torch = _torch_available()

@@ -9,7 +9,7 @@ def update(p, g, m, v, mask, lr, beta1, beta2, eps, weight_decay, t, grad_scale=
     """One AdamW step t (1-based) over flat buffers; m, v updated in place.
 
     out=None: p is updated in place and returned. Otherwise out gets the update u
-    (p_new = p + u, llmpi.optim.AdamW.delta) and p is left as it is."""
+    (p_new = p + u, llmpi.training.optim.AdamW.delta) and p is left as it is."""
     check_f32(p, g, m, v, mask)
     write_delta = out is not None
     if write_delta:

@@ -7,7 +7,7 @@ from .common import THREADS, check_f32, grid, launch
 
 def to_bf16(x, out=None):
     """float32 x -> uint16 array of x's bfloat16 bit patterns (round to nearest even), same shape;
-    CuPy has no bfloat16 dtype, and only cuBLAS reads these (llmpi.bf16)."""
+    CuPy has no bfloat16 dtype, and only cuBLAS reads these (llmpi.gpu.bf16)."""
     xp = array_module(x)
     check_f32(x)
     if out is None:
