@@ -7,10 +7,15 @@ import numpy as np
 from mpi4py import MPI
 
 
+def first_ranks(comm, p):
+    """A communicator of comm's first p ranks (collective); COMM_NULL on the others."""
+    return comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
+
+
 def subcomms(comm):
     """(P, sub) for P = 1..size; sub is COMM_NULL on ranks outside the first P."""
     for p in range(1, comm.Get_size() + 1):
-        sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
+        sub = first_ranks(comm, p)
         yield p, sub
         if sub != MPI.COMM_NULL:
             sub.Free()

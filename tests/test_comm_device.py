@@ -20,7 +20,7 @@ from llmpi.comm.allreduce import allreduce_sum
 from llmpi.comm.buckets import Allreducer
 from llmpi.comm.rma import ShardedWindow
 from llmpi.comm.world import world
-from mpi_helpers import agreed
+from mpi_helpers import agreed, first_ranks
 
 
 class FakeDeviceArray:
@@ -213,7 +213,7 @@ def test_pipeline_messages_and_the_tied_sum_stage_device_buffers(fake_gpu):
     comm = world()
     if comm.Get_size() < 2:
         pytest.skip("needs 2 ranks")
-    sub = comm.Split(0 if comm.Get_rank() < 2 else MPI.UNDEFINED, comm.Get_rank())
+    sub = first_ranks(comm, 2)
     ok = True
     if sub != MPI.COMM_NULL:
         r = sub.Get_rank()

@@ -21,7 +21,7 @@ from llmpi.parallel.allocate import even_split
 from llmpi.parallel.grid import check_shape, make_grid
 from llmpi.parallel.pipeline import StageStep, micro_batch_sizes, peak_in_flight, schedule
 from llmpi.training.pipeline import stage_bounds
-from mpi_helpers import agreed
+from mpi_helpers import agreed, first_ranks
 
 CFG = dict(vocab_size=23, block_size=8, n_head=2, n_embd=16, dtype="float64")
 B = 12  # the global batch
@@ -81,7 +81,7 @@ def test_layout_equals_the_single_process_model_in_float64(D, S, n_layer, partit
     size = D * S
     if size > comm.Get_size():
         pytest.skip(f"needs {size} ranks (mpiexec -n 4 python -m pytest --with-mpi)")
-    sub = comm.Split(0 if comm.Get_rank() < size else MPI.UNDEFINED, comm.Get_rank())
+    sub = first_ranks(comm, size)
     ok = True
     if sub != MPI.COMM_NULL:
         loss, ref_loss, grads, ref = pipeline_step(sub, S, n_layer, partition, m, kind)
@@ -98,7 +98,7 @@ def test_a_stage_message_beyond_the_eager_limit():
     comm = world()
     if comm.Get_size() < 2:
         pytest.skip("needs 2 ranks")
-    sub = comm.Split(0 if comm.Get_rank() < 2 else MPI.UNDEFINED, comm.Get_rank())
+    sub = first_ranks(comm, 2)
     ok = True
     if sub != MPI.COMM_NULL:
         global CFG
