@@ -41,6 +41,7 @@ setup(
         "scipy>=1.9",
         "matplotlib>=3.5",  # llmpi.compare's figures (slurm/compare.sh ends with them)
         "tomli>=2.0; python_version<'3.11'",
+        "numba>=0.59",  # the fused CPU kernels (llmpi.cpu); optional at run time: without it the NumPy layers run
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2"],

@@ -17,12 +17,12 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from . import backend, training
+from . import backend, ops as op_tables, training
 from .comm import allreduce, device, rma
 from .data import sampler
 from .errors import UserError
 from .model import gpt
-from .parallel import allocate, pipeline
+from .parallel import allocate, grid_plan, pipeline
 from .training import async_rma, optim
 
 JOBS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
@@ -79,6 +79,7 @@ class TrainConfig:
     run_name: str = ""         # "" = the job file's name
     device: str = "cpu"        # auto: the GPU when CuPy sees one
     threads: int = 1           # CPU compute threads per rank, each on a slice of the batch (llmpi.parallel.threaded)
+    cpu_kernels: str = "auto"  # CPU ops: fused Numba kernels (llmpi.cpu), the NumPy layers, or auto (fused with numba)
     watchdog_s: float = 600.0  # abort the job when no step completes for this long after the first; 0 disables
 
 
@@ -100,11 +101,14 @@ class ParallelConfig:
     outer_lr: float = 1.0      # local: outer step on the averaged delta (1 with outer_momentum 0: plain averaging)
     outer_momentum: float = 0.0  # local: the outer step's Nesterov momentum (DiLoCo: outer_lr 0.7, momentum 0.9)
     slowdown: str = ""         # straggler simulation "RANK=FACTOR[,RANK=FACTOR]"
-    pipeline: int = 1          # pipeline stages S: the ranks form world/S data replicas x S stages
+    pipeline: int = 1          # pipeline stages S: the ranks form world/(S K) data replicas x S stages x K shards
     micro_batches: int = 0     # pipeline: micro-batches per replica's share; 0 = min(4 x stages, the share)
     schedule: str = "1f1b"     # pipeline: the order of micro-batches (llmpi.parallel.pipeline)
     partition: str = "uniform" # pipeline: blocks per stage, uniform | auto (the allocator) | "a,b,c"
     memory_limit_mb: str = ""  # memory per rank for the plan and the start check: one value or one per rank
+    tensor: int = 1            # tensor-parallel ranks K per stage (Megatron layers; K divides model.n_head)
+    zero: int = 0              # 1: ZeRO stage 1, the optimizer state sharded over each data group
+    grid: str = "fixed"        # fixed: pipeline x tensor as set; auto: the planner chooses D x S x K, zero, partition
 
 
 @dataclass
@@ -123,6 +127,7 @@ CHOICES = {
     "data.sharding": sampler.STRATEGIES,
     "optim.name": optim.OPTIMIZERS,
     "train.device": backend.DEVICES,
+    "train.cpu_kernels": op_tables.CPU_KERNELS,
     "parallel.mode": tuple(training.LOOPS),
     "parallel.allreduce": tuple(allreduce.ALGORITHMS),
     "parallel.cuda_aware_mpi": device.SETTINGS,
@@ -131,6 +136,7 @@ CHOICES = {
     "parallel.async_lr": async_rma.PUSH_RULES,
     "parallel.async_rule": async_rma.ASYNC_RULES,
     "parallel.schedule": pipeline.SCHEDULES,
+    "parallel.grid": grid_plan.GRIDS,
 }
 
 
@@ -235,7 +241,8 @@ def validate(job: Job):
                 "model.n_embd": m.n_embd, "train.batch_size": t.batch_size, "train.max_iters": t.max_iters,
                 "train.log_interval": t.log_interval, "train.eval_iters": t.eval_iters,
                 "parallel.balance_interval": job.parallel.balance_interval, "train.threads": t.threads,
-                "parallel.pipeline": job.parallel.pipeline, "parallel.local_steps": job.parallel.local_steps,
+                "parallel.pipeline": job.parallel.pipeline, "parallel.tensor": job.parallel.tensor,
+                "parallel.local_steps": job.parallel.local_steps,
                 "parallel.outer_lr": job.parallel.outer_lr}
     for k, v in positive.items():
         if v <= 0:
@@ -314,17 +321,26 @@ def memory_limits_mb(text: str):
 def _validate_pipeline(job):
     p, t = job.parallel, job.train
     memory_limits_mb(p.memory_limit_mb)
-    if p.pipeline == 1:
+    if p.zero not in (0, 1):
+        raise UserError(f"parallel.zero must be 0 (replicated optimizer state) or 1 (ZeRO stage 1) (got {p.zero})")
+    if p.zero and (p.mode != "sync" or p.overlap):
+        raise UserError("parallel.zero = 1 shards the optimizer state of synchronous steps: it needs "
+                        "parallel.mode = 'sync' and parallel.overlap = false")
+    if job.model.n_head % p.tensor:
+        raise UserError(f"parallel.tensor = {p.tensor} must divide model.n_head = {job.model.n_head} "
+                        "(each tensor rank holds whole heads)")
+    if p.pipeline == 1 and p.tensor == 1:
         return
+    axis = "parallel.pipeline > 1" if p.pipeline > 1 else "parallel.tensor > 1"
     if t.micro_batch:
-        raise UserError("with parallel.pipeline > 1 the micro-batches are parallel.micro_batches (a count); "
+        raise UserError(f"with {axis} the micro-batches are parallel.micro_batches (a count); "
                         "leave train.micro_batch at 0")
     refused = [(p.mode != "sync", "parallel.mode = 'sync'"), (p.balance != "none", "parallel.balance = 'none'"),
                (p.overlap, "parallel.overlap = false"), (t.threads > 1, "train.threads = 1")]
     for bad, needed in refused:
         if bad:
-            raise UserError(f"parallel.pipeline > 1 needs {needed} (pipelines of replicas with batch shares, "
-                            "async pushes, overlapped buckets and compute threads are not combined yet)")
+            raise UserError(f"{axis} needs {needed} (model parallelism with batch shares, async pushes, "
+                            "overlapped buckets and compute threads is not combined yet)")
 
 
 def to_dict(job: Job) -> dict:

@@ -1,11 +1,14 @@
 """`python -m llmpi.plan [JOB] [--set ...] [--pipeline S] [--micro-batches m] [--schedule 1f1b|gpipe]
-[--memory-limit-mb X[,X...]] [--partition auto|uniform|a,b,c] [--json]`: plan a job's pipeline stages.
+[--memory-limit-mb X[,X...]] [--partition auto|uniform|a,b,c] [--grid auto] [--json]`: plan a job's
+pipeline stages, or with --grid auto its whole grid.
 
 Under mpiexec every rank profiles itself for the job's model (llmpi.parallel.profile), and rank 0
 prints the per-rank costs and the memory per block, the plan (blocks per stage, which rank runs
 each stage), its predicted step time, bubble and memory per stage, beside the uniform plan
 (llmpi.parallel.partition states the model both are predicted by). The pipeline flags set the
-job's parallel.* keys, as --set would.
+job's parallel.* keys, as --set would. `--grid auto` (or parallel.grid = "auto") instead ranks
+every D x S x K grid with ZeRO-1 on and off (llmpi.parallel.grid_plan): the choice that
+parallel.grid = "auto" trains with, its prediction and every other candidate's, or why it cannot run.
 
 `python -m llmpi.plan --assign costs.csv --loads 1,2,3 --capacities 4,4 [--objective total|max]`
 solves one instance of the general allocation problem (llmpi.parallel.assign; costs.csv: N rows of
@@ -50,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--memory-limit-mb", default=None, metavar="X[,X...]", help="sets parallel.memory_limit_mb")
     p.add_argument("--partition", default="auto", metavar="auto|uniform|a,b,c",
                    help="the plan shown beside the uniform one (default: %(default)s)")
+    p.add_argument("--grid", default=None, choices=("auto",), help="rank every D x S x K grid instead of "
+                   "planning the job's pipeline")
     p.add_argument("--slowdown", default=None, metavar="RANK=FACTOR[,RANK=FACTOR]",
                    help="multiply those ranks' measured compute times by FACTOR")
     p.add_argument("--device", default=None, choices=backend.DEVICES, help="overrides train.device")
@@ -124,7 +129,7 @@ def report_assign(args, costs, loads, caps, result):
                            "gap": {k: None if math.isinf(g) else g for k, g in result["gap"].items()}}))
 
 
-def resolve_job(args, world_size):
+def resolve_job(args, world_size, grid=False):
     overrides = list(args.overrides)
     for key, value in (("pipeline", args.pipeline), ("micro_batches", args.micro_batches),
                        ("schedule", args.schedule), ("memory_limit_mb", args.memory_limit_mb),
@@ -136,7 +141,7 @@ def resolve_job(args, world_size):
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1 (got {args.repeats})")
     job = config_mod.load_job(args.job or "default", overrides)
-    if args.pipeline is None and job.parallel.pipeline == 1:
+    if not grid and args.pipeline is None and job.parallel.pipeline == 1:
         job.parallel.pipeline = world_size  # planning one stage would show nothing to plan
         config_mod.validate(job)
     return job
@@ -223,11 +228,31 @@ def report_plan(args, job, setting, prof, chosen, uniform):
                            "plan": chosen.to_dict(), "uniform": uniform.to_dict(), "cut": cut}))
 
 
+def report_grids(args, job, comm):
+    from .parallel import grid_plan
+    from .training.grid_auto import candidate_line, profile_for_grids
+    prof, b0, limit = profile_for_grids(job, comm, args.repeats)
+    ranked = agree(lambda: grid_plan.rank(prof, job, b0, limit, config_mod.validate), comm)
+    best = agree(lambda: grid_plan.choose(ranked, comm.Get_size()), comm)
+    lines = [f"llmpi.plan --grid auto: {job.model.n_layer} blocks (n_embd {job.model.n_embd}, n_head "
+             f"{job.model.n_head}) on {comm.Get_size()} ranks, batch {job.train.batch_size}; {len(ranked)} "
+             f"candidates D x S x K, predicted time per step (profiled at {b0} sequences per micro-batch):"]
+    lines += [("* " if c is best else "  ") + candidate_line(c) + (f", partition {c.partition_text()}, ranks per "
+              f"stage {c.stage_ranks()}, {c.micro_batches} micro-batch(es), memory per rank by stage "
+              f"{', '.join(mib(m) for m in c.plan.memory)} MiB" if c.fits else "") for c in ranked]
+    rprint("\n".join(lines))
+    if args.json:
+        rprint(json.dumps({"mode": "grid", "chosen": best.to_dict(), "candidates": [c.to_dict() for c in ranked]}))
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     comm = world()
     if args.assign is not None:
         report_assign(args, *agree(lambda: solve_instance(args), comm))
+        return 0
+    if args.grid or "parallel.grid=auto" in args.overrides:
+        report_grids(args, agree(lambda: resolve_job(args, comm.Get_size(), grid=True), comm), comm)
         return 0
     from .data import default_data_path, ensure_prepared
     from .parallel.profile import profile

@@ -2,7 +2,7 @@
 
 One command for one process or many: `mpiexec -n 4 python -m llmpi.train jobs/default.toml`.
 This module is the command line only: it resolves the job, builds the run (llmpi.training.run,
-or llmpi.training.pipeline with parallel.pipeline > 1) and hands it to the loop of the job's
+or llmpi.training.pipeline with parallel.pipeline or parallel.tensor > 1) and hands it to the loop of the job's
 `parallel.mode` (llmpi.training: sync all-reduce or async RMA) or to the pipeline loop.
 """
 import argparse
@@ -16,6 +16,7 @@ from . import backend, config as config_mod  # noqa: E402  (thread counts must b
 from .cli import ArgumentParser, run_main  # noqa: E402
 from .comm.world import agree, world  # noqa: E402
 from .training import LOOPS  # noqa: E402
+from .training.grid_auto import choose_grid  # noqa: E402
 from .training.pipeline import PipelineRun, train_pipeline  # noqa: E402
 from .training.run import Run  # noqa: E402
 
@@ -59,7 +60,9 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     comm = world()
     job = agree(lambda: resolve_job(args), comm)
-    if job.parallel.pipeline > 1:  # stages of the model on a data x pipeline grid
+    if job.parallel.grid == "auto":
+        choose_grid(job, comm)
+    if job.parallel.pipeline > 1 or job.parallel.tensor > 1:  # model parallel: a data x pipeline x tensor grid
         run, loop = PipelineRun(job, args, comm), train_pipeline
     else:  # the whole model on every rank
         run, loop = Run(job, args, comm), LOOPS[job.parallel.mode]

@@ -2,6 +2,16 @@
 import numpy as np
 import pytest
 
+from llmpi.ops import select_cpu_kernels
+
+
+@pytest.fixture(autouse=True)
+def numpy_layers_after_each_test():
+    """The CPU table is chosen once per process (a trainer built in-process with train.cpu_kernels
+    = auto picks the fused kernels); put back the layers so that no test depends on the order."""
+    yield
+    select_cpu_kernels("numpy")
+
 
 def central_diff(f, x, idx=None, h=1e-6):
     """Central finite differences of scalar f() w.r.t. float64 array x (changed in place and restored).

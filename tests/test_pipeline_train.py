@@ -48,9 +48,9 @@ def log(tmp_path, name):
 def test_pipeline_loss_curve_matches_one_process(tmp_path, corpus, np_, extra):
     train(tmp_path, corpus, name="one")
     proc = train(tmp_path, corpus, *extra, np=np_, name="pipe")
-    assert "pipeline:" in proc.stdout and "bubble" in proc.stdout
+    assert "grid:" in proc.stdout and "bubble" in proc.stdout
     if "parallel.partition=auto" in extra:  # the 3x slower rank 0 runs the stage with fewer blocks
-        plan = next(ln for ln in proc.stdout.splitlines() if ln.startswith("pipeline:"))
+        plan = next(ln for ln in proc.stdout.splitlines() if ln.startswith("grid:"))
         blocks = [int(b) for b in plan.split("blocks per stage [")[1].split("]")[0].split(",")]
         ranks = next(ln for ln in proc.stdout.splitlines() if ln.startswith("plan (auto)"))
         slow_stage = 0 if "ranks per stage [[0], [1]]" in ranks else 1

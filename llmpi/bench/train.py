@@ -2,8 +2,9 @@
 
 Each side runs in its own subprocess (so peak RSS is its own, from getrusage in the
 child) with the same BLAS/OpenMP thread count, the same batch and AdamW. The step
-is zero_grad + forward + backward + clip + AdamW step on random tokens. llmpi's
-step is then broken down by layer type by timing its layer functions.
+is zero_grad + forward + backward + clip + AdamW step on random tokens. llmpi runs twice: on the
+fused CPU kernels (llmpi.cpu, the default path, `ratio`) and on the NumPy layers (`ratio_numpy`);
+each is then broken down by layer type by timing its layer functions.
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ CONFIGS = {
     "small": dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, batch=8),
 }
 WARMUP = 3
+VARIANTS = {"llmpi": "fused", "llmpi-numpy": "numpy"}  # child name -> train.cpu_kernels
 
 
 def _batches(shape, steps, seed=0):
@@ -50,14 +52,16 @@ def _timed(step, batches):
     return float(np.median(times)), float(np.median(cpu))
 
 
-def _llmpi_child(shape, steps, threads=1):
+def _llmpi_child(shape, steps, threads=1, kernels="fused"):
     from llmpi import backend
     from llmpi.config import ModelConfig
     from llmpi.model.gpt import GPT
+    from llmpi.ops import select_cpu_kernels
     from llmpi.parallel.threaded import ThreadedGrad
     from llmpi.training.optim import AdamW
 
     backend.select("cpu")  # the process set-up of a CPU run (llmpi.cli.keep_freed_memory)
+    select_cpu_kernels(kernels)  # compiles (or loads the cache) here, outside the timed steps
     cfg = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
     m = GPT(cfg, seed=0)
     opt = AdamW(m.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, ops=m.ops)
@@ -105,8 +109,8 @@ def _torch_child(shape, steps, threads):
 
 def child(args):
     shape = CONFIGS[args.config]
-    if args.child == "llmpi":
-        step_s, cpu_s, breakdown = _llmpi_child(shape, args.steps, args.threads)
+    if args.child in VARIANTS:
+        step_s, cpu_s, breakdown = _llmpi_child(shape, args.steps, args.threads, VARIANTS[args.child])
     else:
         (step_s, cpu_s), breakdown = _torch_child(shape, args.steps, args.threads), {}
     tokens = shape["batch"] * shape["block_size"]
@@ -144,7 +148,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3, help="GPU warm-up steps, not timed")
     ap.add_argument("--no-torch", dest="with_torch", action="store_false", help="GPU: skip the PyTorch runs")
     ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32", help=argparse.SUPPRESS)
-    ap.add_argument("--child", choices=("llmpi", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=(*VARIANTS, "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 0:
         raise UserError("--steps and --repeats must be at least 1, --warmup at least 0")
@@ -161,11 +165,12 @@ def main(argv=None):
         print(f"threads: llmpi runs {args.threads} compute threads over batch chunks with 1 BLAS thread each "
               f"(llmpi.parallel.threaded); torch runs {args.threads} intra-op threads")
     # alternate the two sides and keep each one's best run, so a burst of outside load hits both alike
-    ours = ref = None
+    ours = ref = plain = None
     have_torch = _torch_available()
+    best = lambda old, run: run if old is None or run["step_s"] < old["step_s"] else old  # noqa: E731
     for _ in range(args.repeats):
-        run = _run_child("llmpi", args)
-        ours = run if ours is None or run["step_s"] < ours["step_s"] else ours
+        ours = best(ours, _run_child("llmpi", args))
+        plain = best(plain, _run_child("llmpi-numpy", args))
         if have_torch:
             run = _run_child("torch", args)
             ref = run if ref is None or run["step_s"] < ref["step_s"] else ref
@@ -176,23 +181,29 @@ def main(argv=None):
               "llmpi_tokens_per_s": ours["tokens_per_s"], "llmpi_step_ms": ours["step_s"] * 1e3,
               "llmpi_cpu_ms_per_step": ours["cpu_s"] * 1e3,
               "llmpi_peak_rss_mb": ours["peak_rss_mb"],
-              "llmpi_breakdown_ms": ours["breakdown_ms"]}
+              "llmpi_breakdown_ms": ours["breakdown_ms"], "llmpi_kernels": "fused (llmpi.cpu, Numba)",
+              "llmpi_numpy_tokens_per_s": plain["tokens_per_s"], "llmpi_numpy_step_ms": plain["step_s"] * 1e3,
+              "llmpi_numpy_cpu_ms_per_step": plain["cpu_s"] * 1e3, "llmpi_numpy_breakdown_ms": plain["breakdown_ms"]}
     print(f"llmpi : {ours['tokens_per_s']:10.0f} tok/s  {ours['step_s'] * 1e3:8.2f} ms/step  "
-          f"{ours['cpu_s'] * 1e3:8.2f} CPU ms/step  peak RSS {ours['peak_rss_mb']:.0f} MiB")
+          f"{ours['cpu_s'] * 1e3:8.2f} CPU ms/step  peak RSS {ours['peak_rss_mb']:.0f} MiB  (fused kernels)")
+    print(f"numpy : {plain['tokens_per_s']:10.0f} tok/s  {plain['step_s'] * 1e3:8.2f} ms/step  "
+          f"{plain['cpu_s'] * 1e3:8.2f} CPU ms/step  (the NumPy layers)")
     if have_torch:
         result.update(torch_tokens_per_s=ref["tokens_per_s"], torch_step_ms=ref["step_s"] * 1e3,
                       torch_cpu_ms_per_step=ref["cpu_s"] * 1e3, cpu_ratio=ref["cpu_s"] / ours["cpu_s"],
-                      torch_peak_rss_mb=ref["peak_rss_mb"], ratio=ours["tokens_per_s"] / ref["tokens_per_s"])
+                      torch_peak_rss_mb=ref["peak_rss_mb"], ratio=ours["tokens_per_s"] / ref["tokens_per_s"],
+                      ratio_numpy=plain["tokens_per_s"] / ref["tokens_per_s"])
         print(f"torch : {ref['tokens_per_s']:10.0f} tok/s  {ref['step_s'] * 1e3:8.2f} ms/step  "
               f"{ref['cpu_s'] * 1e3:8.2f} CPU ms/step  peak RSS {ref['peak_rss_mb']:.0f} MiB")
         print(f"ratio llmpi/torch: {result['ratio']:.2f}x tokens/s, {result['cpu_ratio']:.2f}x by CPU time "
               "(CPU time is steadier on a loaded machine)")
     else:
-        result.update(torch_tokens_per_s=None, ratio=None)
+        result.update(torch_tokens_per_s=None, ratio=None, ratio_numpy=None)
         print("torch : not installed, reference skipped (pip install torch)")
     print("llmpi step by layer (ms per step, timers on" + (", summed over threads):" if args.threads > 1 else "):"))
-    for k, v in result["llmpi_breakdown_ms"].items():
-        print(f"  {k:32s} {v:8.2f}")
+    print(f"  {'op':32s} {'fused':>8s} {'numpy':>8s}")
+    for k in dict.fromkeys([*result["llmpi_breakdown_ms"], *result["llmpi_numpy_breakdown_ms"]]):
+        print(f"  {k:32s} {result['llmpi_breakdown_ms'].get(k, 0.0):8.2f} {result['llmpi_numpy_breakdown_ms'].get(k, 0.0):8.2f}")
     emit_json(result, args.json)
     return 0
 

@@ -6,8 +6,10 @@ hashing as it writes, so the file is the same whatever the rank count. The outpu
 under a temporary name and renamed, so an error, Ctrl-C or SIGTERM leaves no partial file.
 `ensure_prepared` makes the default file on first use under MPI. Layout and why: data/README.md.
 """
+import errno
 import hashlib
 import os
+import re
 import shutil
 import sys
 
@@ -19,12 +21,15 @@ from ..errors import UserError
 from .bpe import BPETokenizer, load_tokenizer_file, train_bpe
 from .encode import bpe_pieces, check_no_nul, encoded
 from .inputs import READ_BYTES, gather, pieces, split_shares, texts
+from .names import check_file, check_prepare
 from .progress import Progress, across_ranks, from_root
 from .tokenfile import FORMAT_VERSION, TokenFile
 from .tokenizers import MAX_CODEPOINT, TOKENIZERS, ByteTokenizer, CharTokenizer, codepoints, mark_seen, token_dtype
+from .writers import clean_stale, mark
 
 CHUNK_TOKENS = 1 << 16           # HDF5 chunk: small enough that a random window reads little extra
 BPE_TRAIN_MB = 256               # BPE merges are learnt from the first this many MB of the corpus
+RESERVE_SLACK = 1 << 20          # room reserved for the token file's metadata beyond its tokens
 
 
 def default_data_path() -> str:
@@ -86,12 +91,55 @@ class _SplitWriter:
             self.pos += take
 
 
-def _make_scratch(scratch):
+def _io_reason(err):
+    """What the system said about a failed write: h5py's RuntimeError from closing a file whose
+    write failed carries the errno only in its text."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    found = re.search(r"errno = (\d+)", str(err))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _full(what, err):
+    return UserError(f"cannot write {what}: {_io_reason(err)}; free disk space (or raise the quota or "
+                     "file-size limit) next to the output and prepare again")
+
+
+def _reserve(tmp, nbytes):
+    """An empty HDF5 file at `tmp` with `nbytes` of disk allocated to it, so that a full disk or
+    quota is one clean OSError here, before HDF5 writes: HDF5 fails a write half-way with errors it
+    cannot recover from (its close fails, its objects' deallocation reports more, even crashes).
+    HDF5 then writes into the reserved space and cuts the file to its contents on close."""
+    with h5py.File(tmp, "w"):
+        pass
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # those: no reserving here
+            raise
+    finally:
+        os.close(fd)
+
+
+def clean_temporaries(out):
+    """Rank 0: remove what prepares of `out` killed mid-way left beside it (their writers are dead)."""
+    for path in clean_stale(out):
+        sys.stderr.write(f"removed {path}, left by a prepare that was killed\n")
+
+
+def _make_scratch(scratch, out):
     parent = os.path.dirname(scratch)
     try:
         os.makedirs(parent, exist_ok=True)
+        clean_temporaries(out)
         shutil.rmtree(scratch, ignore_errors=True)  # left by a killed run whose rank 0 had our pid
         os.mkdir(scratch)
+        mark(scratch)  # so that a later prepare knows whether its writer still runs
         return scratch
     except OSError as err:
         raise UserError(f"cannot create the output directory {parent!r} or a scratch directory in it: "
@@ -146,7 +194,7 @@ def _tokenize(share, tok, text_key, part, dtype, exchange):
             try:
                 ids.astype(dtype, copy=False).tofile(f)
             except OSError as err:
-                raise UserError(f"cannot write the scratch file {part!r}: {err.strerror}") from None
+                raise _full(f"the scratch file {part!r}", err) from None
             n_tokens, n_docs = n_tokens + len(ids), n_docs + docs
             if exchange.add(disk, len(ids)):
                 break
@@ -162,8 +210,10 @@ def _write(out, parts, counts, tok, dtype, val_fraction, source, attrs, progress
     n_train = n_total - n_val
     tmp = os.path.join(os.path.dirname(parts[0]), "tokens.h5")
     bar = Progress(n_total * dtype.itemsize, progress, "write")
+    json_bytes = len(tok.json.encode("utf-8")) if isinstance(tok, BPETokenizer) else 0
     try:
-        with h5py.File(tmp, "w") as f:
+        _reserve(tmp, n_total * dtype.itemsize * 65 // 64 + json_bytes + RESERVE_SLACK)
+        with h5py.File(tmp, "r+") as f:
             writer = _SplitWriter(f, n_train, n_val, dtype, tok.token_nbytes)
             done = 0
             for part in parts:
@@ -182,7 +232,11 @@ def _write(out, parts, counts, tok, dtype, val_fraction, source, attrs, progress
                 f.create_dataset("tokenizer_json", data=np.frombuffer(tok.json.encode("utf-8"), np.uint8))
         os.replace(tmp, out)
     except OSError as err:
-        raise UserError(f"cannot write {out!r}: {err}") from None
+        raise _full(repr(out), err) from None
+    except RuntimeError as err:  # h5py closing a file whose write failed (disk full): the errno is in the text
+        if "errno" not in str(err):
+            raise
+        raise _full(repr(out), err) from None
 
 
 def prepare(inputs=None, tokenizer="byte", val_fraction=0.1, out=None, progress=True, *, vocab_size=0,
@@ -197,6 +251,7 @@ def prepare(inputs=None, tokenizer="byte", val_fraction=0.1, out=None, progress=
     out = out or default_data_path()
     agree(lambda: _check_options(tokenizer, vocab_size, tokenizer_file, val_fraction, bpe_train_mb), comm)
     files, source = agree(lambda: gather(inputs), comm)
+    check_prepare(out, tokenizer, source)  # the same on every rank: no collective needed
     total = sum(size for _, size in files)
     if total == 0:
         raise UserError(f"{out}: the corpus is empty ({source or 'no files'}); give --input files that contain text")
@@ -206,7 +261,7 @@ def prepare(inputs=None, tokenizer="byte", val_fraction=0.1, out=None, progress=
     scratch, parts = os.path.abspath(f"{out}.tmp{os.getpid()}"), None
     attrs = {}
     try:
-        scratch = from_root(comm, lambda: _make_scratch(scratch))
+        scratch = from_root(comm, lambda: _make_scratch(scratch, out))
         parts = [os.path.join(scratch, f"part{r:05d}") for r in range(comm.Get_size())]
         if tokenizer == "bpe" and tok is None:
             tok_json, learnt = from_root(comm, lambda: _train(files, text_key, vocab_size, bpe_train_mb,
@@ -243,6 +298,8 @@ def ensure_prepared(path=None, comm=None, *, block_size=None, vocab_size=None, i
     path = path or default_data_path()
     may_prepare = inputs is not None or os.path.abspath(path) == os.path.abspath(default_data_path())
     error = None
+    if comm.Get_rank() == 0:
+        clean_temporaries(path)
     if comm.Get_rank() == 0 and may_prepare and not os.path.exists(path):
         try:
             prepare(inputs, tokenizer, out=path, progress=progress)
@@ -254,4 +311,16 @@ def ensure_prepared(path=None, comm=None, *, block_size=None, vocab_size=None, i
     error = comm.bcast(error, root=0)
     if error is not None:
         raise UserError(error)
-    return agree(lambda: TokenFile(path, block_size, vocab_size), comm)
+    return agree(lambda: _open_for_training(path, block_size, vocab_size, comm.Get_rank() == 0), comm)
+
+
+def _open_for_training(path, block_size, vocab_size, check_range):
+    """The token file, refused if its contents differ from what its name promises; a big file's
+    ids are range-checked by one rank only (agree tells the others), not read N times over."""
+    tf = TokenFile(path, block_size, vocab_size, check_range=check_range)
+    try:
+        check_file(tf)
+    except UserError:
+        tf.close()
+        raise
+    return tf

@@ -1,5 +1,10 @@
 """Reading HDF5 token files: open, validate (attributes, lengths, checksum, id range), expose
 the train and val splits and how many source bytes a token stands for. Layout: data/README.md.
+
+A file under IN_MEMORY_BYTES is loaded and checksummed when opened. A bigger one stays on disk
+(h5py datasets); its ids are still range-checked when opened, streamed in RANGE_CHUNK pieces, so a
+token beyond the vocabulary is one line at the start instead of an IndexError mid-run (the full
+checksum of a big file is `python -m llmpi.data verify`, which reads it all again).
 """
 import hashlib
 import os
@@ -8,21 +13,23 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
+from .names import prepare_command
 from .tokenizers import make_tokenizer
 
 FORMAT_VERSION = 1
 IN_MEMORY_BYTES = 256 << 20      # files below this are loaded (and checksummed) when opened
+RANGE_CHUNK = 1 << 24            # tokens per piece of a big file's id-range check (bounded memory)
 
 
 class TokenFile:
     """A validated, read-only token file. `.train`/`.val` are NumPy arrays for files under
-    IN_MEMORY_BYTES (checksum verified on open) and h5py datasets otherwise (`verify()`)."""
+    IN_MEMORY_BYTES (checksum verified on open) and h5py datasets otherwise (ids range-checked on
+    open unless check_range is False, `verify()` for the checksum)."""
 
-    def __init__(self, path, block_size=None, vocab_size=None, in_memory=None):
+    def __init__(self, path, block_size=None, vocab_size=None, in_memory=None, check_range=True):
         self.path = str(path)
         if not os.path.exists(self.path):
-            raise UserError(f"data file {self.path!r} not found; create it with "
-                            f"`python -m llmpi.data prepare --out {self.path}`")
+            raise UserError(f"data file {self.path!r} not found; create it with `{prepare_command(self.path)}`")
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as err:
@@ -32,7 +39,7 @@ class TokenFile:
             raise UserError(f"{self.path!r} is not an HDF5 file (or is damaged); "
                             "re-create it with `python -m llmpi.data prepare`") from None
         try:
-            self._open(block_size, vocab_size, in_memory)
+            self._open(block_size, vocab_size, in_memory, check_range)
         except BaseException:
             self.close()
             raise
@@ -40,7 +47,7 @@ class TokenFile:
     def _fail(self, problem, fix="re-create it with `python -m llmpi.data prepare`"):
         raise UserError(f"data file {self.path!r}: {problem}; {fix}")
 
-    def _open(self, block_size, vocab_size, in_memory):
+    def _open(self, block_size, vocab_size, in_memory, check_range):
         f = self._f
         for name in ("train", "val"):
             if not isinstance(f.get(name), h5py.Dataset) or f[name].ndim != 1:
@@ -85,6 +92,8 @@ class TokenFile:
             self._check(self._digest([self.train, self.val]))
         else:
             self.train, self.val = f["train"], f["val"]
+            if check_range:
+                self._check_range()
 
     @staticmethod
     def _digest(arrays):
@@ -95,6 +104,13 @@ class TokenFile:
                 sha.update(piece.tobytes())
                 top = max(top, int(piece.max()))
         return sha.hexdigest(), top
+
+    def _check_range(self):
+        """Every id below vocab_size, read in RANGE_CHUNK pieces (memory stays bounded)."""
+        top = max((int(split[lo:lo + RANGE_CHUNK].max()) for split in (self.train, self.val)
+                   for lo in range(0, len(split), RANGE_CHUNK)), default=-1)
+        if top >= self.vocab_size:
+            self._fail(f"token id {top} is out of range for vocab_size {self.vocab_size}")
 
     def _check(self, digest):
         sha, top = digest

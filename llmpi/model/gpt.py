@@ -51,15 +51,18 @@ def gpt2_layout(cfg):
     return stage_layout(cfg, 0, cfg.n_layer)
 
 
-def block_activation_bytes(cfg):
-    """Bytes per token one block caches for backward (see GPT.activation_bytes_per_token)."""
+def block_activation_bytes(cfg, K=1):
+    """Bytes per token one block caches for backward (see GPT.activation_bytes_per_token); on one of
+    K tensor shards the per-head and per-channel parts (qkv, probs, attention out, fc and gelu out)
+    are 1/K, the LayerNorms' inputs and outputs whole."""
     C, NH, T = cfg.n_embd, cfg.n_head, cfg.block_size
-    return (16 * C + NH * T + 4) * np.dtype(DTYPES[cfg.dtype]).itemsize
+    return (4 * C + (12 * C + NH * T) // K + 4) * np.dtype(DTYPES[cfg.dtype]).itemsize
 
 
-def head_activation_bytes(cfg):
-    """Bytes per token ln_f and the LM head keep for backward: (2C + 2 + V) x itemsize."""
-    return (2 * cfg.n_embd + 2 + cfg.vocab_size) * np.dtype(DTYPES[cfg.dtype]).itemsize
+def head_activation_bytes(cfg, K=1):
+    """Bytes per token ln_f and the LM head keep for backward: (2C + 2 + V) x itemsize, the
+    logits' V being ceil(V / K) on one of K vocab-parallel shards."""
+    return (2 * cfg.n_embd + 2 + -(-cfg.vocab_size // K)) * np.dtype(DTYPES[cfg.dtype]).itemsize
 
 
 def parameter_bytes(cfg, first=0, last=None):
@@ -71,9 +74,11 @@ def parameter_bytes(cfg, first=0, last=None):
 class GPT:
     """The model (or, with `blocks=(a, b)`, the part of it one pipeline stage holds) over one flat
     parameter buffer. `ops`: an op table (llmpi.model.ops); by default the one for xp and
-    cfg.dtype (llmpi.ops.op_table)."""
+    cfg.dtype (llmpi.ops.op_table). `tensor`: None for whole layers, or this rank's tensor group
+    (llmpi.parallel.tensor.TensorGroup): the buffer then holds this rank's shards under the same
+    names, and the group supplies the all-reduces and the vocab-parallel embedding and head."""
 
-    def __init__(self, cfg, xp=np, seed=0, ops=None, blocks=None):
+    def __init__(self, cfg, xp=np, seed=0, ops=None, blocks=None, tensor=None):
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (take it from the data file)")
         self.cfg = cfg
@@ -83,7 +88,9 @@ class GPT:
         if not 0 <= self.first < self.last <= cfg.n_layer:
             raise ValueError(f"blocks [{self.first}, {self.last}) are not a range of the {cfg.n_layer} blocks")
         self.whole = (self.first, self.last) == (0, cfg.n_layer)
-        self.params = FlatParams(stage_layout(cfg, self.first, self.last), xp, DTYPES[cfg.dtype])
+        self.tensor = tensor
+        layout = stage_layout(cfg, self.first, self.last)
+        self.params = FlatParams(tensor.layout(layout) if tensor else layout, xp, DTYPES[cfg.dtype])
         self._bind()
         self._init_weights(seed)
 
@@ -91,15 +98,23 @@ class GPT:
         """The stages and the matmuls' weights over the current `params`."""
         p, cfg = self.params, self.cfg
         self.weights = self.ops.weights(p)  # what the matmuls read: the params, or padded/bf16 copies
-        self.embedding = Embedding(p, self.ops) if self.first == 0 else None
-        self.blocks = Blocks(p, self.ops, cfg.n_head, self.first, self.last)
-        self.head = Head(p, self.ops, cfg.vocab_size) if self.last == cfg.n_layer else None
+        t = self.tensor
+        if self.first == 0:
+            self.embedding = t.embedding(p, self.ops) if t else Embedding(p, self.ops)
+        else:
+            self.embedding = None
+        self.blocks = Blocks(p, self.ops, cfg.n_head // (t.K if t else 1), self.first, self.last,
+                             reduce=t.sum if t else None)
+        if self.last == cfg.n_layer:
+            self.head = t.head(p, self.ops, cfg.vocab_size) if t else Head(p, self.ops, cfg.vocab_size)
+        else:
+            self.head = None
 
     def _init_weights(self, seed):
         """GPT-2 init: N(0, 0.02) weights, N(0, 0.02/sqrt(2L)) residual projections, zero biases, unit LN gains.
         The random numbers are drawn over the whole model's layout in order, keeping this part's
-        names, so every part (and the tied wte copy) starts exactly as in the whole model, while
-        only one parameter at a time exists beyond this part's buffer."""
+        names, so every part (and the tied wte copy, and every tensor shard) starts exactly as in
+        the whole model, while only one parameter at a time exists beyond this part's buffer."""
         p = self.params
         rng = np.random.default_rng(seed)
         host = np.zeros(p.size, dtype=np.float64)
@@ -114,6 +129,8 @@ class GPT:
                 continue
             if name in p.spans:
                 offset, size = p.spans[name]
+                if self.tensor and not np.isscalar(values):
+                    values = self.tensor.shard(name, values.reshape(shape)).ravel()
                 host[offset:offset + size] = values
         p.load(host)
 
@@ -172,8 +189,10 @@ class GPT:
     def loss(self, idx, targets):
         """Mean token loss of idx (B, T) -> targets (B, T), for evaluation: nothing is kept for
         backward (the kernels' classifier writes no dlogits)."""
-        logits, _, _ = self.forward(idx)
-        return float(self.ops.crossentropy.loss(logits, targets))
+        self._check_whole("loss")
+        x, _ = self.embedding.forward(idx)
+        x, _ = self.blocks.forward(x, self.weights.refresh())
+        return self.head.loss(x, self.weights.head, targets)
 
     def grad_spans(self):
         """The flat spans backward hands to on_block_done, in its order: the last block together

@@ -50,8 +50,11 @@ class Blocks:
     """Pre-LN transformer blocks first..last-1: x (B, T, C) -> x (B, T, C).
     Per block: x += attn(ln_1(x)); x += mlp(ln_2(x)), mlp = c_proj(gelu(c_fc(.)))."""
 
-    def __init__(self, params, ops, n_head, first, last):
-        self.ops, self.n_head, self.first, self.last = ops, n_head, first, last
+    def __init__(self, params, ops, n_head, first, last, reduce=None):
+        """n_head: the heads this rank computes; reduce: None for whole layers, or the in-place sum
+        over a tensor group (llmpi.parallel.tensor) when the params are its rank's shards: it then
+        follows each row-parallel product and each column-parallel input gradient."""
+        self.ops, self.n_head, self.first, self.last, self.reduce = ops, n_head, first, last, reduce
         self.names = [{name: f"h.{i}.{name}" for name, _ in BLOCK_PARAMS} for i in range(first, last)]
         self.params, self.grads = params.views, params.grad_views
 
@@ -63,12 +66,12 @@ class Blocks:
             ln1, c_ln1 = ops.layernorm.forward(x, p[n["ln_1.weight"]], p[n["ln_1.bias"]])
             qkv, c_qkv = ops.linear.forward(ln1, weights[n["attn.c_attn.weight"]], p[n["attn.c_attn.bias"]])
             att, c_att = ops.attention.forward(qkv, self.n_head)  # qkv (B, T, 3C) -> (B, T, C)
-            proj, c_proj = ops.linear.forward(att, weights[n["attn.c_proj.weight"]], p[n["attn.c_proj.bias"]])
+            proj, c_proj = self._row_parallel(att, weights[n["attn.c_proj.weight"]], p[n["attn.c_proj.bias"]])
             x, _ = ops.residual.forward(x, proj)
             ln2, c_ln2 = ops.layernorm.forward(x, p[n["ln_2.weight"]], p[n["ln_2.bias"]])
             fc, c_fc = ops.project(ln2, weights[n["mlp.c_fc.weight"]])  # (B, T, 4C), bias added by bias_gelu
             act, c_gelu = ops.bias_gelu.forward(fc, p[n["mlp.c_fc.bias"]])
-            mlp, c_mlp = ops.linear.forward(act, weights[n["mlp.c_proj.weight"]], p[n["mlp.c_proj.bias"]])
+            mlp, c_mlp = self._row_parallel(act, weights[n["mlp.c_proj.weight"]], p[n["mlp.c_proj.bias"]])
             x, _ = ops.residual.forward(x, mlp)
             caches.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp))
         return x, caches
@@ -83,16 +86,30 @@ class Blocks:
             dres, dmlp = ops.residual.backward(dx, None)
             dact = ops.linear.backward(dmlp, c_mlp, g[n["mlp.c_proj.weight"]], g[n["mlp.c_proj.bias"]])
             dfc = ops.bias_gelu.backward(dact, c_gelu)
-            dln2 = ops.linear.backward(dfc, c_fc, g[n["mlp.c_fc.weight"]], g[n["mlp.c_fc.bias"]])
+            dln2 = self._gathered(ops.linear.backward(dfc, c_fc, g[n["mlp.c_fc.weight"]], g[n["mlp.c_fc.bias"]]))
             dres = ops.layernorm.backward(dln2, c_ln2, g[n["ln_2.weight"]], g[n["ln_2.bias"]], dx=dres)
             dres, dproj = ops.residual.backward(dres, None)
             datt = ops.linear.backward(dproj, c_proj, g[n["attn.c_proj.weight"]], g[n["attn.c_proj.bias"]])
             dqkv = ops.attention.backward(datt, c_att)
-            dln1 = ops.linear.backward(dqkv, c_qkv, g[n["attn.c_attn.weight"]], g[n["attn.c_attn.bias"]])
+            dln1 = self._gathered(ops.linear.backward(dqkv, c_qkv, g[n["attn.c_attn.weight"]],
+                                                      g[n["attn.c_attn.bias"]]))
             dx = ops.layernorm.backward(dln1, c_ln1, g[n["ln_1.weight"]], g[n["ln_1.bias"]], dx=dres)
             if on_block_done is not None:
                 on_block_done(i)
         return dx
+
+    def _row_parallel(self, x, W, b):
+        """x @ W + b; over a tensor group the sum of the ranks' partial products, then the bias."""
+        if self.reduce is None:
+            return self.ops.linear.forward(x, W, b)
+        out, cache = self.ops.project(x, W)
+        self.reduce(out)
+        out += b
+        return out, cache
+
+    def _gathered(self, dx):
+        """A column-parallel layer's input gradient: over a tensor group the sum of the ranks' parts."""
+        return dx if self.reduce is None else self.reduce(dx)
 
 
 class Head:
@@ -116,6 +133,11 @@ class Head:
             return logits, None, cache
         loss, cache["ce"] = self.ops.crossentropy.forward(logits, targets)
         return None, loss, cache
+
+    def loss(self, x, head_weight, targets):
+        """Mean token loss for evaluation: nothing is kept for backward."""
+        logits, _, _ = self.forward(x, head_weight)
+        return float(self.ops.crossentropy.loss(logits, targets))
 
     def backward(self, cache, loss_scale=1.0):
         """-> dx (B, T, C) of loss_scale * mean token loss; adds into dwte and ln_f's gradients."""

@@ -353,12 +353,15 @@ def place(costs, blocks, micro_batches, schedule="1f1b", memory_limit=None):
     return _place(st, parse_partition(blocks, st.L, st.S))
 
 
-def optimal(costs, S, micro_batches, schedule="1f1b", memory_limit=None):
-    """The `auto` Plan: partition and placement of least predicted step (module docstring)."""
+def optimal(costs, S, micro_batches, schedule="1f1b", memory_limit=None, placed=False):
+    """The `auto` Plan: partition and placement of least predicted step (module docstring); with
+    `placed`, the partition of least step on the default slots (a tensor-parallel grid's)."""
     st = _Stages(costs, S, micro_batches, schedule, memory_limit)
     D = st.D
-    exact = search_work(costs.ranks, S, st.L, np.ndim(costs.send_time) == 2) <= EXACT_WORK
-    if exact:
+    exact = placed or search_work(costs.ranks, S, st.L, np.ndim(costs.send_time) == 2) <= EXACT_WORK
+    if placed:
+        step, blocks, groups = st.search([tuple(d * S + s for d in range(D)) for s in range(S)])
+    elif exact:
         step, blocks, groups = st.search()
     else:
         speed = sorted(range(costs.ranks), key=lambda r: (st.time(r, 0, 0, st.L), r))

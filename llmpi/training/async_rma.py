@@ -14,6 +14,16 @@ train.max_iters x world_size, is spent: tickets at or past the budget are not ap
 so exactly that many updates land. Only then do the ranks meet again (barrier), assemble,
 evaluate and checkpoint the final parameters.
 
+Periodic checkpoints (`train.ckpt_interval` steps = that many x P versions), with no collective in
+the loop: each rank writes its own part (rank{r}_STEP.h5: its optimizer moments, its sampler
+position, the samples of its pushes below the boundary) at its first push at or past the
+boundary; the rank whose push made the boundary version writes the parameters, a snapshot of the
+windows read right after it (pushes still in flight may be in it or not: as in any async read);
+the rank whose part completes the set writes the manifest (llmpi.training.checkpoint). A crash
+then loses at most ckpt_interval steps, and --resume takes the checkpoint like the final one.
+A non-finite loss on any rank ends the job before that update is pushed: the rank raises the
+shared stop flag, every rank leaves the loop, and after the barrier all say so in one line.
+
 Learning rate of a push (`parallel.async_lr`): "per_sample" uses lr / P, so P pushes of
 batch B/P move the weights as far as one synchronous step of batch B would with SGD;
 "sqrt" uses lr / sqrt(P), which suits AdamW better: its update has about the same size
@@ -37,14 +47,18 @@ pull (R Get_accumulate + R Flush: the vector's bytes again) and three element-wi
 `max_staleness` (bounded staleness, SSP) is orthogonal: it decides when to recompute, the rule
 how far a push moves.
 """
+import os
 import time
 
+import h5py
 import numpy as np
 
 from .. import backend
 from ..comm.rma import ShardedWindow, VersionCounter
 from ..comm.world import rprint
 from ..data import get_batch
+from ..errors import UserError
+from . import ckpt_files as checkpoint  # not .checkpoint: it imports the config, which imports us
 from .metrics import Progress, loss_text
 from .optim import schedule_lr
 
@@ -111,9 +125,12 @@ def train_async(run):
         window.put_all(params.data)
         if start_version:
             version.fetch_add(start_version)
+        _forget_after(run.run_dir, start_version // P)
     comm.Barrier()  # the windows hold the initial parameters before anyone pulls
 
     count = run.balancer.counts[run.rank]
+    periodic = _Periodic(run, budget, start_version, window)
+    non_finite = None  # (version pulled, local step, loss) of this rank's first non-finite loss
     # (ticket, wall, loss, lr, staleness, comm seconds, samples, bytes pulled and pushed) of this rank's
     # applied pushes
     rows = []
@@ -148,6 +165,10 @@ def train_async(run):
             pull_s += time.perf_counter() - t_p
             pulls += 1
             loss = local_gradient(run, local_step * P + run.rank, count)
+        if not np.isfinite(loss):  # never pushed: the windows keep the last good parameters
+            non_finite = (v_pull, local_step, loss)
+            stop_flag.fetch_add(1)
+            break
         if run.slowdown > 1.0:
             time.sleep((run.slowdown - 1.0) * (time.perf_counter() - t0))
         if w_now is not None:  # dc: where the others have moved the vector since the pull
@@ -171,6 +192,7 @@ def train_async(run):
         wall = time.perf_counter() - t_origin
         rows.append((ticket, wall, loss, lr, ticket - v_pull, comm_s, count, (pulls + 1) * nbytes))
         local_step += 1
+        periodic.after_push(ticket, rows)
         progress.add(count * T * P, comm_s)
         if run.is_root and local_step % job.train.log_interval == 0:
             rprint(progress.line((ticket + 1) // P - 1, loss, lr, f"version {ticket + 1}/{budget} "
@@ -182,6 +204,13 @@ def train_async(run):
     if run.stop.requested:
         stop_flag.fetch_add(1)
     comm.Barrier()  # every push has completed at its target once all ranks are here
+    error = _non_finite_error(run, comm.allgather(non_finite), P)
+    if error:
+        for w in (window, version, stop_flag):
+            w.free()
+        raise error
+    if run.is_root:
+        checkpoint.remove_incomplete(run.run_dir)  # parts of a boundary some rank left the loop before
     window.get(params.data)
     final_version = min(version.read(), budget)
     stopped_early = final_version < budget
@@ -197,6 +226,98 @@ def train_async(run):
     if stopped_early:
         rprint(f"stop requested by signal: checkpointed at version {final_version}, exiting")
     return 0
+
+
+def _forget_after(run_dir, step):
+    """Checkpoint files past the step this run starts from (a crashed run's, some of them without a
+    manifest, or a newer one that failed to verify): they must not join this run's checkpoints."""
+    for path in checkpoint.list_checkpoints(run_dir):
+        if int(checkpoint.NAME_RE.search(path).group(1)) > step:
+            checkpoint.remove(path)
+    checkpoint.remove_incomplete(run_dir)
+
+
+def _non_finite_error(run, reports, P):
+    """After the loop, the same on every rank: the line naming the first non-finite loss, or None."""
+    found = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
+    if not found:
+        return None
+    rank, (version, local_step, loss) = min(found, key=lambda item: item[1][0])
+    kept = checkpoint.latest(run.run_dir)
+    return UserError(f"the loss became {loss} on rank {rank} at version {version} (step {version // P}); "
+                    "training stopped before that update" + (f", {kept} is the last checkpoint" if kept else "")
+                    + "; lower optim.lr, raise schedule.warmup_iters or check the data")
+
+
+class _Periodic:
+    """The periodic checkpoints of one rank (module doc): its part at each boundary it passes."""
+
+    def __init__(self, run, budget, start_version, window):
+        self.run, self.budget, self.window = run, budget, window
+        self.every = run.job.train.ckpt_interval * run.world
+        self.done = start_version  # the newest boundary this rank has written its part of
+        self.base = _resumed_samples(run, start_version, run.job.train.batch_size, run.world)
+        self.reported = (start_version, None)  # (boundary, path) of rank 0's last "checkpoint:" line
+
+    def after_push(self, ticket, rows):
+        """This rank's part of every boundary its push passed (more than one when the others pushed
+        past several while it computed: each checkpoint needs every rank's part)."""
+        if not self.every:  # train.ckpt_interval = 0: the final checkpoint only
+            return
+        newest = (ticket + 1) // self.every * self.every
+        for boundary in range(self.done + self.every, min(newest, self.budget - 1) + 1, self.every):
+            self._part(ticket, rows, boundary)
+        self.done = max(self.done, newest)
+        latest = checkpoint.latest(self.run.run_dir) if self.run.is_root and newest > self.reported[0] else None
+        if latest and latest != self.reported[1]:  # rank 0 tells of the newest, whoever wrote it
+            self.reported = (newest, latest)
+            rprint(f"checkpoint: {latest}")
+
+    def _part(self, ticket, rows, boundary):
+        run = self.run
+        path = checkpoint.checkpoint_path(run.run_dir, boundary // run.world)
+        if ticket + 1 == boundary:  # this push made the boundary version: snapshot the windows now
+            params = run.model.params
+            self.window.get(params.data)  # the next pull overwrites it anyway
+            if not bool(run.xp.isfinite(params.data).all()):  # overflowed: never a checkpoint (it stays
+                return  # incomplete, removed later); the next loss is non-finite and stops the run
+            checkpoint.save_stage(checkpoint.stage_path(path, 0),
+                                  {n: backend.to_host(params.views[n]) for n in params.names}, None,
+                                  run.optimizer.t)
+        mine = sum(row[6] for row in rows if row[0] < boundary)
+        checkpoint.save_rank_part(checkpoint.rank_path(path, run.rank), run.rank,
+                                  {"optim": _host_state(run.optimizer), "sampler": run.sampler.state_dict()},
+                                  attrs={"samples": mine})
+        self._complete(path, boundary)
+
+    def _complete(self, path, boundary):
+        """The manifest, by the one rank that finds every part in place and wins the claim."""
+        run, P = self.run, self.run.world
+        parts = [checkpoint.rank_path(path, r) for r in range(P)]
+        stage = checkpoint.stage_path(path, 0)
+        if not all(os.path.exists(p) for p in [stage, *parts]):
+            return
+        claimed = checkpoint.claim(path)
+        if not claimed:
+            return
+        samples = self.base
+        for part in parts:
+            with h5py.File(part, "r") as f:
+                samples += int(f.attrs["samples"])
+        with open(os.path.join(run.run_dir, "config.toml")) as f:  # the resolved job, as Run wrote it
+            config_toml = f.read()
+        checkpoint.save_manifest_text(path, boundary // P, config_toml, [stage], balancer=run.balancer.state_dict(),
+                                 attrs={"world_size": P, "mode": "async", "pipeline": 1, "data_world": P,
+                                        "version": boundary, "samples": samples,
+                                        "rank_files": [os.path.basename(p) for p in parts]})
+        try:  # as Run.save: only a checkpoint that reads back whole lets older ones go
+            checkpoint.check_files(path, [path, stage, *parts])
+            run.verified = path
+        except UserError as err:
+            print(f"[rank {run.rank}] warning: the new checkpoint does not verify ({err}); keeping the older ones",
+                  flush=True)
+        checkpoint.prune(run.run_dir, protect=run.verified)
+        os.remove(claimed)
 
 
 def _next_multiple(v, k):

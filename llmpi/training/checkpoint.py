@@ -1,5 +1,5 @@
 """HDF5 checkpoints under the HF parameter names, one file per pipeline stage joined by a
-manifest, written atomically, loaded without pickle, readable by any layout.
+manifest, written atomically (llmpi.training.ckpt_files), loaded without pickle, readable by any layout.
 
 runs/NAME/ckpt_STEP.h5, the manifest (format_version 2):
   attrs: format_version, step, config (the resolved job as TOML), world_size, mode, pipeline
@@ -8,8 +8,13 @@ runs/NAME/ckpt_STEP.h5, the manifest (format_version 2):
   /sampler_rank{d}/KEY   each data replica's sampler state (cursors of the sharded strategies)
   /optim_rank{r}/KEY     async mode: each worker's own optimizer state (flat, whole model)
   /balancer/KEY          work-allocation state
+  rank_files             async periodic checkpoints: the per-rank groups are in rank{r}_STEP.h5, one
+                         per rank, each written by its rank (no gather in the loop), not here
 runs/NAME/stage{s}_STEP.h5, one per stage, written by that stage's rank of replica 0 (named so
-that `ckpt_*.h5` finds the manifests only):
+that `ckpt_*.h5` finds the manifests only); with tensor parallelism one per shard,
+stage{s}.t{k}_STEP.h5 (attrs tensor_rank k, tensor_size K), holding that rank's shards (each with
+attr full_shape; llmpi.parallel.tensor.unshard joins the K pieces for a reader of any K) and, in
+shard 0's file only, the replicated parameters:
   /params/NAME           the stage's parameters, one dataset per HF name (the LM head's tied
                          copy of wte is not written twice: the first stage has wte)
   /optim/KEY/NAME        sync mode: its optimizer state by name (AdamW m, v; SGD's buffer);
@@ -23,8 +28,6 @@ temporary name, fsynced and renamed; the manifest comes last, so a checkpoint ex
 all of its parts do. Format 1 checkpoints (one flat /params buffer) are read too, their flat
 buffers cut into names by the model config they carry.
 """
-import glob
-import hashlib
 import os
 import re
 
@@ -34,122 +37,22 @@ import numpy as np
 from .. import config as config_mod
 from ..errors import UserError
 from ..model.gpt import gpt2_layout
+from ..parallel.tensor import unshard
+# the file operations live there (re-exported here for the trainer and tools)
+from .ckpt_files import (FORMAT_VERSION, NAME_RE, _check_digest, _damaged, check_files, checkpoint_path,  # noqa: F401
+                         claim, latest, list_checkpoints, prune, rank_path, remove, remove_incomplete,
+                         save_manifest_text, save_rank_part, save_stage, stage_path)
 
-FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-NAME_RE = re.compile(r"ckpt_(\d+)\.h5$")
-
-
-def checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, f"ckpt_{step:07d}.h5")
-
-
-def stage_path(path: str, stage: int) -> str:
-    """The file of `stage` beside the manifest `path` (runs/NAME/ckpt_STEP.h5 -> stageS_STEP.h5)."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f"stage{stage}_{NAME_RE.search(name).group(1)}.h5")
-
-
-def _digest(array):
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def _write_group(f, name, d):
-    """One dataset per entry, each with the sha256 of its bytes (checked whenever it is read)."""
-    g = f.create_group(name)
-    for k, v in d.items():
-        ds = g.create_dataset(k, data=np.asarray(v))
-        ds.attrs["sha256"] = _digest(ds[()])
-
-
-def _durable_replace(tmp, path):
-    """Rename tmp to path so that it survives a power loss or kernel crash too: the data reaches
-    the disk before the rename, and the rename before the caller prunes older checkpoints."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _atomic_h5(path, fill):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w") as f:
-            fill(f)
-        _durable_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def save_stage(path, params, optim=None, optim_step=0):
-    """One stage's file: params {name: host array}; optim {key: {name: host array}}."""
-    def fill(f):
-        _write_group(f, "params", params)
-        for key, named in (optim or {}).items():
-            _write_group(f, f"optim/{key}", named)
-        f.attrs["optim_step"] = int(optim_step)
-    return _atomic_h5(path, fill)
 
 
 def save_manifest(path, step, job, stages, per_rank=None, balancer=None, attrs=None):
     """The manifest, once every stage file in `stages` (their paths) is in place."""
-    def fill(f):
-        for prefix, states in (per_rank or {}).items():
-            for r, st in enumerate(states):
-                _write_group(f, f"{prefix}_rank{r}", st or {})
-        if balancer:
-            _write_group(f, "balancer", balancer)
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["step"] = int(step)
-        f.attrs["config"] = config_mod.to_toml(job)
-        f.attrs["stage_files"] = [os.path.basename(p) for p in stages]
-        for k, v in (attrs or {}).items():
-            f.attrs[k] = v
-    return _atomic_h5(path, fill)
-
-
-def prune(run_dir: str, keep: int = 2, protect=None):
-    """Keep only the newest `keep` checkpoints so long runs do not fill the disk, and `protect`
-    (the newest one known to verify) whatever its age; the manifest goes first, so a half-pruned
-    checkpoint is never taken for a whole one."""
-    for old in list_checkpoints(run_dir)[:-keep]:
-        if protect is None or os.path.abspath(old) != os.path.abspath(protect):
-            remove(old)
-
-
-def remove(path):
-    """A checkpoint: its manifest, then its stage files."""
-    os.remove(path)
-    folder, name = os.path.split(path)
-    for part in glob.glob(os.path.join(glob.escape(folder), f"stage*_{NAME_RE.search(name).group(1)}.h5")):
-        os.remove(part)
-
-
-def list_checkpoints(run_dir: str):
-    found = [p for p in glob.glob(os.path.join(run_dir, "ckpt_*.h5")) if NAME_RE.search(p)]
-    return sorted(found, key=lambda p: int(NAME_RE.search(p).group(1)))
-
-
-def latest(run_dir: str):
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    return save_manifest_text(path, step, config_mod.to_toml(job), stages, per_rank, balancer, attrs)
 
 
 def _read_group(f, name):
     return {k: f[name][k][()] for k in f[name]} if name in f else {}
-
-
-def _damaged(path, err):
-    return UserError(f"checkpoint {path} is damaged ({err}); delete it to resume from an older one")
 
 
 class Checkpoint:
@@ -160,7 +63,10 @@ class Checkpoint:
         self.path = path
         self.step, self.config, self.attrs = meta["step"], meta["config"], meta["attrs"]
         self.per_rank, self.balancer = meta["per_rank"], meta["balancer"]
-        self._sources = sources  # name -> (file, dataset path, flat span or None) per kind
+        self.rank_files = meta["rank_files"]  # the files of the per-rank groups, if not the manifest
+        # name -> (file, dataset path, flat span or None) per kind; for a tensor-sharded name the
+        # file and dataset are tuples over its shards in rank order and the span is "shards"
+        self._sources = sources
         self.optim_step = meta["optim_step"]
 
     def names(self):
@@ -183,6 +89,9 @@ class Checkpoint:
         try:
             for name in names:
                 file, dataset, span = table[name]
+                if span == "shards":
+                    out[name] = self._joined(name, file, dataset)
+                    continue
                 with h5py.File(file, "r") as f:  # a format-1 span is (lo, hi, shape)
                     out[name] = f[dataset][()] if span is None else f[dataset][span[0]:span[1]].reshape(span[2])
                     _check_digest(f[dataset], out[name], self.path)
@@ -190,25 +99,23 @@ class Checkpoint:
             raise _damaged(self.path, err) from None
         return out
 
-
-def _check_digest(dataset, value, path):
-    expected = dataset.attrs.get("sha256")
-    if expected is not None and _digest(value) != expected:
-        raise UserError(f"checkpoint {path} is damaged (checksum mismatch in {dataset.name})")
+    def _joined(self, name, files, datasets):
+        """The whole parameter from its tensor shards (one at a time: never the whole model)."""
+        pieces, full_shape = [], None
+        for file, dataset in zip(files, datasets):
+            with h5py.File(file, "r") as f:
+                pieces.append(f[dataset][()])
+                _check_digest(f[dataset], pieces[-1], self.path)
+                full_shape = tuple(int(n) for n in f[dataset].attrs["full_shape"])
+        return unshard(name, pieces, full_shape)
 
 
 def verify(path):
     """Read every dataset of the checkpoint (manifest and stage files) and check its checksum;
     a UserError names the first problem."""
     ck = load(path)
-    files = {path} | {src[0] for table in ck._sources.values() for src in table.values()}
-    for file in sorted(files):
-        try:
-            with h5py.File(file, "r") as f:
-                f.visititems(lambda name, obj: _check_digest(obj, obj[()], path)
-                             if isinstance(obj, h5py.Dataset) else None)
-        except OSError as err:
-            raise _damaged(path, err) from None
+    check_files(path, {path, *ck.rank_files} | {file for table in ck._sources.values() for src in table.values()
+                                                for file in (src[0] if src[2] == "shards" else (src[0],))})
     return ck
 
 
@@ -234,15 +141,26 @@ def load(path: str) -> Checkpoint:
         try:
             meta = {"step": int(f.attrs["step"]), "config": config_mod.from_toml_text(f.attrs["config"]),
                     "balancer": _read_group(f, "balancer"), "attrs": {k: f.attrs[k] for k in f.attrs},
-                    "per_rank": {}, "optim_step": 0}
-            for name in f:
-                m = re.match(r"(\w+)_rank(\d+)$", name)
-                if m:
-                    meta["per_rank"].setdefault(m.group(1), {})[int(m.group(2))] = _read_group(f, name)
+                    "per_rank": {}, "optim_step": 0, "rank_files": []}
+            _read_per_rank(f, meta["per_rank"])
+            for name in f.attrs.get("rank_files", []):
+                part = os.path.join(os.path.dirname(os.path.abspath(path)), str(name))
+                if not os.path.isfile(part):
+                    raise OSError(f"its rank file {part} is missing")
+                with h5py.File(part, "r") as g:
+                    _read_per_rank(g, meta["per_rank"])
+                meta["rank_files"].append(part)
             sources = _v1_sources(path, f, meta) if version == 1 else _v2_sources(path, f, meta)
         except (OSError, KeyError, ValueError, TypeError) as err:  # TOMLDecodeError is a ValueError
             raise _damaged(path, err) from None
     return Checkpoint(path, meta, sources)
+
+
+def _read_per_rank(f, per_rank):
+    for name in f:
+        m = re.match(r"(\w+)_rank(\d+)$", name)
+        if m:
+            per_rank.setdefault(m.group(1), {})[int(m.group(2))] = _read_group(f, name)
 
 
 def _v1_sources(path, f, meta):
@@ -265,20 +183,30 @@ def _v1_sources(path, f, meta):
 
 
 def _v2_sources(path, f, meta):
-    sources = {"params": {}}
+    sources, shards = {"params": {}}, {}  # shards: (kind, name) -> {k: (file, dataset)}, K
     folder = os.path.dirname(os.path.abspath(path))
     for stage_file in f.attrs["stage_files"]:
         part = os.path.join(folder, str(stage_file))
         if not os.path.isfile(part):
             raise OSError(f"its stage file {part} is missing")
         with h5py.File(part, "r") as g:
-            for name in g["params"]:
-                sources["params"].setdefault(name, (part, f"params/{name}", None))
-            for key in g.get("optim", {}):
-                table = sources.setdefault(key, {})
-                for name in g["optim"][key]:
-                    table.setdefault(name, (part, f"optim/{key}/{name}", None))
+            k, K = int(g.attrs.get("tensor_rank", 0)), int(g.attrs.get("tensor_size", 1))
+            groups = [("params", g["params"], "params")]
+            groups += [(key, g["optim"][key], f"optim/{key}") for key in g.get("optim", {})]
+            for kind, group, prefix in groups:
+                table = sources.setdefault(kind, {})
+                for name in group:
+                    if "full_shape" in group[name].attrs:
+                        pieces, _ = shards.setdefault((kind, name), ({}, K))
+                        pieces.setdefault(k, (part, f"{prefix}/{name}"))
+                    else:
+                        table.setdefault(name, (part, f"{prefix}/{name}", None))
             meta["optim_step"] = int(g.attrs.get("optim_step", 0))
+    for (kind, name), (pieces, K) in shards.items():
+        if sorted(pieces) != list(range(K)):
+            raise OSError(f"{name} has {len(pieces)} of its {K} tensor shards")
+        files, datasets = zip(*(pieces[k] for k in range(K)))
+        sources[kind].setdefault(name, (files, datasets, "shards"))
     return sources
 
 

@@ -15,7 +15,8 @@ this is the synchronous step (the update is linear in the gradient); communicati
 falls by H, which metrics.h5 shows in `comm_bytes` (logged on the round's last step).
 
 One small all-reduce per round carries the ranks' losses and any stop request, so evaluation,
-checkpoints and signals happen at round ends, when the replicas agree: the progress line,
+checkpoints, signals and a non-finite loss (the run stops before the outer step, naming the
+step) happen at round ends, when the replicas agree: the progress line,
 evaluation and checkpoint come at the first round end at or after each of their intervals.
 Each rank's optimizer state is its own, so checkpoints keep one per rank (as async does).
 """
@@ -29,6 +30,7 @@ from ..comm.buckets import Allreducer
 from ..comm.world import agree, rprint
 from ..errors import UserError
 from .async_rma import local_gradient
+from .ckpt_files import latest
 from .metrics import Progress, loss_text
 from .optim import schedule_lr
 
@@ -81,6 +83,8 @@ def train_local(run):
         reducer.reduce(delta)
         run.comm.Allreduce(MPI.IN_PLACE, loss_sums)
         comm_s = time.perf_counter() - t_c
+        for i, s in enumerate(range(step, end)):  # every rank has the same sums: all stop alike
+            run.check_finite(loss_sums[i] / B, s + 1)  # before the outer step: w_0 stays the last good weights
         params.data[...] = outer_step(anchor, delta, momentum, p.outer_lr, p.outer_momentum)
         wall = time.perf_counter() - t_origin
         for i, s in enumerate(range(step, end)):
@@ -111,6 +115,16 @@ def _restore_outer(run, momentum):
         momentum[...] = run.xp.asarray(saved["momentum"]).reshape(momentum.shape)
 
 
+def _refuse_non_finite(run, step):
+    """Weights that overflowed (the loss may still have been finite) are never checkpointed; the
+    replicas hold the same weights after the outer step, so every rank decides alike."""
+    if not bool(run.xp.isfinite(run.model.params.data).all()):
+        kept = latest(run.run_dir)
+        raise UserError(f"the weights became non-finite at step {step}; training stopped before checkpointing "
+                        f"them{f', {kept} is the last checkpoint' if kept else ''}; lower optim.lr, raise "
+                        "schedule.warmup_iters or check the data")
+
+
 def _end_round(run, before, step, wall, loss, progress, stopping, momentum):
     """Run.end_step for a round that ended at `step`, with each rank's optimizer state in the
     checkpoint. Collective; returns True when the loop ends."""
@@ -124,6 +138,7 @@ def _end_round(run, before, step, wall, loss, progress, stopping, momentum):
         rprint(f"eval: step {step} | {loss_text('val loss', val, run.bytes_per_token)}")
         run.metrics.flush()
     if _crossed(before, step, t.ckpt_interval) or done or stopping:
+        _refuse_non_finite(run, step)
         state = {k: backend.to_host(v) for k, v in run.optimizer.state_dict().items()}
         keep_outer = run.is_root and run.job.parallel.outer_momentum > 0
         outer = {"momentum": backend.to_host(momentum)} if keep_outer else None

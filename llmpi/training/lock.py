@@ -12,34 +12,10 @@ import os
 import socket
 import time
 
+from ..data.writers import alive, process_start
 from ..errors import UserError
 
 NAME = ".lock"
-
-
-def _process_start(pid):
-    """(state, start time in clock ticks) of a process from /proc, or None where there is none."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], fields[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid, start=None):
-    """Whether the lock holder still runs: a zombie (killed, not yet reaped) or a pid reused by a
-    process that started at another time is gone too."""
-    if os.path.isdir("/proc"):
-        found = _process_start(pid)
-        return found is not None and found[0] != "Z" and (start is None or found[1] == start)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # somebody else's process
-        return True
-    return True
 
 
 class RunLock:
@@ -49,7 +25,7 @@ class RunLock:
         self.note = None  # what was found and removed, for the caller to print
 
     def acquire(self):
-        found = _process_start(os.getpid())
+        found = process_start(os.getpid())
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": found[1] if found else None,
               "job": os.environ.get("SLURM_JOB_ID", ""), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):  # a second try after removing a stale lock
@@ -72,7 +48,7 @@ class RunLock:
         except (OSError, ValueError):  # half-written by a starter killed at that moment, or gone already
             holder = {}
         host, pid = holder.get("host"), int(holder.get("pid", 0) or 0)
-        if holder and host == socket.gethostname() and pid and not _alive(pid, holder.get("start")):
+        if holder and host == socket.gethostname() and pid and not alive(pid, holder.get("start")):
             os.remove(self.path)
             self.note = f"removed the stale lock of pid {pid} (no longer running) from {self.path}"
             return

@@ -22,7 +22,8 @@ from ..comm.device import device_direct
 from ..comm.p2p import FORWARD, Channel, exchange_add, tag
 from ..comm.world import agree, rprint
 from ..data import get_batch
-from ..model.gpt import block_activation_bytes, head_activation_bytes
+from ..errors import UserError
+from ..model.gpt import DTYPES, block_activation_bytes, head_activation_bytes, stage_layout
 from .. import config as config_mod
 from ..parallel import partition
 from ..parallel.allocate import even_split
@@ -30,6 +31,7 @@ from ..parallel.grid import check_shape, make_grid
 from ..parallel.partition import parse_partition
 from ..parallel.pipeline import StageStep, micro_batch_count, micro_batch_sizes, peak_in_flight
 from ..parallel.profile import profile
+from ..parallel.tensor import TensorGroup, replicated
 from .metrics import Progress
 from .optim import make_optimizer, schedule_lr
 from .run import Run
@@ -54,18 +56,21 @@ class PipelineRun(Run):
 
     def _layout(self):
         job, p = self.job, self.job.parallel
-        S = self.stages = p.pipeline
-        D = agree(lambda: check_shape(self.world, S, job.model.n_layer), self.comm)
+        S, K = p.pipeline, p.tensor
+        self.stages = S
+        D = agree(lambda: check_shape(self.world, S, job.model.n_layer, K), self.comm)
         shares = even_split(D, job.train.batch_size)
         self.micro_batches = agree(lambda: micro_batch_count(p.micro_batches, min(shares), S, job.train.batch_size),
                                    self.comm)
         self.plan, slots = None, None
         if p.partition == "auto":  # measure every rank, then the allocator's exact plan
+            agree(lambda: _auto_needs_whole_layers(K), self.comm)
             self.plan = self._auto_plan(S, -(-max(shares) // self.micro_batches))
             bounds, slots = _bounds(self.plan.blocks), self.plan.slots
         else:
             bounds = agree(lambda: stage_bounds(p.partition, job.model.n_layer, S), self.comm)
-        self.grid = make_grid(self.comm, S, slots)
+        self.grid = make_grid(self.comm, S, slots, K)
+        self.tensor = TensorGroup(self.grid.tensor) if K > 1 else None
         self.stage, self.bounds = self.grid.stage, bounds
         self.data_rank, self.data_world = self.grid.replica, self.grid.D
         self.blocks = bounds[self.stage]
@@ -85,8 +90,21 @@ class PipelineRun(Run):
         return [row[0] for row in self.grid.slots]  # stage 0 draws the replica's samples
 
     def _saved_names(self):
+        """The tied copy of wte is the first stage's; a replicated parameter is shard 0's."""
         names = self.model.params.names
-        return [n for n in names if n != "wte"] if self.grid.last and self.stages > 1 else names
+        if self.grid.last and self.stages > 1:
+            names = [n for n in names if n != "wte"]
+        return [n for n in names if self.grid.shard == 0 or not replicated(n)]
+
+    def state_bytes(self):
+        """Parameters, gradients and optimizer state of this rank's shard of its stage."""
+        layout = stage_layout(self.job.model, *self.blocks)
+        if self.tensor:
+            layout = self.tensor.layout(layout)
+        return self._state_bytes(sum(math.prod(shape) for _, shape in layout) * np.dtype(DTYPES[self.job.model.dtype]).itemsize)
+
+    def data_comm(self):
+        return self.grid.data
 
     def activation_bytes(self):
         """What this stage keeps for backward at its schedule's peak (for the memory check)."""
@@ -95,9 +113,9 @@ class PipelineRun(Run):
         micro = -(-share // self.micro_batches)  # the largest micro-batch
         in_flight = peak_in_flight(j.parallel.schedule, self.stages, self.stage, self.micro_batches)
         first, last = self.blocks
-        per_token = block_activation_bytes(j.model) * (last - first)
+        per_token = block_activation_bytes(j.model, self.grid.K) * (last - first)
         if self.grid.last:
-            per_token += head_activation_bytes(j.model)
+            per_token += head_activation_bytes(j.model, self.grid.K)
         return per_token * micro * j.model.block_size * in_flight
 
     def describe(self):
@@ -105,7 +123,8 @@ class PipelineRun(Run):
             self.metrics.attrs.update(plan_step_s=self.plan.step_time, plan_bubble=self.plan.bubble)
         super().describe()
         counts = [b - a for a, b in self.bounds]
-        rprint(f"pipeline: {self.grid.D} replica(s) x {self.stages} stages, blocks per stage {counts}, "
+        shards = f" x {self.grid.K} tensor shards (vocab-parallel embedding and head)" if self.grid.K > 1 else ""
+        rprint(f"grid: {self.grid.D} replica(s) x {self.stages} stage(s){shards}, blocks per stage {counts}, "
                f"{self.micro_batches} micro-batches, schedule {self.job.parallel.schedule}")
         if self.plan is not None:
             rprint(f"plan (auto): ranks per stage {[[row[s] for row in self.plan.slots] for s in range(self.stages)]}, "
@@ -131,12 +150,11 @@ class PipelineRun(Run):
                 h = channel.wait(channel.post_recv(h, grid.stage - 1, tag(i, FORWARD)))
             h, _ = model.blocks.forward(h, weights)
             if grid.last:
-                logits, _, _ = model.head.forward(h, model.weights.head)
-                total += float(model.ops.crossentropy.loss(logits, y))
+                total += model.head.loss(h, model.weights.head, y)
             else:
                 channel.send(h, grid.stage + 1, tag(i, FORWARD))
                 channel.wait_sends()
-        return total / j.train.eval_iters if grid.last else 0.0
+        return total / j.train.eval_iters if grid.last and grid.shard == 0 else 0.0
 
     def channel(self):
         direct = device_direct(self.job.parallel.cuda_aware_mpi)
@@ -144,7 +162,7 @@ class PipelineRun(Run):
 
     def evaluate(self, eval_index):
         mean = np.array([self.val_loss(eval_index)])
-        self.comm.Allreduce(MPI.IN_PLACE, mean)  # only the replicas' last stages contribute
+        self.comm.Allreduce(MPI.IN_PLACE, mean)  # only the replicas' last stages (shard 0) contribute
         return float(mean[0]) / self.data_world
 
 
@@ -158,7 +176,9 @@ def train_pipeline(run):
     shares = even_split(grid.D, B)
     share, offset = shares[grid.replica], sum(shares[:grid.replica])
     sizes = micro_batch_sizes(share, run.micro_batches)
-    own = _own_span(run)  # the part of the gradient this stage adds to the global norm
+    own = _own_spans(run)  # the parts of the gradient this rank adds to the global norm
+    if job.parallel.zero:
+        own = run.optimizer.own_spans(own)
     progress = Progress(job.train.max_iters, run.start_step, run.bytes_per_token)
     timeline = Timeline(run, range(run.start_step + 1, run.start_step + 1 + TIMELINE_STEPS))
     t_origin = time.perf_counter() - run.wall_offset
@@ -173,18 +193,25 @@ def train_pipeline(run):
         t_pipe = time.perf_counter()
         if S > 1 and (grid.first or grid.last):  # the tied LM head: both copies get the summed gradient
             exchange_add(model.params.grad_views["wte"], S - 1 - grid.stage, grid.pipeline)
-        reducer.reduce(model.params.grad)
+        if job.parallel.zero:  # the reduce-scatter: this rank's slice of the summed gradient
+            run.optimizer.reduce(model.params.grad)
+        else:
+            reducer.reduce(model.params.grad)
         t_reduced = time.perf_counter()
         # One small collective carries the loss, the stage's share of the norm, its timings and any stop request.
-        row = np.array([loss_sum, model.ops.sumsq(model.params.grad[own[0]:own[1]]), stage_step.compute,
-                        t_pipe - t0, float(run.stop.requested)])
+        if grid.shard:  # every shard of the last stage computed the same loss: count it once
+            loss_sum = 0.0
+        sumsq = sum(float(model.ops.sumsq(model.params.grad[lo:hi])) for lo, hi in own)
+        row = np.array([loss_sum, sumsq, stage_step.compute, t_pipe - t0, float(run.stop.requested)])
         table = np.empty((run.world, row.size))
         comm.Allgather(row, table)
         comm_s = time.perf_counter() - t_pipe
         loss = table[:, 0].sum() / B
         run.check_finite(loss, step + 1)
-        if job.optim.grad_clip > 0:
-            norm = math.sqrt(table[grid.slots[grid.replica], 1].sum())  # every replica's stages hold the same gradient
+        if job.optim.grad_clip > 0 and job.parallel.zero:  # the replicas hold disjoint slices
+            run.optimizer.clip(model.ops.clip_grad_norm, job.optim.grad_clip, math.sqrt(table[:, 1].sum()))
+        elif job.optim.grad_clip > 0:
+            norm = math.sqrt(table[grid.replica_ranks(grid.replica), 1].sum())  # every replica holds the same gradient
             model.ops.clip_grad_norm(model.params.grad, job.optim.grad_clip, norm=norm)
         run.optimizer.step(lr)
         bubble = float(np.mean(1.0 - table[:, 2] / np.maximum(table[:, 3], 1e-12)))
@@ -203,16 +230,24 @@ def train_pipeline(run):
     return 0
 
 
-def _own_span(run):
-    """[lo, hi) of the stage's gradient buffer that counts towards the global norm: all of it, but
-    the last stage's tied copy of wte (the first stage counts wte)."""
-    params = run.model.params
-    if run.stages > 1 and run.grid.last:
-        lo, n = params.spans["wte"]
-        if lo + n != params.size:
-            raise AssertionError("the tied wte copy must end the last stage's layout")
-        return 0, lo
-    return 0, params.size
+def _own_spans(run):
+    """[(lo, hi)] of the rank's gradient buffer that count towards the global norm: the names it
+    saves in checkpoints (not the last stage's tied copy of wte, which the first stage counts, nor,
+    on shards k > 0, the replicated parameters, which shard 0 counts), merged where adjacent."""
+    params, spans = run.model.params, []
+    for name in run._saved_names():
+        lo, n = params.spans[name]
+        if spans and spans[-1][1] == lo:
+            spans[-1] = (spans[-1][0], lo + n)
+        else:
+            spans.append((lo, lo + n))
+    return spans
+
+
+def _auto_needs_whole_layers(K):
+    if K > 1:
+        raise UserError("parallel.partition = 'auto' places whole-layer stages; with parallel.tensor > 1 "
+                        "give the partition (uniform or a,b,c)")
 
 
 def _micro_batches(run, step, offset, share, sizes):

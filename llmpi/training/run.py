@@ -14,11 +14,15 @@ from ..comm import device as comm_device
 from ..comm.world import agree, local_rank, rprint
 from ..data import Sampler, default_data_path, ensure_prepared, get_batch
 from ..errors import UserError
-from ..model.gpt import GPT, block_activation_bytes, head_activation_bytes, parameter_bytes
+from ..model.gpt import GPT, block_activation_bytes, head_activation_bytes, parameter_bytes, stage_layout
+from ..ops import select_cpu_kernels
 from ..parallel.allocate import Balancer
+from ..parallel.tensor import replicated
+from ..parallel.zero import ShardedOptimizer
 from ..parallel.threaded import ThreadedGrad
 from . import checkpoint
 from .lock import RunLock
+from .memory import check_memory
 from .signals import Fault, StopFlag, Watchdog, parse_slowdown
 from .metrics import MetricsLog, loss_text
 from .optim import make_optimizer
@@ -28,6 +32,7 @@ class Run:
     model on every rank (data parallel); llmpi.training.pipeline.PipelineRun one stage of it."""
 
     stage, stages = 0, 1  # the pipeline stage this rank holds, of how many
+    tensor = None  # this rank's tensor group (llmpi.parallel.tensor.TensorGroup), None: whole layers
 
     def __init__(self, job, args, comm):
         self.job, self.comm = job, comm
@@ -36,6 +41,7 @@ class Run:
         self.data_rank, self.data_world = self.rank, self.world  # this rank's place among the replicas
         self.blocks = None  # the whole model
         self.xp = backend.select(job.train.device, local_rank(comm))
+        select_cpu_kernels(job.train.cpu_kernels, job.model.dtype, comm, self.xp)  # before any model is built
         # a diverging run ends at check_finite with one line, not with NumPy's overflow warnings per rank
         np.seterr(over="ignore", invalid="ignore", divide="ignore")
         self.run_dir = os.path.join(job.train.out_dir, job.train.run_name)
@@ -51,10 +57,10 @@ class Run:
         self.bytes_per_token = self.tokens.bytes_per_token  # for losses in bits per byte
         self._layout()
         self.resume_state = agree(lambda: self._find_resume(args), comm)
-        agree(self._check_memory, comm)
+        agree(lambda: check_memory(self), comm)
         try:
-            self.model = GPT(job.model, xp=self.xp, seed=job.train.seed, blocks=self.blocks)
-            self.optimizer = make_optimizer(job.optim, self.model.params, self.model.ops)
+            self.model = GPT(job.model, xp=self.xp, seed=job.train.seed, blocks=self.blocks, tensor=self.tensor)
+            self.optimizer = self._make_optimizer()
         except MemoryError as err:  # every rank builds the same model, so all of them land here
             raise UserError(f"the model does not fit in memory ({err}); make model.n_layer / n_embd / "
                             "block_size smaller") from None
@@ -80,10 +86,28 @@ class Run:
     def _layout(self):
         """Where this rank sits among the replicas and which blocks it holds (all of them here)."""
 
+    def _make_optimizer(self):
+        """The job's optimizer over this rank's buffer; with parallel.zero = 1 over its slice of the
+        buffer only (llmpi.parallel.zero), sharded over the ranks that hold the same buffer."""
+        job, model = self.job, self.model
+        if not job.parallel.zero:
+            return make_optimizer(job.optim, model.params, model.ops)
+        return ShardedOptimizer(model.params, lambda part: make_optimizer(job.optim, part, model.ops),
+                                self.data_comm(), job.parallel.allreduce)
+
+    def data_comm(self):
+        """The ranks that hold the same buffer as this one (all of them in data parallelism)."""
+        return self.comm
+
     def state_bytes(self):
-        """Parameters, gradients and optimizer state of this rank's part (AdamW: m and v; SGD: a buffer)."""
-        buffers = 4 if self.job.optim.name == "adamw" else 3
-        return parameter_bytes(self.job.model, *(self.blocks or (0, None))) * buffers
+        return self._state_bytes(parameter_bytes(self.job.model, *(self.blocks or (0, None))))
+
+    def _state_bytes(self, param_bytes):
+        """Parameters, gradients and optimizer state (AdamW: m and v; SGD: a buffer) of a buffer of
+        param_bytes; ZeRO-1 keeps 1/D of the optimizer state."""
+        optimizer = 2 if self.job.optim.name == "adamw" else 1
+        share = self.data_world if self.job.parallel.zero else 1
+        return param_bytes * (2 + optimizer / share)
 
     def activation_bytes(self):
         """What backward keeps of one forward of this rank's share (or micro-batch)."""
@@ -91,32 +115,6 @@ class Run:
         micro = j.train.micro_batch or -(-j.train.batch_size // self.world)
         per_token = block_activation_bytes(j.model) * j.model.n_layer + head_activation_bytes(j.model)
         return per_token * micro * j.model.block_size
-
-    def _check_memory(self):
-        """parallel.memory_limit_mb, and the memory the arrays live in shared by its ranks, against
-        llmpi's own accounting of this rank's buffers (collective)."""
-        need = self.state_bytes() + self.activation_bytes()
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        ranks_here = node.Get_size()
-        node.Free()
-        share = backend.memory_per_rank(ranks_here)
-        if share and need > share:
-            raise UserError(f"rank {self.rank} needs ~{need / 2**30:.1f} GiB (parameters, gradients, optimizer state, "
-                            f"activations) but this node's {ranks_here} rank(s) have {share / 2**30:.1f} GiB each "
-                            f"on {backend.device_name}; use a smaller train.batch_size or train.micro_batch, a smaller "
-                            "model, or more stages")
-        limits = config_mod.memory_limits_mb(self.job.parallel.memory_limit_mb)
-        if not limits:
-            return
-        if len(limits) not in (1, self.world):
-            raise UserError(f"parallel.memory_limit_mb has {len(limits)} values for {self.world} ranks; give one "
-                            "value or one per rank")
-        limit = limits[0] if len(limits) == 1 else limits[self.rank]
-        if need > limit * 2**20:
-            raise UserError(f"rank {self.rank} needs {need / 2**20:.1f} MiB ({self.state_bytes() / 2**20:.1f} "
-                            f"params+grads+optimizer + {self.activation_bytes() / 2**20:.1f} activations) but "
-                            f"parallel.memory_limit_mb gives it {limit:g}; use more pipeline stages "
-                            "(parallel.pipeline), fewer micro-batch samples or a smaller model")
 
     def _take_lock(self):
         """Rank 0: hold the run directory's lock for the run's life (llmpi.training.lock); released at
@@ -198,6 +196,7 @@ class Run:
         params = self.model.params
         names = params.names
         for name, value in ck.params(names).items():
+            value = self._own_part(name, value)
             if value.shape != params.views[name].shape:
                 raise UserError(f"checkpoint {ck.path} holds {name} of shape {value.shape}, the model "
                                 f"{params.views[name].shape}: it is damaged; delete it to resume from an older one")
@@ -234,8 +233,12 @@ class Run:
         flat = np.empty(params.size, dtype=params.dtype)
         views = params.views_of(flat)
         for name, value in by_name.items():
-            views[name][...] = value
+            views[name][...] = self._own_part(name, value)
         return flat
+
+    def _own_part(self, name, value):
+        """This rank's part of a whole parameter read from a checkpoint: its tensor shard."""
+        return self.tensor.shard(name, value) if self.tensor else value
 
     def describe(self):
         j, m = self.job, self.model
@@ -248,8 +251,9 @@ class Run:
                f"sharding {j.data.sharding})")
         total = parameter_bytes(j.model) // m.params.dtype.itemsize
         rprint(f"model: {total:,} params, {j.model.n_layer} layers x {j.model.n_embd} ch, "
-               f"{m.precision()}; memory on rank 0 ~ {state_bytes / 2**20:.1f} MiB params+grads+optimizer "
-               f"+ {act / 2**20:.1f} MiB activations ({block_activation_bytes(j.model):,} "
+               f"{m.precision()}; memory on rank 0 ~ {state_bytes / 2**20:.1f} MiB params+grads+optimizer"
+               f"{f' (optimizer state 1/{self.data_world}: ZeRO-1)' if j.parallel.zero else ''} "
+               f"+ {act / 2**20:.1f} MiB activations ({block_activation_bytes(j.model, self._shards()):,} "
                f"B/token/layer x {micro} x {j.model.block_size} tokens)")
         rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "
                f"{j.model.block_size} tokens")
@@ -325,12 +329,13 @@ class Run:
         per_rank = {"sampler": samplers and [samplers[r] for r in self._replica_ranks()]}
         for k, v in (extra_per_rank or {}).items():
             per_rank[k] = self.comm.gather(v, root=0)
+        with_optimizer = "optim" not in (extra_per_rank or {})
+        optim_state = self.optimizer.state_dict() if with_optimizer else None  # ZeRO: gathered, collective
         if self.data_rank == 0:
-            self._save_stage(checkpoint.stage_path(path, self.stage),
-                             with_optimizer="optim" not in (extra_per_rank or {}))
+            self._save_stage(self._stage_files(path)[self.stage * self._shards() + self._shard()], optim_state)
         self.comm.Barrier()  # every stage file is in place before the manifest names it
         if self.is_root:
-            stages = [checkpoint.stage_path(path, s) for s in range(self.stages)]
+            stages = self._stage_files(path)
             checkpoint.save_manifest(path, step, self.job, stages, per_rank=per_rank,
                                      balancer=self.balancer.state_dict(),
                                      attrs={"world_size": self.world, "mode": self.job.parallel.mode,
@@ -344,6 +349,18 @@ class Run:
             self.metrics.flush()
             rprint(f"checkpoint: {path}")
 
+    def _shards(self):
+        return self.tensor.K if self.tensor else 1
+
+    def _shard(self):
+        return self.tensor.k if self.tensor else 0
+
+    def _stage_files(self, path):
+        """Every stage's file (every shard's, with tensor parallelism), in stage then shard order."""
+        if self._shards() == 1:
+            return [checkpoint.stage_path(path, s) for s in range(self.stages)]
+        return [checkpoint.stage_path(path, s, k) for s in range(self.stages) for k in range(self._shards())]
+
     def _replica_ranks(self):
         """The world rank whose sampler state stands for each data replica, in replica order."""
         return list(range(self.world))
@@ -351,13 +368,17 @@ class Run:
     def _saved_names(self):
         return self.model.params.names
 
-    def _save_stage(self, path, with_optimizer):
+    def _save_stage(self, path, state):
+        """This rank's file of the checkpoint; state: the optimizer's, of this rank's whole buffer."""
         params = self.model.params
         names = self._saved_names()
         optim = None
-        if with_optimizer:
-            state = self.optimizer.state_dict()
+        if state is not None:
             optim = {key: {n: backend.to_host(v) for n, v in params.views_of(flat).items() if n in names}
                      for key, flat in state.items() if key != "step"}
+        tensor = None
+        if self.tensor:  # the shards' whole shapes, which a reader of another K needs
+            whole = dict(stage_layout(self.job.model, *(self.blocks or (0, self.job.model.n_layer))))
+            tensor = (self.tensor.k, self.tensor.K, {n: whole[n] for n in names if not replicated(n)})
         checkpoint.save_stage(path, {n: backend.to_host(params.views[n]) for n in names}, optim,
-                              self.optimizer.t)
+                              self.optimizer.t, tensor)

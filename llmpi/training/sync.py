@@ -3,6 +3,7 @@ of the global batch, the shares are summed with an all-reduce (each rank's gradi
 scaled by its samples / B, so the sum is the sample-weighted average), and every rank applies
 the identical optimizer step.
 """
+import math
 import time
 
 import numpy as np
@@ -23,6 +24,7 @@ def micro_chunks(count, micro):
 def train_sync(run):
     job, comm, model, xp = run.job, run.comm, run.model, run.xp
     B, T = job.train.batch_size, job.model.block_size
+    zero = bool(job.parallel.zero)
     reducer = Allreducer(comm, job.parallel.allreduce, int(job.parallel.bucket_mb * 2**20), job.parallel.overlap,
                          cuda_aware_mpi=job.parallel.cuda_aware_mpi)
     progress = Progress(job.train.max_iters, run.start_step, run.bytes_per_token)
@@ -59,19 +61,26 @@ def train_sync(run):
         if run.slowdown > 1.0:
             time.sleep((run.slowdown - 1.0) * compute)
             compute *= run.slowdown
+        t_zero = time.perf_counter()
         if job.parallel.overlap:
             reducer.wait_all()
+        elif zero:  # ZeRO-1's reduce-scatter: this rank's slice of the summed gradient
+            run.optimizer.reduce(model.params.grad)
         else:
             reducer.reduce(model.params.grad)
-        # One small collective carries the loss, this rank's speed and any stop request.
-        t_c = time.perf_counter()
-        row = np.array([loss_sum, compute / max(mine, 1), float(mine), float(run.stop.requested)])
-        table = np.empty((run.world, 4))
+        # One small collective carries the loss, this rank's speed, any stop request and (ZeRO-1)
+        # its slice's share of the gradient norm.
+        t_c = t_zero if zero else time.perf_counter()
+        sumsq = float(model.ops.sumsq(run.optimizer.slice.grad)) if zero and job.optim.grad_clip > 0 else 0.0
+        row = np.array([loss_sum, compute / max(mine, 1), float(mine), float(run.stop.requested), sumsq])
+        table = np.empty((run.world, row.size))
         comm.Allgather(row, table)
         comm_s = reducer.comm_seconds - comm_before + time.perf_counter() - t_c
         loss = table[:, 0].sum() / B
         run.check_finite(loss, step + 1)
-        if job.optim.grad_clip > 0:
+        if job.optim.grad_clip > 0 and zero:
+            run.optimizer.clip(model.ops.clip_grad_norm, job.optim.grad_clip, math.sqrt(table[:, 4].sum()))
+        elif job.optim.grad_clip > 0:
             model.ops.clip_grad_norm(model.params.grad, job.optim.grad_clip)
         run.optimizer.step(lr)
         samples_seen += B

@@ -30,25 +30,38 @@ def _heads(qkv, NH):
     return (qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
 
-def forward(qkv, n_head):
-    """qkv (B, T, 3C) -> out (B, T, C); cache (qkv, att, n_head) with att (B, NH, T, T)."""
-    xp = array_module(qkv)
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    q, k, v = _heads(qkv, n_head)
-    scale = 1.0 / math.sqrt(C // n_head)
-    att = q @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T)
+def causal_softmax(att, scale):
+    """att (B, NH, T, T) raw scores -> causal softmax of scale * scores, in place."""
+    xp = array_module(att)
     att *= scale
-    att += _causal_mask(xp, T, att.dtype)
+    att += _causal_mask(xp, att.shape[-1], att.dtype)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att *= 1.0 / att.sum(axis=-1, keepdims=True)
+
+
+def causal_softmax_backward(datt, att, scale):
+    """datt (B, NH, T, T) = dL/dprobs -> dL/dscores (times scale), in place: att * (datt -
+    sum(datt * att)); masked entries have att = 0."""
+    datt -= (datt * att).sum(axis=-1, keepdims=True)
+    datt *= att
+    datt *= scale
+
+
+def forward(qkv, n_head, softmax=causal_softmax):
+    """qkv (B, T, 3C) -> out (B, T, C); cache (qkv, att, n_head) with att (B, NH, T, T).
+    `softmax(att, scale)` in place (llmpi.cpu.attention passes its one-pass kernel)."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = _heads(qkv, n_head)
+    att = q @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T)
+    softmax(att, att.dtype.type(1.0 / math.sqrt(C // n_head)))
     y = att @ v  # (B, NH, T, HS)
     out = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C) copy into token-major order
     return out, (qkv, att, n_head)
 
 
-def backward(dout, cache):
+def backward(dout, cache, softmax_backward=causal_softmax_backward):
     """dout (B, T, C) -> dqkv (B, T, 3C)."""
     xp = array_module(dout)
     qkv, att, NH = cache
@@ -61,10 +74,7 @@ def backward(dout, cache):
     d5 = dqkv.reshape(B, T, 3, NH, HS)
     d5[:, :, 2] = (att.transpose(0, 1, 3, 2) @ dy).transpose(0, 2, 1, 3)  # dv
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
-    # softmax backward: dpre = att * (datt - sum(datt * att)); masked entries have att = 0
-    datt -= (datt * att).sum(axis=-1, keepdims=True)
-    datt *= att
-    datt *= 1.0 / math.sqrt(HS)
+    softmax_backward(datt, att, att.dtype.type(1.0 / math.sqrt(HS)))
     d5[:, :, 0] = (datt @ k).transpose(0, 2, 1, 3)  # dq
     d5[:, :, 1] = (datt.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)  # dk
     return dqkv
