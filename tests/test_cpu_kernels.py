@@ -1,5 +1,5 @@
 """Every fused CPU kernel (llmpi.cpu) against its NumPy twin (llmpi.model.layers), in float32 and
-float64 on odd shapes; the float32 exp/tanh against float64; the op tables alike; the whole model
+float64 on odd shapes; the float32 exp against float64; the op tables alike; the whole model
 on both tables. Skips without numba."""
 import os
 import sys
@@ -37,14 +37,12 @@ def test_tables_have_the_same_entries():
     assert sorted(vars(FUSED_OPS)) == sorted(vars(LAYER_OPS))
 
 
-def test_exp_and_tanh_against_float64():
+def test_exp_against_float64():
     x = np.linspace(-30, 30, 200_001).astype(np.float32)
     out = np.empty_like(x)
     jit.exp_array(x, out)
     ref = np.exp(x.astype(np.float64))
     assert (np.abs(out - ref) / ref).max() < 2 * np.finfo(np.float32).eps
-    jit.tanh_array(x, out)
-    assert np.abs(out - np.tanh(x.astype(np.float64))).max() < 2e-7
     special = np.array([np.nan, -np.inf, np.inf, 0.0, -100.0], np.float32)
     jit.exp_array(special, out[:5])
     assert np.isnan(out[0]) and list(out[1:5]) == [0.0, np.inf, 1.0, 0.0]
