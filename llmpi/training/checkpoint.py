@@ -73,31 +73,32 @@ class Checkpoint:
         return list(self._sources["params"])
 
     def params(self, names):
-        return self._read("params", names)
+        return dict(self.each("params", names))
 
-    def optim(self, names):
-        """{key: {name: array}} for the optimizer keys the checkpoint holds (none for async runs)."""
-        return {key: self._read(key, names) for key in self._sources if key != "params"}
+    def optim_keys(self):
+        """The optimizer's state keys the checkpoint holds (none for async runs)."""
+        return [key for key in self._sources if key != "params"]
 
-    def _read(self, kind, names):
+    def each(self, kind, names):
+        """(name, whole array) of `kind` ("params" or an optimizer key), one name at a time, so a
+        reader that keeps only its shard of each never holds the whole stage."""
         table = self._sources[kind]
         missing = [n for n in names if n not in table]
         if missing:
             raise UserError(f"checkpoint {self.path} has no {kind} for {missing[0]} (and {len(missing) - 1} more); "
                             "it was written for another model")
-        out = {}
-        try:
-            for name in names:
-                file, dataset, span = table[name]
+        for name in names:
+            file, dataset, span = table[name]
+            try:
                 if span == "shards":
-                    out[name] = self._joined(name, file, dataset)
-                    continue
-                with h5py.File(file, "r") as f:  # a format-1 span is (lo, hi, shape)
-                    out[name] = f[dataset][()] if span is None else f[dataset][span[0]:span[1]].reshape(span[2])
-                    _check_digest(f[dataset], out[name], self.path)
-        except (OSError, KeyError) as err:
-            raise _damaged(self.path, err) from None
-        return out
+                    value = self._joined(name, file, dataset)
+                else:
+                    with h5py.File(file, "r") as f:  # a format-1 span is (lo, hi, shape)
+                        value = f[dataset][()] if span is None else f[dataset][span[0]:span[1]].reshape(span[2])
+                        _check_digest(f[dataset], value, self.path)
+            except (OSError, KeyError) as err:
+                raise _damaged(self.path, err) from None
+            yield name, value
 
     def _joined(self, name, files, datasets):
         """The whole parameter from its tensor shards (one at a time: never the whole model)."""

@@ -195,15 +195,15 @@ class Run:
         (every rank reads the same files, so a mismatch raises the same UserError everywhere)."""
         params = self.model.params
         names = params.names
-        for name, value in ck.params(names).items():
+        for name, value in ck.each("params", names):  # one whole tensor at a time, then this rank's shard
             value = self._own_part(name, value)
             if value.shape != params.views[name].shape:
                 raise UserError(f"checkpoint {ck.path} holds {name} of shape {value.shape}, the model "
                                 f"{params.views[name].shape}: it is damaged; delete it to resume from an older one")
             params.views[name][...] = self.xp.asarray(value)
-        named = ck.optim(names)
-        if named:
-            optim_state = {key: self._flat(by_name) for key, by_name in named.items()}
+        keys = ck.optim_keys()
+        if keys:
+            optim_state = {key: self._flat(ck.each(key, names)) for key in keys}
             optim_state["step"] = ck.optim_step
         else:  # async: each worker's own optimizer state, in the whole model's flat layout
             optim_state = ck.per_rank.get("optim", {}).get(self.rank, {})
@@ -228,11 +228,11 @@ class Run:
         self.wall_offset = self.metrics.resume_from(int(ck.attrs.get("version", self.start_step)))
 
     def _flat(self, by_name):
-        """One flat host buffer in this rank's layout from {name: array}."""
+        """One flat host buffer in this rank's layout from (name, whole array) pairs."""
         params = self.model.params
         flat = np.empty(params.size, dtype=params.dtype)
         views = params.views_of(flat)
-        for name, value in by_name.items():
+        for name, value in by_name:
             views[name][...] = self._own_part(name, value)
         return flat
 
