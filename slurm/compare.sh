@@ -6,7 +6,7 @@
 # Without Slurm it uses mpiexec -n ${NP:-4} and a time-stamped id.
 #
 # The study (every method on the same sample budget, across worker counts, with a straggler):
-#   LLMPI_METHODS="sync async async-staleness async-dc local" LLMPI_RANKS="2 4 8 16" \
+#   LLMPI_METHODS="sync async async-staleness async-dc async-ssp local" LLMPI_RANKS="2 4 8 16" \
 #   LLMPI_SLOWED="no yes" bash slurm/compare.sh train.max_iters=400 ...
 # runs every method at every rank count, without and with rank 1 slowed 2x (runs named
 # <job name>-<method>-p<ranks>[-slow]-<id>). On a cluster make it one array, a task per
@@ -15,8 +15,9 @@
 #
 # Environment: LLMPI_VENV, LLMPI_LAUNCHER=srun|mpirun, LLMPI_SRUN_MPI (default pmi2),
 # LLMPI_OUT_DIR (default runs), LLMPI_SYNC_JOB / LLMPI_ASYNC_JOB / LLMPI_LOCAL_JOB (default
-# jobs/compare_{sync,async,local}.toml), LLMPI_METHODS (sync async async-staleness async-dc local;
-# default "sync async"), LLMPI_RANKS (default: one size, the allocation's or NP), LLMPI_SLOWED
+# jobs/compare_{sync,async,local}.toml), LLMPI_METHODS (sync async async-staleness async-dc
+# async-ssp local; default "sync async"; async-ssp is plain async with parallel.max_staleness=1),
+# LLMPI_RANKS (default: one size, the allocation's or NP), LLMPI_SLOWED
 # (no, yes or "no yes"; default no), LLMPI_TARGET_LOSS (default: the highest final val loss),
 # LLMPI_REQUEUE (default 1; 0: end the job after the checkpoint the time-limit warning asks for).
 #
@@ -81,8 +82,9 @@ job_of() {  # job_of METHOD: the job file and overrides of a method
         sync) echo "${LLMPI_SYNC_JOB:-jobs/compare_sync.toml}" ;;
         async) echo "${LLMPI_ASYNC_JOB:-jobs/compare_async.toml}" ;;
         async-staleness | async-dc) echo "${LLMPI_ASYNC_JOB:-jobs/compare_async.toml} --set parallel.async_rule=${1#async-}" ;;
+        async-ssp) echo "${LLMPI_ASYNC_JOB:-jobs/compare_async.toml} --set parallel.max_staleness=1" ;;
         local) echo "${LLMPI_LOCAL_JOB:-jobs/compare_local.toml}" ;;
-        *) echo "compare.sh: unknown method '$1' in LLMPI_METHODS (sync async async-staleness async-dc local)" >&2
+        *) echo "compare.sh: unknown method '$1' in LLMPI_METHODS (sync async async-staleness async-dc async-ssp local)" >&2
            exit 2 ;;
     esac
 }
