@@ -40,6 +40,35 @@ def memcpy_bandwidth(nbytes=64 << 20, repeats=5) -> float:
     return 2 * nbytes / t
 
 
+def thread_scaling(threads, calls=200):
+    """How much faster `threads` threads finish `threads` times the work of one, each running
+    single-threaded BLAS GEMMs of the baby model's size (384x128 @ 128x512) at once: about
+    `threads` on idle cores, less where the cores are shared (a VM's vCPUs on one physical core,
+    other load). A fact about the machine at that moment, printed beside thread benchmarks."""
+    import threading
+
+    from ..parallel.threaded import blas_threads
+    r = np.random.default_rng(0)
+    a, b = r.standard_normal((384, 128)).astype(np.float32), r.standard_normal((128, 512)).astype(np.float32)
+
+    def work():
+        for _ in range(calls):
+            a @ b
+    with blas_threads(1):
+        work()
+        t0 = time.perf_counter()
+        work()
+        one = time.perf_counter() - t0
+        pool = [threading.Thread(target=work) for _ in range(threads)]
+        t0 = time.perf_counter()
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        many = time.perf_counter() - t0
+    return threads * one / many
+
+
 def emit_json(obj: dict, enabled: bool):
     if enabled:
         print(json.dumps(obj, sort_keys=True), flush=True)

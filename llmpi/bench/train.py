@@ -20,7 +20,7 @@ from llmpi.cli import THREAD_VARS, ArgumentParser, run_main
 from llmpi.errors import UserError
 
 from . import _profile, _train_gpu
-from ._common import emit_json, machine
+from ._common import emit_json, machine, thread_scaling
 from ._torch_ref import torch_gpt
 
 # nanoGPT's shakespeare_char "baby GPT" shape scaled to a quick CPU run
@@ -161,9 +161,11 @@ def main(argv=None):
     shape = CONFIGS[args.config]
     print(f"llmpi.bench train: config {args.config} {shape}, {args.threads} thread(s), {args.steps} steps")
     print(f"machine: {machine()}")
+    scaling = []
     if args.threads > 1:
         print(f"threads: llmpi runs {args.threads} compute threads over batch chunks with 1 BLAS thread each "
               f"(llmpi.parallel.threaded); torch runs {args.threads} intra-op threads")
+        scaling.append(thread_scaling(args.threads))
     # alternate the two sides and keep each one's best run, so a burst of outside load hits both alike
     ours = ref = plain = None
     have_torch = _torch_available()
@@ -174,7 +176,12 @@ def main(argv=None):
         if have_torch:
             run = _run_child("torch", args)
             ref = run if ref is None or run["step_s"] < ref["step_s"] else ref
+    if args.threads > 1:
+        scaling.append(thread_scaling(args.threads))
+        print(f"machine: {args.threads} threads of GEMMs at once ran {scaling[0]:.2f}x / {scaling[1]:.2f}x the "
+              f"work of one (before / after the runs; {args.threads}.0 on idle, unshared cores)")
     result = {"config": args.config, "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
+              "machine_thread_scaling": scaling or None,
               "llmpi_threading": (f"{args.threads} compute threads over batch chunks, 1 BLAS thread each"
                                   if args.threads > 1 else "1 thread"),
               "torch_threading": f"{args.threads} intra-op thread(s)",

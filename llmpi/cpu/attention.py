@@ -20,7 +20,7 @@ def _softmax(att, scale):
         for h in range(NH):
             for t in range(T):
                 row = att[b, h, t]
-                peak = -np.inf
+                peak = att.dtype.type(-np.inf)  # a float -inf would make the row float64 (libm exp)
                 for s in range(t + 1):
                     peak = max(peak, row[s] * scale)
                 total = zero
