@@ -6,7 +6,8 @@ samples and updates, wall time, updates/s, the time and samples needed to reach 
 loss (by default the highest final val loss among the runs, which every run reaches), staleness
 (async runs), the bytes communicated per sample and the share of time spent communicating.
 The figure shows loss vs samples, loss vs wall time, the staleness histogram, and per method
-final val loss, time to target and bytes per sample vs the number of ranks.
+final val loss, time to target and bytes per sample vs the number of ranks; --plot-ranks draws
+those three alone (a study across worker counts, where the per-run curves are too many to read).
 """
 import json
 import os
@@ -46,6 +47,8 @@ def method(m):
     label = {"async": f"async {p.async_rule}", "local": f"local H={p.local_steps}"}.get(mode, mode)
     if mode == "local" and p.outer_momentum > 0:
         label += " outer"
+    if mode == "async" and p.max_staleness >= 0:
+        label += f" SSP {p.max_staleness}"
     return label + (" slowed" if p.slowdown else "")
 
 
@@ -130,25 +133,46 @@ def _plot_vs_ranks(ax, rows, target):
     reach = "time to target (s)" if target is None else f"time to val loss {target:.3f} (s)"
     panels = (("final_val_loss", "final val loss"), ("time_to_target_s", reach),
               ("comm_bytes_per_sample", "bytes communicated per sample"))
+    names = sorted({r["method"] for r in rows})
+    # one colour per method, the same in every panel; its straggler runs dashed in that colour
+    bases = sorted({n.removesuffix(" slowed") for n in names})
+    colour = {b: f"C{i % 10}" for i, b in enumerate(bases)}
     for a, (key, title) in zip(ax, panels):
-        for name in sorted({r["method"] for r in rows}):
+        for name in names:
             points = sorted((r["ranks"], r[key]) for r in rows if r["method"] == name and r[key] is not None)
+            slowed = name.endswith(" slowed")
             if points:
-                a.plot(*zip(*points), marker="o", ms=4, label=name)
+                a.plot(*zip(*points), marker="s" if slowed else "o", ms=4, ls="--" if slowed else "-",
+                       color=colour[name.removesuffix(" slowed")], label=name)
         a.set(xlabel="ranks", title=f"{title} vs ranks")
         a.set_xscale("log", base=2)
     if any((r["comm_bytes_per_sample"] or 0) > 0 for r in rows):  # a log axis needs a positive value
         ax[2].set_yscale("log")
 
 
-def plot(runs, rows, target, out):
+def _pyplot(option):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'llmpi[plot]'") from None
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+        raise UserError(f"{option} needs matplotlib: pip install 'llmpi[plot]'") from None
+    return plt
+
+
+def plot_ranks(rows, target, out):
+    """Final val loss, time to target and bytes per sample vs ranks, one line per method."""
+    fig, axes = _pyplot("--plot-ranks").subplots(1, 3, figsize=(18, 6))
+    _plot_vs_ranks(axes, rows, target)
+    for a in axes:
+        a.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    timeline.save_figure(fig, out)
+
+
+def plot(runs, rows, target, out):
+    fig, axes = _pyplot("--plot").subplots(2, 3, figsize=(16, 9))
     ax = axes[0]
     for m in runs:
         s, e = m["steps"], m["evals"]
@@ -180,6 +204,8 @@ def _parser():
     p.add_argument("--target-loss", type=float, default=None,
                    help="val loss for time/samples-to-target (default: the highest final val loss of the runs)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write the figure here")
+    p.add_argument("--plot-ranks", default=None, metavar="OUT.png",
+                   help="write the vs-ranks panels alone here (final loss, time to target, bytes per sample)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON object last")
     return p
 
@@ -200,11 +226,12 @@ def _run(args):
     if not args.runs and not args.timeline:
         raise UserError("give run directories to compare, or --timeline RUN")
     figure = args.plot or (os.path.join(args.timeline, "timeline.png") if args.timeline else None)
-    folder = os.path.dirname(os.path.abspath(figure)) if figure else None
-    if folder and not os.path.isdir(folder):
-        raise UserError(f"--plot {figure}: its directory does not exist; create it or choose another path")
-    if folder and not os.access(folder, os.W_OK):
-        raise UserError(f"--plot {figure}: its directory {folder} is not writable; choose another path")
+    for option, path in (("--plot", figure), ("--plot-ranks", args.plot_ranks)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise UserError(f"{option} {path}: its directory does not exist; create it or choose another path")
+        if folder and not os.access(folder, os.W_OK):
+            raise UserError(f"{option} {path}: its directory {folder} is not writable; choose another path")
     if args.timeline:
         rows = timeline.read(args.timeline)
         out = args.plot or os.path.join(args.timeline, "timeline.png")
@@ -221,6 +248,9 @@ def _run(args):
     if args.plot:
         plot(runs, rows, target, args.plot)
         print(f"figure: {args.plot}")
+    if args.plot_ranks:
+        plot_ranks(rows, target, args.plot_ranks)
+        print(f"figure: {args.plot_ranks}")
     if args.json:
         print(json.dumps({"runs": rows}))
 

@@ -74,10 +74,12 @@ def test_methods_bytes_per_sample_and_the_default_target(tmp_path, capsys):
     sync = make_study_run(tmp_path, "sync", 4, 2.1, -1)
     local = make_study_run(tmp_path, "local", 4, 2.2, 800, mode="local", local_steps=8)
     dc = make_study_run(tmp_path, "dc", 2, 2.0, 16, mode="async", async_rule="dc", slowdown="1=2")
-    compare.main([sync, local, dc, "--json"])
+    ssp = make_study_run(tmp_path, "ssp", 2, 2.0, 16, mode="async", max_staleness=1)
+    compare.main([sync, local, dc, ssp, "--json"])
     out = capsys.readouterr().out
     rows = {r["run"]: r for r in json.loads(out.strip().splitlines()[-1])["runs"]}
-    assert [rows[n]["method"] for n in ("sync", "local", "dc")] == ["sync", "local H=8", "async dc slowed"]
+    assert [rows[n]["method"] for n in ("sync", "local", "dc", "ssp")] == \
+        ["sync", "local H=8", "async dc slowed", "async plain SSP 1"]
     # sync counts no bytes: its all-reduce moves the gradient buffer out and in on each of 4 ranks a step
     n = parameter_bytes(config.load_job(None, ["model.vocab_size=65"]).model)
     assert rows["sync"]["comm_bytes_per_sample"] == pytest.approx(2 * n * 4 * 10 / 40)
@@ -92,6 +94,6 @@ def test_plot_against_ranks(tmp_path):
     pytest.importorskip("matplotlib")
     runs = [make_study_run(tmp_path, f"{m}{p}", p, 2.0 + p / 100, 10, mode=m) for m in ("sync", "local")
             for p in (2, 4)]
-    out = str(tmp_path / "fig.png")
-    compare.main([*runs, "--plot", out])
-    assert os.path.getsize(out) > 1000
+    out, ranks = str(tmp_path / "fig.png"), str(tmp_path / "ranks.png")
+    compare.main([*runs, "--plot", out, "--plot-ranks", ranks])
+    assert os.path.getsize(out) > 1000 and os.path.getsize(ranks) > 1000
