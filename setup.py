@@ -11,13 +11,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class build_py_with_kernels(build_py):
-    """Copy the top-level kernels/*.cu and jobs/*.toml into the built package (as
+    """Copy the top-level kernels/*.cu (and the *.cuh they include) and jobs/*.toml into the built package (as
     llmpi/_kernels and llmpi/_jobs), so an installed, non-editable llmpi finds its CUDA
     sources and job files next to itself."""
 
     def run(self):
         super().run()
-        for folder, pattern, dest in (("kernels", "*.cu", "_kernels"), ("jobs", "*.toml", "_jobs")):
+        for folder, pattern, dest in (("kernels", "*.cu", "_kernels"), ("kernels", "*.cuh", "_kernels"),
+                                     ("jobs", "*.toml", "_jobs")):
             target = os.path.join(self.build_lib, "llmpi", dest)
             os.makedirs(target, exist_ok=True)
             for src in glob.glob(os.path.join(HERE, folder, pattern)):

@@ -5,7 +5,7 @@
 # per-op breakdown of llmpi's step), and the baby config in float32 vs bf16 (CORPUS: the
 # tinyshakespeare text, default ../shared/data/tinyshakespeare.txt).
 # Everything is teed into $OUT (default /tmp/llmpi_gpu_check); bench_*.json are the
-# benchmarks' JSON lines. Budget: about 7 minutes at most, usually much less.
+# benchmarks' JSON lines. Budget: about 10 minutes at most, usually much less.
 # ONLY=tests|kernels|train|baby runs one part (a rerun after a fix).
 # Exit status: 0 only if the tests and the benchmarks' reference checks all passed.
 set -u
@@ -28,7 +28,7 @@ want() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
 if want tests; then
     # the nvcc compile check and the CPU kernel emulator are CPU CI's jobs; here NVRTC compiles
     # each kernel file once (disk-cached)
-    timeout 150 "$PY" -m pytest tests/test_kernels.py tests/test_gpu_model.py -x -q -rs \
+    timeout 150 "$PY" -m pytest tests/test_kernels.py tests/test_kernels_bf16.py tests/test_gpu_model.py -x -q -rs \
         -p no:cacheprovider -k "not nvcc and not emulated" 2>&1 | tee "$OUT/pytest.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     timeout 150 "$PY" -m pytest tests/test_gpu_train.py tests/test_comm_device.py -x -q -rs -p no:cacheprovider 2>&1 \
@@ -43,7 +43,8 @@ if want kernels; then
 fi
 
 if want train; then
-    timeout 150 "$PY" -m llmpi.bench train --device gpu --json --steps 6 --warmup 2 2>&1 \
+    # batch 8 for every variant (torch.compile included), then llmpi bf16 and torch bf16 at 16 and 32
+    timeout 330 "$PY" -m llmpi.bench train --device gpu --json --steps 6 --warmup 2 --sweep 16,32 2>&1 \
         | tee "$OUT/bench_train.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     tail -n 1 "$OUT/bench_train.txt" > "$OUT/bench_train.json"

@@ -1,14 +1,7 @@
-// float32 -> bfloat16 with round-to-nearest-even, for the bf16 GEMM inputs (model.dtype = "bf16").
-// bf16 values travel as their 16-bit patterns (CuPy has no bfloat16 dtype: uint16 arrays), so
-// the rounding is done on the bits and the kernel needs no cuda_bf16.h. NaN stays a (quiet) NaN.
+// float32 <-> bfloat16 (round to nearest even, bf16.cuh), for the bf16 copies of the weights
+// and for the kernels that still take float32 where the activations are bf16 (model.dtype = "bf16").
 // Grid-stride; float4 loads and 8-byte stores when both pointers allow it.
-
-__device__ __forceinline__ unsigned short cast_bf16_bits(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}
+#include "bf16.cuh"
 
 extern "C" __global__ void cast_to_bf16(unsigned short* out, const float* in, long long n) {
     long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -20,10 +13,14 @@ extern "C" __global__ void cast_to_bf16(unsigned short* out, const float* in, lo
         ushort4* out4 = reinterpret_cast<ushort4*>(out);
         for (long long i = tid; i < n4; i += stride) {
             float4 v = in4[i];
-            out4[i] = make_ushort4(cast_bf16_bits(v.x), cast_bf16_bits(v.y), cast_bf16_bits(v.z),
-                                   cast_bf16_bits(v.w));
+            out4[i] = make_ushort4(f32_to_bf16(v.x), f32_to_bf16(v.y), f32_to_bf16(v.z), f32_to_bf16(v.w));
         }
         start = 4 * n4;
     }
-    for (long long i = start + tid; i < n; i += stride) out[i] = cast_bf16_bits(in[i]);
+    for (long long i = start + tid; i < n; i += stride) out[i] = f32_to_bf16(in[i]);
+}
+
+extern "C" __global__ void cast_from_bf16(float* out, const bf16_t* in, long long n) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = bf16_to_f32(in[i]);
 }

@@ -5,6 +5,10 @@
 // padding columns are neither read nor written. Pass 1 keeps an online (max, sum of exp) per thread;
 // pass 2 writes the gradient.
 // blockDim must be a multiple of 32 and at most 1024.
+// crossentropy_fused_bf16: the same on bf16 logits (model.dtype = "bf16"), float32 arithmetic,
+// 16-byte loads of 8 logits where the row starts aligned (a scalar tail of V % 8); scale_rows_bf16
+// applies a loss scale to its dlogits afterwards.
+#include "bf16.cuh"
 
 #define CE_NEG_INF __int_as_float(0xff800000)
 
@@ -48,6 +52,23 @@ __device__ void ce_push4(MaxSum& acc, float4 q) {
     acc.m = m;
 }
 
+// The logsumexp of a row from every thread's (max, sum), the same value in all threads.
+__device__ float ce_block_lse(MaxSum acc, float* sh_m, float* sh_s) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    acc = ce_warp_combine(acc);
+    if (lane == 0) {
+        sh_m[warp] = acc.m;
+        sh_s[warp] = acc.s;
+    }
+    __syncthreads();
+    // every warp reduces the per-warp results the same way, so all threads agree
+    int nw = blockDim.x / 32;
+    acc.m = lane < nw ? sh_m[lane] : CE_NEG_INF;
+    acc.s = lane < nw ? sh_s[lane] : 0.0f;
+    acc = ce_warp_combine(acc);
+    return acc.m + logf(acc.s);
+}
+
 // (softmax - onehot) * dloss for the four logits q at columns v .. v + 3
 __device__ float4 ce_grad4(float4 q, int v, int tgt, float lse, float dloss) {
     q.x = (expf(q.x - lse) - (v == tgt ? 1.0f : 0.0f)) * dloss;
@@ -89,19 +110,7 @@ extern "C" __global__ void crossentropy_fused(float* logits, float* losses, cons
         ce_push4(acc, q3);
     }
     for (; i < n4; i += bd) ce_push4(acc, x4[i]);
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    acc = ce_warp_combine(acc);
-    if (lane == 0) {
-        sh_m[warp] = acc.m;
-        sh_s[warp] = acc.s;
-    }
-    __syncthreads();
-    // every warp reduces the per-warp results the same way, so all threads agree
-    int nw = blockDim.x / 32;
-    acc.m = lane < nw ? sh_m[lane] : CE_NEG_INF;
-    acc.s = lane < nw ? sh_s[lane] : 0.0f;
-    acc = ce_warp_combine(acc);
-    float lse = acc.m + logf(acc.s);
+    float lse = ce_block_lse(acc, sh_m, sh_s);
     int tgt = targets[row];
     if (threadIdx.x == 0) losses[row] = lse - x[tgt];
     if (!write_dlogits) return;
@@ -124,4 +133,45 @@ extern "C" __global__ void crossentropy_fused(float* logits, float* losses, cons
         y4[i + 3 * bd] = ce_grad4(q3, head + 4 * (i + 3 * bd), tgt, lse, dloss);
     }
     for (; i < n4; i += bd) y4[i] = ce_grad4(y4[i], head + 4 * i, tgt, lse, dloss);
+}
+
+extern "C" __global__ void crossentropy_fused_bf16(bf16_t* logits, float* losses, const int* targets, int N,
+                                                   int V, long long row_stride, float dloss, int write_dlogits) {
+    __shared__ float sh_m[32];
+    __shared__ float sh_s[32];
+    int row = blockIdx.x;
+    if (row >= N) return;
+    bf16_t* x = logits + row * row_stride;
+    int n8 = bf16_aligned8(x, x, x) ? V / 8 : 0;
+    MaxSum acc;
+    acc.m = CE_NEG_INF;
+    acc.s = 0.0f;
+    for (int i = threadIdx.x; i < n8; i += blockDim.x) {
+        bf16x8 q = load8(x + 8 * i);
+        ce_push4(acc, make_float4(q.v[0], q.v[1], q.v[2], q.v[3]));
+        ce_push4(acc, make_float4(q.v[4], q.v[5], q.v[6], q.v[7]));
+    }
+    for (int v = 8 * n8 + (int)threadIdx.x; v < V; v += blockDim.x) ce_push(acc, bf16_to_f32(x[v]));
+    float lse = ce_block_lse(acc, sh_m, sh_s);
+    int tgt = targets[row];
+    if (threadIdx.x == 0) losses[row] = lse - bf16_to_f32(x[tgt]);
+    if (!write_dlogits) return;
+    __syncthreads();  // x[tgt] is read above before any thread overwrites it below
+    for (int i = threadIdx.x; i < n8; i += blockDim.x) {
+        bf16x8 q = load8(x + 8 * i);
+#pragma unroll
+        for (int k = 0; k < 8; k++) q.v[k] = (expf(q.v[k] - lse) - (8 * i + k == tgt ? 1.0f : 0.0f)) * dloss;
+        store8(x + 8 * i, q);
+    }
+    for (int v = 8 * n8 + (int)threadIdx.x; v < V; v += blockDim.x) {
+        float p = expf(bf16_to_f32(x[v]) - lse);
+        st(x, v, (p - (v == tgt ? 1.0f : 0.0f)) * dloss);
+    }
+}
+
+// x[r, v] *= factor for the first V columns of N rows row_stride apart (one block per row).
+extern "C" __global__ void scale_rows_bf16(bf16_t* x, int N, int V, long long row_stride, float factor) {
+    if ((int)blockIdx.x >= N) return;
+    bf16_t* r = x + blockIdx.x * row_stride;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) st(r, v, bf16_to_f32(r[v]) * factor);
 }

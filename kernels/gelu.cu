@@ -1,7 +1,9 @@
 // GELU, tanh approximation (GPT-2): gelu(x) = 0.5 x (1 + tanh(k (x + 0.044715 x^3))),
 // k = sqrt(2/pi). Forward optionally fused with the preceding bias add of c_fc.
 // Every kernel takes float4 steps when its pointers are 16-byte aligned (a scalar tail for
-// n % 4) and scalar steps otherwise.
+// n % 4) and scalar steps otherwise. The *_bf16 entry points read and write bf16 activations
+// (the bias float32), computing in float32.
+#include "bf16.cuh"
 
 #define GELU_K 0.7978845608028654f
 #define GELU_A 0.044715f
@@ -86,4 +88,49 @@ extern "C" __global__ void gelu_backward(float* dx, const float* x, const float*
         start = 4 * n4;
     }
     for (int i = start + tid; i < n; i += stride) dx[i] = dout[i] * gelu_grad(x[i]);
+}
+
+// pre (N,OC) bf16 += bias, rounded to bf16 and kept (backward's input), out = gelu(that value).
+// Eight at a time (16-byte loads) when the pointers are aligned and OC % 8 == 0.
+extern "C" __global__ void bias_gelu_forward_bf16(bf16_t* out, bf16_t* pre, const float* bias, int n, int OC) {
+    int tid = blockIdx.x * blockDim.x + threadIdx.x;
+    int stride = gridDim.x * blockDim.x;
+    int start = 0;
+    if (OC % 8 == 0 && bf16_aligned8(out, pre, bias)) {
+        int n8 = n / 8, oc8 = OC / 8;
+        for (int i = tid; i < n8; i += stride) {
+            bf16x8 h = load8(pre + 8 * i), g;
+            const float* bv = bias + 8 * (i % oc8);
+#pragma unroll
+            for (int k = 0; k < 8; k++) h.v[k] = bf16_to_f32(f32_to_bf16(h.v[k] + bv[k]));
+            store8(pre + 8 * i, h);  // exact: the values are bf16 already
+#pragma unroll
+            for (int k = 0; k < 8; k++) g.v[k] = gelu_f(h.v[k]);
+            store8(out + 8 * i, g);
+        }
+        start = 8 * n8;
+    }
+    for (int i = start + tid; i < n; i += stride) {
+        bf16_t h = f32_to_bf16(ld(pre, i) + bias[i % OC]);
+        pre[i] = h;
+        st(out, i, gelu_f(bf16_to_f32(h)));
+    }
+}
+
+// dx = dout * gelu'(x) on bf16 arrays; dx may alias dout.
+extern "C" __global__ void gelu_backward_bf16(bf16_t* dx, const bf16_t* x, const bf16_t* dout, int n) {
+    int tid = blockIdx.x * blockDim.x + threadIdx.x;
+    int stride = gridDim.x * blockDim.x;
+    int start = 0;
+    if (bf16_aligned8(dx, x, dout)) {
+        int n8 = n / 8;
+        for (int i = tid; i < n8; i += stride) {
+            bf16x8 v = load8(x + 8 * i), d = load8(dout + 8 * i);
+#pragma unroll
+            for (int k = 0; k < 8; k++) d.v[k] *= gelu_grad(v.v[k]);
+            store8(dx + 8 * i, d);
+        }
+        start = 8 * n8;
+    }
+    for (int i = start + tid; i < n; i += stride) st(dx, i, ld(dout, i) * gelu_grad(ld(x, i)));
 }

@@ -1,5 +1,8 @@
 // LayerNorm over the last axis: x (N,C) -> out (N,C), saving mean and rstd (N,) for backward.
 // One warp per row (llm.c's layout); blockDim must be a multiple of 32.
+// x, out, dout and dx are float32, or bf16 in the *_bf16 entry points (statistics, weights and
+// their gradients float32 always); residual_layernorm_forward_bf16 fuses the residual add before it.
+#include "bf16.cuh"
 
 __device__ float ln_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -13,6 +16,94 @@ __device__ bool ln_vec_ok(int C) { return C % 4 == 0 && C <= 128 * LN_MAXV; }
 
 __device__ bool ln_aligned(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+// One warp's row of the scalar path, any storage S. With fx, the input is x + fx rounded to S
+// and written to res (by the lane that reads it, so res may alias x or fx); two passes over the
+// row for the statistics (the variance from the mean: more accurate than E[x^2] - m^2).
+template <typename S>
+__device__ void layernorm_forward_row(S* out, float* mean, float* rstd, const S* x, const S* fx, S* res,
+                                      const float* w, const float* b, int row, int C, float eps) {
+    int lane = threadIdx.x % 32;
+    long long off = (long long)row * C;
+    const S* xr = x + off;
+    if (fx != nullptr) {
+        for (int c = lane; c < C; c += 32) st(res + off, c, ld(xr, c) + ld(fx + off, c));
+        xr = res + off;  // each lane reads back only what it wrote
+    }
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += ld(xr, c);
+    float m = ln_warp_sum(s) / C;
+    float v = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float d = ld(xr, c) - m;
+        v += d * d;
+    }
+    float r = 1.0f / sqrtf(ln_warp_sum(v) / C + eps);
+    for (int c = lane; c < C; c += 32) st(out + off, c, (ld(xr, c) - m) * r * w[c] + b[c]);
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
+// The bf16 register path (16-byte loads of 8 values): C % 8 == 0, C <= 256 * LN_MAXV8, the
+// activation pointers 16-byte aligned; each lane keeps its at most 32 values of the row.
+#define LN_MAXV8 4
+
+__device__ bool ln_bf16_vec_ok(int C, const void* a, const void* b, const void* c, const void* d) {
+    return C % 8 == 0 && C <= 256 * LN_MAXV8 && bf16_aligned8(a, b, c) && bf16_aligned8(d, d, d);
+}
+
+__device__ void layernorm_forward_row_bf16x8(bf16_t* out, float* mean, float* rstd, const bf16_t* x, const bf16_t* fx,
+                                             bf16_t* res, const float* w, const float* b, int row, int C, float eps) {
+    int lane = threadIdx.x % 32;
+    long long off = (long long)row * C;
+    int n8 = C / 8;
+    bf16x8 v[LN_MAXV8];
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LN_MAXV8; i++) {
+        int c = lane + 32 * i;
+        if (c < n8) {
+            v[i] = load8(x + off + 8 * c);
+            if (fx != nullptr) {
+                bf16x8 f = load8(fx + off + 8 * c);
+#pragma unroll
+                for (int k = 0; k < 8; k++) v[i].v[k] = bf16_to_f32(f32_to_bf16(v[i].v[k] + f.v[k]));
+                store8(res + off + 8 * c, v[i]);
+            }
+#pragma unroll
+            for (int k = 0; k < 8; k++) s += v[i].v[k];
+        }
+    }
+    float m = ln_warp_sum(s) / C;
+    float q = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LN_MAXV8; i++) {
+        if (lane + 32 * i < n8) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                float d = v[i].v[k] - m;
+                q += d * d;
+            }
+        }
+    }
+    float r = 1.0f / sqrtf(ln_warp_sum(q) / C + eps);
+#pragma unroll
+    for (int i = 0; i < LN_MAXV8; i++) {
+        int c = lane + 32 * i;
+        if (c < n8) {
+            bf16x8 y;
+#pragma unroll
+            for (int k = 0; k < 8; k++) y.v[k] = (v[i].v[k] - m) * r * w[8 * c + k] + b[8 * c + k];
+            store8(out + off + 8 * c, y);
+        }
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
 }
 
 extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* x,
@@ -68,29 +159,39 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
         }
         return;
     }
-    float s = 0.0f;
-    for (int c = lane; c < C; c += 32) s += xr[c];
-    float m = ln_warp_sum(s) / C;
-    // second pass over x (cached) for the variance: more accurate than E[x^2] - m^2
-    float v = 0.0f;
-    for (int c = lane; c < C; c += 32) {
-        float d = xr[c] - m;
-        v += d * d;
+    layernorm_forward_row(out, mean, rstd, x, (const float*)nullptr, (float*)nullptr, w, b, row, C, eps);
+}
+
+extern "C" __global__ void layernorm_forward_bf16(bf16_t* out, float* mean, float* rstd, const bf16_t* x,
+                                                  const float* w, const float* b, int N, int C, float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;
+    if (ln_bf16_vec_ok(C, out, x, x, x)) {
+        layernorm_forward_row_bf16x8(out, mean, rstd, x, nullptr, nullptr, w, b, row, C, eps);
+    } else {
+        layernorm_forward_row(out, mean, rstd, x, (const bf16_t*)nullptr, (bf16_t*)nullptr, w, b, row, C, eps);
     }
-    float r = 1.0f / sqrtf(ln_warp_sum(v) / C + eps);
-    float* o = out + (long long)row * C;
-    for (int c = lane; c < C; c += 32) o[c] = (xr[c] - m) * r * w[c] + b[c];
-    if (lane == 0) {
-        mean[row] = m;
-        rstd[row] = r;
+}
+
+// res = x + fx (rounded to bf16, the residual stream), out = LayerNorm(res): the residual add
+// fused into the LayerNorm that follows it, one pass less over the stream. res may alias x or fx.
+extern "C" __global__ void residual_layernorm_forward_bf16(bf16_t* res, bf16_t* out, float* mean, float* rstd,
+                                                           const bf16_t* x, const bf16_t* fx, const float* w,
+                                                           const float* b, int N, int C, float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;
+    if (ln_bf16_vec_ok(C, out, x, fx, res)) {
+        layernorm_forward_row_bf16x8(out, mean, rstd, x, fx, res, w, b, row, C, eps);
+    } else {
+        layernorm_forward_row(out, mean, rstd, x, fx, res, w, b, row, C, eps);
     }
 }
 
 // dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = dout * w.
 // accumulate != 0 adds into dx (residual stream) instead of overwriting it.
-extern "C" __global__ void layernorm_backward_dx(float* dx, const float* dout, const float* x,
-                                                 const float* w, const float* mean,
-                                                 const float* rstd, int N, int C, int accumulate) {
+template <typename S>
+__device__ void layernorm_backward_dx_rows(S* dx, const S* dout, const S* x, const float* w, const float* mean,
+                                           const float* rstd, int N, int C, int accumulate) {
     int lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;
@@ -98,25 +199,82 @@ extern "C" __global__ void layernorm_backward_dx(float* dx, const float* dout, c
     float m = mean[row], r = rstd[row];
     float s1 = 0.0f, s2 = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float dn = dout[off + c] * w[c];
+        float dn = ld(dout, off + c) * w[c];
         s1 += dn;
-        s2 += dn * (x[off + c] - m) * r;
+        s2 += dn * (ld(x, off + c) - m) * r;
     }
     float mean1 = ln_warp_sum(s1) / C;
     float mean2 = ln_warp_sum(s2) / C;
     for (int c = lane; c < C; c += 32) {
-        float norm = (x[off + c] - m) * r;
-        float g = r * (dout[off + c] * w[c] - mean1 - norm * mean2);
-        dx[off + c] = accumulate ? dx[off + c] + g : g;
+        float norm = (ld(x, off + c) - m) * r;
+        float g = r * (ld(dout, off + c) * w[c] - mean1 - norm * mean2);
+        st(dx, off + c, accumulate ? ld(dx, off + c) + g : g);
+    }
+}
+
+extern "C" __global__ void layernorm_backward_dx(float* dx, const float* dout, const float* x,
+                                                 const float* w, const float* mean,
+                                                 const float* rstd, int N, int C, int accumulate) {
+    layernorm_backward_dx_rows(dx, dout, x, w, mean, rstd, N, C, accumulate);
+}
+
+// The bf16 register path of the dx pass: dout's and x's values of the row stay in registers.
+__device__ void layernorm_backward_dx_row_bf16x8(bf16_t* dx, const bf16_t* dout, const bf16_t* x, const float* w,
+                                                 float m, float r, long long off, int C, int accumulate) {
+    int lane = threadIdx.x % 32;
+    int n8 = C / 8;
+    bf16x8 dn[LN_MAXV8], nx[LN_MAXV8];
+    float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LN_MAXV8; i++) {
+        int c = lane + 32 * i;
+        if (c < n8) {
+            dn[i] = load8(dout + off + 8 * c);
+            nx[i] = load8(x + off + 8 * c);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                dn[i].v[k] *= w[8 * c + k];
+                nx[i].v[k] = (nx[i].v[k] - m) * r;
+                s1 += dn[i].v[k];
+                s2 += dn[i].v[k] * nx[i].v[k];
+            }
+        }
+    }
+    float mean1 = ln_warp_sum(s1) / C;
+    float mean2 = ln_warp_sum(s2) / C;
+#pragma unroll
+    for (int i = 0; i < LN_MAXV8; i++) {
+        int c = lane + 32 * i;
+        if (c < n8) {
+            bf16x8 g;
+            if (accumulate) g = load8(dx + off + 8 * c);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                float v = r * (dn[i].v[k] - mean1 - nx[i].v[k] * mean2);
+                g.v[k] = accumulate ? g.v[k] + v : v;
+            }
+            store8(dx + off + 8 * c, g);
+        }
+    }
+}
+
+extern "C" __global__ void layernorm_backward_dx_bf16(bf16_t* dx, const bf16_t* dout, const bf16_t* x,
+                                                      const float* w, const float* mean,
+                                                      const float* rstd, int N, int C, int accumulate) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= N) return;
+    if (ln_bf16_vec_ok(C, dx, dout, x, x)) {
+        layernorm_backward_dx_row_bf16x8(dx, dout, x, w, mean[row], rstd[row], (long long)row * C, C, accumulate);
+    } else {
+        layernorm_backward_dx_rows(dx, dout, x, w, mean, rstd, N, C, accumulate);
     }
 }
 
 // Deterministic dw/db, pass 1: thread (c, chunk) sums rows [chunk*rows, (chunk+1)*rows) in
 // order; partial is (2, P, C) with P = gridDim.y: dw partials then db partials.
-extern "C" __global__ void layernorm_backward_params_partial(float* partial, const float* dout,
-                                                             const float* x, const float* mean,
-                                                             const float* rstd, int N, int C,
-                                                             int rows) {
+template <typename S>
+__device__ void layernorm_backward_params_rows(float* partial, const S* dout, const S* x, const float* mean,
+                                               const float* rstd, int N, int C, int rows) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     int p = blockIdx.y;
     if (c >= C) return;
@@ -125,12 +283,27 @@ extern "C" __global__ void layernorm_backward_params_partial(float* partial, con
     float dw = 0.0f, db = 0.0f;
     for (int r = lo; r < hi; r++) {
         long long i = (long long)r * C + c;
-        dw += dout[i] * (x[i] - mean[r]) * rstd[r];
-        db += dout[i];
+        float d = ld(dout, i);
+        dw += d * (ld(x, i) - mean[r]) * rstd[r];
+        db += d;
     }
     long long P = gridDim.y;
     partial[(long long)p * C + c] = dw;
     partial[(P + p) * C + c] = db;
+}
+
+extern "C" __global__ void layernorm_backward_params_partial(float* partial, const float* dout,
+                                                             const float* x, const float* mean,
+                                                             const float* rstd, int N, int C,
+                                                             int rows) {
+    layernorm_backward_params_rows(partial, dout, x, mean, rstd, N, C, rows);
+}
+
+extern "C" __global__ void layernorm_backward_params_partial_bf16(float* partial, const bf16_t* dout,
+                                                                  const bf16_t* x, const float* mean,
+                                                                  const float* rstd, int N, int C,
+                                                                  int rows) {
+    layernorm_backward_params_rows(partial, dout, x, mean, rstd, N, C, rows);
 }
 
 // Pass 2: dw[c] += sum_p partial[0,p,c]; db[c] += sum_p partial[1,p,c]. Block of 32 columns

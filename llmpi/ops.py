@@ -4,13 +4,14 @@ NumPy arrays run the fused CPU kernels (llmpi.cpu.ops, Numba) or the NumPy layer
 (llmpi.model.ops), as `select_cpu_kernels` chose for the process (train.cpu_kernels; until a
 trainer or benchmark chooses, the layers: a library user's GPT stays the readable reference);
 float64 on the GPU (gradient checks) runs the layers; float32 on the GPU runs the CUDA kernels,
-bf16 their bf16 table (llmpi.gpu.ops). The tables have the same entries, so nothing else asks
+bf16 their bf16 table (llmpi.gpu.ops), with bf16 activations, or for tensor-parallel shards
+(whose all-reduces sum float32) the table with float32 activations and bf16 matmuls. The tables have the same entries, so nothing else asks
 which device it is on.
 """
 import numpy as np
 
 from .errors import UserError
-from .gpu.ops import BF16_OPS, KERNEL_OPS
+from .gpu.ops import BF16_MATMUL_OPS, BF16_OPS, KERNEL_OPS
 from .model.ops import LAYER_OPS
 
 CPU_KERNELS = ("auto", "numpy", "fused")  # train.cpu_kernels
@@ -55,11 +56,14 @@ def select_cpu_kernels(choice, dtype="float32", comm=None, xp=np):
     return "fused"
 
 
-def op_table(xp, dtype):
-    """The table for arrays of module `xp` and the model dtype name or NumPy dtype `dtype`."""
+def op_table(xp, dtype, sharded=False):
+    """The table for arrays of module `xp` and the model dtype name or NumPy dtype `dtype`;
+    sharded: tensor-parallel layers."""
     if xp is np:
         fused = _SELECTED[0] == "fused" and (dtype == "bf16" or np.dtype(dtype) in (np.float32, np.float64))
         return _fused_table() if fused else LAYER_OPS
     if dtype != "bf16" and np.dtype(dtype) == np.float64:
         return LAYER_OPS
-    return BF16_OPS if dtype == "bf16" else KERNEL_OPS
+    if dtype == "bf16":
+        return BF16_MATMUL_OPS if sharded else BF16_OPS
+    return KERNEL_OPS

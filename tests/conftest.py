@@ -1,6 +1,11 @@
 """Shared test helpers."""
+import os
+
 import numpy as np
 import pytest
+
+import kernel_emulator
+from llmpi.backend import gpu_available
 
 from llmpi.ops import select_cpu_kernels
 
@@ -41,3 +46,26 @@ def rel_error(a, b):
 @pytest.fixture
 def numgrad():
     return central_diff
+
+
+UNDER_MPI = any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
+
+
+@pytest.fixture(params=["gpu", "emulated"])
+def cp(request, monkeypatch):
+    """The array module the kernels run on: CuPy on a GPU, or NumPy with every kernel launch
+    going to the CPU kernel emulator (tests/kernel_emulator.py), which checks the kernels'
+    arithmetic in CI, where there is no GPU. Tests marked `large` run on the GPU only."""
+    if request.param == "gpu":
+        if not gpu_available():
+            pytest.skip("no GPU")
+        import cupy
+        return cupy
+    if UNDER_MPI:
+        pytest.skip("the kernel emulator runs in the single-process pytest pass")
+    if request.node.get_closest_marker("large"):
+        pytest.skip("too large for the CPU kernel emulator")
+    if kernel_emulator.compiler() is None:
+        pytest.skip("no C++20 compiler for the kernel emulator")
+    kernel_emulator.install(monkeypatch)
+    return np

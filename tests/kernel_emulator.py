@@ -135,17 +135,29 @@ def _column_major(address, dtype, rows, cols, ld):
     return flat.reshape(cols, ld).T[:rows, :]
 
 
+def bf16_bits(x):
+    """float values -> their bf16 bit patterns (uint16), round to nearest even as kernels/bf16.cuh."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 def gemm_ex(transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, compute, algo):
     """cublasGemmEx's documented semantics in NumPy (float64 products): C = alpha op(A) op(B) +
-    beta C, all column-major; C is not read when beta is 0."""
-    if compute != CUBLAS_COMPUTE_32F or Ctype != CUDA_R_32F:
-        raise NotImplementedError("only fp32 accumulation into fp32")
+    beta C, all column-major; C is not read when beta is 0; a bf16 C gets the float32 result
+    rounded once (finite values only: no NaN handling)."""
+    if compute != CUBLAS_COMPUTE_32F or Ctype not in (CUDA_R_32F, CUDA_R_16BF):
+        raise NotImplementedError("only fp32 accumulation into fp32 or bf16")
     a = _column_major(A, Atype, *((k, m) if transa else (m, k)), lda)
     b = _column_major(B, Btype, *((n, k) if transb else (k, n)), ldb)
     c = _column_major(C, Ctype, m, n, ldc)
     al, be = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
     product = al * ((a.T if transa else a).astype(np.float64) @ (b.T if transb else b))
-    c[...] = product + be * c if be else product
+    result = (product + be * c if be else product).astype(np.float32)
+    if Ctype == CUDA_R_32F:
+        c[...] = result
+        return
+    bits = np.ctypeslib.as_array((ctypes.c_uint16 * (ldc * n)).from_address(C)).reshape(n, ldc).T
+    bits[:m, :] = bf16_bits(result)
 
 
 def install(monkeypatch):

@@ -75,8 +75,9 @@ def test_tf32_attention_tracks_cpu(cp, monkeypatch):
 
 
 def test_bf16_matmuls_track_cpu(cp):
-    """model.dtype = "bf16": bf16 GEMM and attention inputs, float32 everywhere else; loss within
-    1% and gradients within a few percent of the float64 model."""
+    """model.dtype = "bf16": bf16 activations between the kernels, bf16 GEMMs and attention
+    products, float32 weights, gradients and statistics; loss within 1% and gradients within a
+    few percent of the float64 model."""
     ref, _ = pair(cp)
     cfg = dict(vocab_size=67, block_size=40, n_layer=2, n_head=2, n_embd=32)
     gpu = GPT(ModelConfig(dtype="bf16", **cfg), xp=cp, seed=3)
@@ -90,6 +91,7 @@ def test_bf16_matmuls_track_cpu(cp):
     ref.backward(cache)
     _, loss, cache = gpu.forward(cp.asarray(idx), cp.asarray(tgt))
     assert cache["blocks"][0][2][-1] == "bf16", "attention did not take the bf16 tensor-core path"
+    assert cache["blocks"][0][4][0].dtype == cp.uint16, "the residual stream is not bf16"
     gpu.params.zero_grad()
     gpu.backward(cache)
     assert abs(loss - loss_ref) < 1e-2 * loss_ref

@@ -17,8 +17,8 @@ import pytest
 
 import kernel_emulator
 from cli import single_process_only
-from conftest import rel_error
-from llmpi.backend import address, gpu_available, to_host
+from conftest import UNDER_MPI, rel_error
+from llmpi.backend import address, to_host
 from llmpi.gpu import adamw as gpu_adamw, attention as gpu_attention, attention_tc as gpu_attention_tc
 from llmpi.gpu import cast as gpu_cast, classifier as gpu_classifier, embedding as gpu_embedding
 from llmpi.gpu import gelu as gpu_gelu, gradnorm as gpu_gradnorm, layernorm as gpu_layernorm, loader
@@ -30,28 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 2e-5  # float32 kernels vs float64 references, as rel_error (max abs diff / max abs)
 
 
-UNDER_MPI = any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
 large = pytest.mark.large  # too slow for the CPU kernel emulator: GPU only
-
-
-@pytest.fixture(params=["gpu", "emulated"])
-def cp(request, monkeypatch):
-    """The array module the kernels run on: CuPy on a GPU, or NumPy with every kernel launch
-    going to the CPU kernel emulator (tests/kernel_emulator.py), which checks the kernels'
-    arithmetic in CI, where there is no GPU."""
-    if request.param == "gpu":
-        if not gpu_available():
-            pytest.skip("no GPU")
-        import cupy
-        return cupy
-    if UNDER_MPI:
-        pytest.skip("the kernel emulator runs in the single-process pytest pass")
-    if request.node.get_closest_marker("large"):
-        pytest.skip("too large for the CPU kernel emulator")
-    if kernel_emulator.compiler() is None:
-        pytest.skip("no C++20 compiler for the kernel emulator")
-    kernel_emulator.install(monkeypatch)
-    return np
 
 
 def f32(cp, a):
@@ -78,20 +57,43 @@ def test_every_kernel_compiles_with_nvcc():
 
 
 def test_wrappers_name_existing_entry_points():
-    """Every (file, kernel) the wrappers launch is an extern "C" __global__ of that file."""
+    """Every (file, kernel) the wrappers launch is an extern "C" __global__ of that file; a name
+    ending in the storage suffix (f"name{suffix}", llmpi.gpu.common.storage) needs both entry points."""
     launches = set()
     for module in glob.glob(os.path.join(os.path.dirname(loader.__file__), "*.py")):
         with open(module) as f:
-            launches |= set(re.findall(r'launch\("(\w+\.cu)", "(\w+)"', f.read()))
-    assert len(launches) >= 15
+            for file, name, suffix in re.findall(r'launch\("(\w+\.cu)", f?"(\w+)(\{suffix\})?"', f.read()):
+                launches |= {(file, name), (file, name + "_bf16")} if suffix else {(file, name)}
+    assert len(launches) >= 30
     for file, name in launches:
         src = loader.source(file)
         assert re.search(r'extern "C" __global__ void (__launch_bounds__\([^)]*\)\s*)?' + name + r"\(",
                          src), (file, name)
 
 
+def test_op_tables_alike_and_bf16_by_sharding():
+    """The GPU tables have the layers' entries; bf16 takes bf16 activations unless the layers are
+    tensor-parallel shards (whose all-reduces sum float32)."""
+    from llmpi.gpu.ops import BF16_MATMUL_OPS, BF16_OPS, KERNEL_OPS
+    from llmpi.model.ops import LAYER_OPS
+    from llmpi.ops import op_table
+    entries = sorted(vars(LAYER_OPS))
+    assert all(sorted(vars(t)) == entries for t in (KERNEL_OPS, BF16_OPS, BF16_MATMUL_OPS))
+    device = types.ModuleType("a_device_array_module")  # anything but NumPy
+    assert op_table(device, "bf16") is BF16_OPS and BF16_OPS.activation_dtype == np.uint16
+    assert op_table(device, "bf16", sharded=True) is BF16_MATMUL_OPS and BF16_MATMUL_OPS.activation_dtype is None
+    assert op_table(device, "float32", sharded=True) is KERNEL_OPS
+
+
 def test_kernel_dir_finds_sources():
     assert os.path.isfile(os.path.join(loader.kernel_dir(), "attention.cu"))
+
+
+def test_sources_paste_their_headers():
+    """NVRTC gets one string: each local #include replaced by the header's text (so CuPy's cache,
+    keyed on that string, sees a header change)."""
+    src = loader.source("layernorm.cu")
+    assert '#include "' not in src and "#define LLMPI_BF16_CUH" in src
 
 
 def test_wrappers_reject_wrong_dtype_or_layout():
@@ -289,12 +291,6 @@ def test_grad_norm(cp, n):
     assert abs(math.sqrt(float(gpu_gradnorm.sumsq(dg))) - clipped) < 1e-5 * clipped
 
 
-def bf16_reference(x):
-    """float32 -> bf16 bits, round to nearest even (NaN not covered)."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def bf16_value(bits):
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
@@ -304,7 +300,7 @@ def test_cast_to_bf16(cp, n):
     x = np.random.default_rng(8).standard_normal(n).astype(np.float32) * 100
     x[:min(n, 5)] = [1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, np.inf, -np.inf, 0.0][:min(n, 5)]  # ties go to even
     got = to_host(gpu_cast.to_bf16(cp.asarray(x)))
-    assert got.dtype == np.uint16 and (got == bf16_reference(x)).all()
+    assert got.dtype == np.uint16 and (got == kernel_emulator.bf16_bits(x)).all()
     assert np.isnan(bf16_value(to_host(gpu_cast.to_bf16(cp.asarray(np.float32([np.nan])))))).all()
 
 
@@ -328,23 +324,25 @@ def test_bf16_matmul(cp, transa, transb):
     close(acc, ref + 1, 1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "bf16-matmul"])
 def test_model_on_the_emulated_kernels(monkeypatch, precision):
     """The GPT's kernel path (the op tables of llmpi.gpu.ops, the padded LM head) on
     the CPU kernel emulator against the float64 layers: the dispatch and the caches between
-    the kernels."""
+    the kernels. bf16: bf16 activations end to end (BF16_OPS); bf16-matmul: float32 activations
+    with bf16 matmuls (BF16_MATMUL_OPS, the tensor-parallel table)."""
     if UNDER_MPI or kernel_emulator.compiler() is None:
         pytest.skip("the kernel emulator runs in the single-process pass, with a C++20 compiler")
     from llmpi.config import ModelConfig
-    from llmpi.gpu.ops import BF16_OPS, KERNEL_OPS
+    from llmpi.gpu.ops import BF16_MATMUL_OPS, BF16_OPS, KERNEL_OPS
     from llmpi.model.gpt import GPT
     kernel_emulator.install(monkeypatch)
     monkeypatch.setenv("CUPY_TF32", "1" if precision == "tf32" else "0")
-    cfg = dict(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    cfg = dict(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=32)  # 2 blocks: every fused residual + LN
     ref = GPT(ModelConfig(dtype="float64", **cfg), seed=3)
     # NumPy arrays with the GPU model's op table: kernels on the emulator, LM head rows padded 13 -> 64
-    emulated = GPT(ModelConfig(dtype="bf16" if precision == "bf16" else "float32", **cfg), seed=3,
-                   ops=BF16_OPS if precision == "bf16" else KERNEL_OPS)
+    tables = {"bf16": BF16_OPS, "bf16-matmul": BF16_MATMUL_OPS}
+    emulated = GPT(ModelConfig(dtype="bf16" if precision in tables else "float32", **cfg), seed=3,
+                   ops=tables.get(precision, KERNEL_OPS))
     emulated.params.data[...] = ref.params.data
     ref.params.data[...] = emulated.params.data  # both hold the same float32 values
     assert emulated.weights.head.shape == (64, 32)
@@ -353,12 +351,18 @@ def test_model_on_the_emulated_kernels(monkeypatch, precision):
     ref.params.zero_grad()
     ref.backward(cache)
     _, loss, cache = emulated.forward(idx, tgt)
-    assert cache["blocks"][0][2][-1] == precision  # the attention's precision: CUDA cores, TF32 or bf16 tensor cores
+    assert cache["blocks"][0][2][-1] == precision[:4]  # the attention's precision: CUDA cores, TF32 or bf16 tensor cores
+    # the LayerNorms' inputs: the residual stream, bf16 between the kernels with BF16_OPS only
+    assert cache["blocks"][0][4][0].dtype == (np.uint16 if precision == "bf16" else np.float32)
+    assert emulated.activation_dtype == cache["blocks"][0][4][0].dtype
     emulated.params.zero_grad()
     emulated.backward(cache)
     loose = precision != "fp32"
     assert abs(loss - loss_ref) < (1e-2 if loose else 1e-5) * loss_ref
     assert abs(emulated.loss(idx, tgt) - loss) < 1e-6 * loss  # evaluation: the classifier without dlogits
+    logits, _, _ = emulated.forward(idx)
+    logits_ref, _, _ = ref.forward(idx)
+    assert logits.dtype == np.float32 and rel_error(logits, logits_ref) < (2e-2 if loose else 1e-5)
     assert rel_error(emulated.params.grad, ref.params.grad) < (5e-2 if loose else 1e-4)
 
 
@@ -390,9 +394,9 @@ def test_bench_kernels_small_shape_passes_its_checks(cp):
         shape.update(B=1, P=5003)  # the emulator starts a host thread per CUDA thread
     names = []
     for name, check, _run, tol, _bytes, _flops in bench.cases(cp, **shape):
-        if cp is np and name in ("grad_sumsq", "crossentropy_fused"):
+        if cp is np and name.startswith(("grad_sumsq", "crossentropy_fused")):
             continue  # 1024-block grid / V-wide rows: half a minute emulated, and tested above
         err = check()
         assert err <= tol, (name, err)
         names.append(name)
-    assert "attention_forward" in names and "adamw_update" in names
+    assert "attention_forward" in names and "adamw_update" in names and "layernorm_forward_bf16" in names

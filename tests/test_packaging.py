@@ -23,7 +23,7 @@ def test_wheel_ships_kernels_and_jobs_and_finds_them(tmp_path):
     with zipfile.ZipFile(str(tmp_path / wheel)) as z:
         names = set(z.namelist())
         z.extractall(str(site))
-    kernels = {n for n in os.listdir(os.path.join(REPO, "kernels")) if n.endswith(".cu")}
+    kernels = {n for n in os.listdir(os.path.join(REPO, "kernels")) if n.endswith((".cu", ".cuh"))}
     assert {f"llmpi/_kernels/{k}" for k in kernels} <= names
     assert "llmpi/_jobs/default.toml" in names
     # From an unrelated directory, with only the unpacked wheel on the path.

@@ -20,7 +20,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 PASSES = ("forward", "backward", "loss")  # the members of a layer entry that are timed
-NOT_OPS = ("weights", "precision")  # table entries that describe rather than compute
+NOT_OPS = ("weights", "precision", "activation_dtype")  # table entries that describe rather than compute
 
 
 class _Clock:

@@ -5,10 +5,17 @@ Each variant runs in its own subprocess (its own CUDA context and memory pool):
 - llmpi fp32: float32 everywhere, cuBLAS in plain fp32 (CuPy's default);
 - llmpi tf32: the same with CUPY_TF32=1, so cuBLAS may use TF32 tensor cores and attention
   runs on TF32 tensor cores (kernels/attention_tc.cu);
-- llmpi bf16: model.dtype = "bf16": every matmul on bf16 inputs (cuBLAS GemmEx, fp32
-  accumulate, llmpi.gpu.bf16), bf16 tensor-core attention, fp32 elsewhere, fp32 master weights;
+- llmpi bf16: model.dtype = "bf16": bf16 activations between the kernels, every matmul on bf16
+  inputs (cuBLAS GemmEx, fp32 accumulate, llmpi.gpu.bf16), bf16 tensor-core attention, fp32
+  master weights, optimizer state and statistics;
 - torch tf32: float32 with TF32 matmuls allowed, flash SDPA, fused AdamW;
-- torch bf16: the same under bf16 autocast (fp32 master weights).
+- torch bf16: the same under bf16 autocast (fp32 master weights);
+- torch compile bf16: torch bf16 with the model under torch.compile (when it compiles on the
+  machine; --no-compile skips it).
+The batch sweep (--sweep, default 16,32 beside --batch 8) runs llmpi bf16 and torch bf16 at each
+further batch size: MFU depends on it, and `mfu_bf16` is llmpi's best over the sweep.
+Headline keys: `ratio_bf16` (llmpi bf16 / torch bf16 at --batch), `mfu_bf16`, `best_batch_bf16`,
+`ratio_bf16_vs_compile`, `ratio_tf32`; `ratio` is `ratio_bf16`.
 A step is zero_grad + forward + backward + clip + AdamW on random tokens; the median of
 the timed steps counts (a device synchronize closes each step), warm-up steps excluded.
 After them each llmpi variant runs PROFILED_STEPS more with CUDA events around every op
@@ -37,7 +44,9 @@ SHAPES = {
 PEAK = {"tf32": 494.5e12, "bf16": 989e12}  # H100 SXM dense tensor-core peaks
 PROFILED_STEPS = 3  # steps timed op by op after the timed steps
 BREAKDOWN_SHOWN = 12  # largest entries printed per llmpi run (the JSON has them all)
-VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("llmpi", "bf16"), ("torch", "tf32"), ("torch", "bf16"))
+VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("llmpi", "bf16"), ("torch", "tf32"), ("torch", "bf16"),
+            ("torch_compile", "bf16"))
+SWEPT = (("llmpi", "bf16"), ("torch", "bf16"))  # the variants the batch sweep runs
 
 
 def flops_per_token(s):
@@ -90,7 +99,7 @@ def _llmpi_child(s, batch, warmup, steps, precision):
                 breakdown_ms=_profile.per_step_ms(clock, n, profiled_s))
 
 
-def _torch_child(s, batch, warmup, steps, precision):
+def _torch_child(s, batch, warmup, steps, precision, compiled=False):
     import torch
 
     from ._torch_ref import torch_gpt
@@ -100,6 +109,7 @@ def _torch_child(s, batch, warmup, steps, precision):
     dev = torch.device("cuda")
     torch.manual_seed(0)
     model = torch_gpt(s).to(dev)
+    forward = torch.compile(model) if compiled else model  # compiled during the warm-up steps
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -110,7 +120,7 @@ def _torch_child(s, batch, warmup, steps, precision):
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(x, y)
+            loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -144,20 +154,43 @@ def child(args):
     if args.child == "llmpi":
         res = _llmpi_child(s, args.batch, args.warmup, args.steps, args.precision)
     else:
-        res = _torch_child(s, args.batch, args.warmup, args.steps, args.precision)
+        res = _torch_child(s, args.batch, args.warmup, args.steps, args.precision, args.child == "torch_compile")
     print(json.dumps(res))
     return 0
 
 
-def _run(which, precision, args):
+def _run(which, precision, args, batch):
     env = dict(os.environ, CUPY_TF32="0" if precision == "fp32" else "1")
     cmd = [sys.executable, "-m", "llmpi.bench.train", "--device", "gpu", "--child", which,
-           "--precision", precision, "--shape", args.shape, "--batch", str(args.batch),
+           "--precision", precision, "--shape", args.shape, "--batch", str(batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         return {"error": (res.stderr or res.stdout)[-2000:]}
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _measure(which, precision, args, batch, s, fpt):
+    """One variant at one batch size -> its result dict (or {"error": ...}), printed."""
+    r = _run(which, precision, args, batch)
+    key = f"{which}_{precision}"
+    if "error" in r:
+        print(f"{key:18s} batch {batch:3d}: FAILED\n{r['error']}")
+        return r
+    tps = batch * s["block_size"] / r["step_s"]
+    peak = PEAK["bf16" if precision == "bf16" else "tf32"]
+    r.update(batch=batch, tokens_per_s=tps, mfu=tps * fpt / peak, tflops=tps * fpt / 1e12)
+    print(f"{key:18s} batch {batch:3d}: {tps:10.0f} tok/s  {r['step_s'] * 1e3:8.1f} ms/step  {r['tflops']:6.1f} TFLOP/s  "
+          f"MFU {100 * r['mfu']:5.1f}% of {'bf16' if precision == 'bf16' else 'TF32'} peak  "
+          f"mem {r['peak_mem_mb']:.0f} MiB  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+    if "breakdown_ms" in r:
+        print("    by op (ms per step, CUDA events): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in list(r["breakdown_ms"].items())[:BREAKDOWN_SHOWN]))
+    return r
+
+
+def _speed(run):
+    return run.get("tokens_per_s") if run else None
 
 
 def main(args):
@@ -172,7 +205,6 @@ def main(args):
     from llmpi import backend
     backend.select("gpu")
     s = SHAPES[args.shape]
-    tokens = args.batch * s["block_size"]
     fpt = flops_per_token(s)
     measured = _matmul_tf32()
     print(f"llmpi.bench train --device gpu: {args.shape} {s}, batch {args.batch}, {args.steps} timed steps "
@@ -182,33 +214,42 @@ def main(args):
           + (f"{measured / 1e12:.1f} TFLOP/s" if measured else "n/a"))
     result = dict(shape=args.shape, batch=args.batch, steps=args.steps, device=backend.device_name,
                   flops_per_token=fpt, peak_tf32=PEAK["tf32"], peak_bf16=PEAK["bf16"],
-                  measured_tf32_matmul=measured, runs={})
+                  measured_tf32_matmul=measured, runs={}, sweep={})
+    failed = False
     for which, precision in VARIANTS:
-        if which == "torch" and not args.with_torch:
+        if (which != "llmpi" and not args.with_torch) or (which == "torch_compile" and not args.compile):
             continue
-        r = _run(which, precision, args)
-        key = f"{which}_{precision}"
-        if "error" in r:
-            print(f"{key:12s}: FAILED\n{r['error']}")
-            result["runs"][key] = r
-            continue
-        tps = tokens / r["step_s"]
-        peak = PEAK["bf16" if precision == "bf16" else "tf32"]
-        r.update(tokens_per_s=tps, mfu=tps * fpt / peak, tflops=tps * fpt / 1e12)
-        result["runs"][key] = r
-        print(f"{key:12s}: {tps:10.0f} tok/s  {r['step_s'] * 1e3:8.1f} ms/step  {r['tflops']:6.1f} TFLOP/s  "
-              f"MFU {100 * r['mfu']:5.1f}% of {'bf16' if precision == 'bf16' else 'TF32'} peak  "
-              f"mem {r['peak_mem_mb']:.0f} MiB  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
-        if "breakdown_ms" in r:
-            print("    by op (ms per step, CUDA events): " + ", ".join(
-                f"{k} {v:.2f}" for k, v in list(r["breakdown_ms"].items())[:BREAKDOWN_SHOWN]))
+        r = _measure(which, precision, args, args.batch, s, fpt)
+        result["runs"][f"{which}_{precision}"] = r
+        # torch.compile "when it works on the device": its failure is reported, not a failed bench
+        failed |= "error" in r and which != "torch_compile"
     runs = result["runs"]
-    for ours, ref in (("llmpi_tf32", "torch_tf32"), ("llmpi_fp32", "torch_tf32"), ("llmpi_bf16", "torch_bf16"),
-                      ("llmpi_bf16", "torch_tf32")):
-        if "tokens_per_s" in runs.get(ours, {}) and "tokens_per_s" in runs.get(ref, {}):
-            ratio = runs[ours]["tokens_per_s"] / runs[ref]["tokens_per_s"]
-            result[f"ratio_{ours}_vs_{ref}"] = ratio
-            print(f"ratio {ours} / {ref}: {ratio:.2f}x tokens/s")
-    result["ratio"] = result.get("ratio_llmpi_tf32_vs_torch_tf32")
+    ratios = {"ratio_bf16": ("llmpi_bf16", "torch_bf16"), "ratio_tf32": ("llmpi_tf32", "torch_tf32"),
+              "ratio_fp32_vs_torch_tf32": ("llmpi_fp32", "torch_tf32"),
+              "ratio_bf16_vs_torch_tf32": ("llmpi_bf16", "torch_tf32"),
+              "ratio_bf16_vs_compile": ("llmpi_bf16", "torch_compile_bf16")}
+    for name, (ours, ref) in ratios.items():
+        a, b = _speed(runs.get(ours)), _speed(runs.get(ref))
+        result[name] = a / b if a and b else None
+        if result[name]:
+            print(f"{name}: {ours} / {ref} = {result[name]:.2f}x tokens/s")
+    best = (runs.get("llmpi_bf16", {}).get("mfu"), args.batch)
+    for batch in args.sweep:
+        point = {}
+        for which, precision in SWEPT:
+            if which == "llmpi" or args.with_torch:
+                point[which] = _measure(which, precision, args, batch, s, fpt)
+                failed |= "error" in point[which]
+        a, b = _speed(point.get("llmpi")), _speed(point.get("torch"))
+        point["ratio_bf16"] = a / b if a and b else None
+        result["sweep"][str(batch)] = point
+        mfu = point["llmpi"].get("mfu")
+        if mfu and (best[0] is None or mfu > best[0]):
+            best = (mfu, batch)
+    result["mfu_bf16"], result["best_batch_bf16"] = best
+    if best[0]:
+        print(f"mfu_bf16: {100 * best[0]:.1f}% at batch {best[1]} (llmpi bf16, best of batches "
+              f"{', '.join(str(b) for b in [args.batch, *args.sweep])})")
+    result["ratio"] = result["ratio_bf16"]
     emit_json(result, args.json)
-    return 0 if all("error" not in r for r in runs.values()) else 1
+    return 1 if failed else 0

@@ -12,6 +12,8 @@ device-to-device copy bandwidth; attention reports TFLOP/s as a
 fraction of a measured float32 cuBLAS matmul (CUDA cores), its TF32 tensor-core version
 (attention_tc.cu) as a fraction of the TF32 peak, taken as half a measured fp16 cuBLAS matmul,
 and its bf16 tensor-core version as a fraction of that fp16 matmul (the bf16 rate).
+The *_bf16 cases are the entry points of model.dtype = "bf16" (bf16 activations, 2 bytes an
+element), checked against the float32 layers on the same bf16 values.
 `ratio` is the geometric mean of the fractions.
 """
 import math
@@ -215,7 +217,66 @@ def cases(xp, B, T, C, NH, V, P):
                 lambda: k_adamw.update(p, g, m, v, mask, 6e-4, 0.9, 0.95, 1e-8, 0.1, 1), 1e-4, f4 * 8 * n, None))
     out.append(("grad_sumsq", lambda: abs(float(k_gradnorm.sumsq(g)) / float((g.astype(xp.float64) ** 2).sum()) - 1),
                 lambda: k_gradnorm.sumsq(g), 1e-9, f4 * n, None))
+    return out + bf16_cases(xp, rand, B, T, C, V)
+
+
+def bf16_cases(xp, rand, B, T, C, V):
+    """The bf16-activation entry points, as `cases`; references: the float32 layers on the bf16 values."""
+    from llmpi.backend import to_host as host
+    from llmpi.gpu import bias as k_bias, classifier as k_classifier, embedding as k_embedding, gelu as k_gelu
+    from llmpi.gpu import layernorm as k_layernorm
+    from llmpi.gpu.cast import from_bf16, to_bf16
+    from llmpi.model.layers import crossentropy, embedding, gelu, layernorm
+
+    N, f2, f4, tol = B * T, 2, 4, 1e-2  # one bf16 rounding of each output: 2^-9 relative
+    err = lambda got, ref: rel_error(host(from_bf16(got) if got.dtype == np.uint16 else got), host(ref))  # noqa: E731
+    out = []
+    wte, wpe = rand(V, C) * 0.02, rand(T, C) * 0.02
+    idx = xp.asarray(np.random.default_rng(1).integers(0, V, (B, T)))
+    out.append(("embedding_forward_bf16",
+                lambda: err(k_embedding.forward_bf16(wte, wpe, idx)[0], embedding.forward(wte, wpe, idx)[0]),
+                lambda: k_embedding.forward_bf16(wte, wpe, idx), tol, f2 * N * C + f4 * (N * C + T * C) + 4 * N, None))
+    x, fx, w, b = to_bf16(rand(B, T, C)), to_bf16(rand(B, T, C)), rand(C), rand(C)
+    ln, ln_cache = k_layernorm.forward(x, w, b)
+    out.append(("layernorm_forward_bf16", lambda: err(ln, layernorm.forward(from_bf16(x), w, b)[0]),
+                lambda: k_layernorm.forward(x, w, b), tol, f2 * 2 * N * C, None))
+    res = fx.copy()
+    out.append(("residual_layernorm_bf16",
+                lambda: err(k_layernorm.residual_forward(x, fx.copy(), w, b)[1],
+                            layernorm.forward(from_bf16(x) + from_bf16(fx), w, b)[0]),
+                lambda: k_layernorm.residual_forward(x, res, w, b), 2 * tol, f2 * 4 * N * C, None))
+    dln, dw, db = to_bf16(rand(B, T, C)), xp.zeros(C, xp.float32), xp.zeros(C, xp.float32)
+    out.append(("layernorm_backward_bf16",
+                lambda: err(k_layernorm.backward(dln, ln_cache, dw, db),
+                            layernorm.backward(from_bf16(dln), layernorm.forward(from_bf16(x), w, b)[1],
+                                               xp.zeros_like(dw), xp.zeros_like(db))),
+                lambda: k_layernorm.backward(dln, ln_cache, dw, db), tol, f2 * 3 * N * C, None))
+    h, dh, bias = to_bf16(rand(B, T, 4 * C)), to_bf16(rand(B, T, 4 * C)), rand(4 * C)
+    pre = h.copy()
+    out.append(("bias_gelu_forward_bf16",
+                lambda: err(k_gelu.bias_forward(h.copy(), bias)[0], gelu.forward(from_bf16(h) + bias)[0]),
+                lambda: k_gelu.bias_forward(pre, bias), 2 * tol, f2 * 3 * h.size, None))
+    out.append(("gelu_backward_bf16", lambda: err(k_gelu.backward(dh, h), gelu.backward(from_bf16(dh), from_bf16(h))),
+                lambda: k_gelu.backward(dh, h), tol, f2 * 3 * h.size, None))
+    d4 = dh.reshape(N, 4 * C)
+    out.append(("bias_grad_bf16", lambda: err(_bias_grad(xp, k_bias, d4), from_bf16(d4).sum(axis=0)),
+                lambda: k_bias.grad(d4, xp.zeros(4 * C, xp.float32)), 1e-4, f2 * d4.size, None))
+    logits, targets = to_bf16(rand(B, T, V)), xp.asarray(np.random.default_rng(2).integers(0, V, (B, T)))
+
+    def check_ce():
+        loss, cache = k_classifier.forward(logits.copy(), targets)
+        ref_loss, ref_cache = crossentropy.forward(from_bf16(logits), targets)
+        return max(err(k_classifier.backward(cache), crossentropy.backward(ref_cache)), abs(loss - ref_loss) / ref_loss)
+    work = logits.copy()
+    out.append(("crossentropy_fused_bf16", check_ce, lambda: k_classifier.forward(work, targets), tol,
+                f2 * 2 * N * V, None))
     return out
+
+
+def _bias_grad(xp, k_bias, d2):
+    db = xp.zeros(d2.shape[1], xp.float32)
+    k_bias.grad(d2, db)
+    return db
 
 
 def main(argv):

@@ -134,6 +134,16 @@ def _torch_available():
     return importlib.util.find_spec("torch") is not None
 
 
+def _batches_list(text):
+    try:
+        batches = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep takes comma-separated batch sizes, got {text!r}") from None
+    if any(b < 1 for b in batches):
+        raise argparse.ArgumentTypeError(f"--sweep batch sizes must be at least 1, got {text!r}")
+    return batches
+
+
 def main(argv=None):
     ap = ArgumentParser(prog="python -m llmpi.bench train", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON line last")
@@ -145,10 +155,13 @@ def main(argv=None):
                     help="gpu: llmpi (CuPy + kernels) vs PyTorch on one GPU, see llmpi.bench._train_gpu")
     ap.add_argument("--shape", choices=sorted(_train_gpu.SHAPES), default="gpt2", help="GPU model shape")
     ap.add_argument("--batch", type=int, default=8, help="GPU batch (sequences of block_size tokens)")
+    ap.add_argument("--sweep", type=_batches_list, default=(16, 32),
+                    help="GPU: further batch sizes for llmpi bf16 and torch bf16, comma-separated ('' for none)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="GPU: skip the torch.compile run")
     ap.add_argument("--warmup", type=int, default=3, help="GPU warm-up steps, not timed")
     ap.add_argument("--no-torch", dest="with_torch", action="store_false", help="GPU: skip the PyTorch runs")
     ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32", help=argparse.SUPPRESS)
-    ap.add_argument("--child", choices=(*VARIANTS, "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=(*VARIANTS, "torch", "torch_compile"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 0:
         raise UserError("--steps and --repeats must be at least 1, --warmup at least 0")

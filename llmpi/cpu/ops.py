@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..model.layers import embedding, linear, lm_head, residual
-from ..model.ops import describe_precision
+from ..model.ops import describe_precision, residual_then_layernorm, unchanged
 from . import adamw, attention, crossentropy, gelu, layernorm
 
 FUSED_OPS = SimpleNamespace(
@@ -16,7 +16,8 @@ FUSED_OPS = SimpleNamespace(
     bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
     crossentropy=crossentropy, linear=linear, lm_head=lm_head, project=linear.project,
     adamw_update=adamw.update, clip_grad_norm=adamw.clip_grad_norm, sumsq=adamw.sumsq,
-    weights=linear.Weights, precision=describe_precision)
+    weights=linear.Weights, precision=describe_precision,
+    residual_layernorm=residual_then_layernorm(residual, layernorm), activation_dtype=None, widen=unchanged)
 
 KERNELS = (gelu._bias_forward, gelu._backward, layernorm._forward, layernorm._backward, attention._softmax,
            attention._softmax_backward, crossentropy._forward, crossentropy._backward, adamw._update, adamw._sumsq)

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import attention_tc
+from .cast import from_bf16, to_bf16
 from .common import MAX_GRID_Y, THREADS, check_f32, i32, launch
 
 WARPS = 8  # query/key rows per block
@@ -79,6 +80,18 @@ def forward(qkv, n_head, precision=None):
 def forward_bf16_where_possible(qkv, n_head):
     """bf16 models take the bf16 tensor-core attention where it has entry points, whatever CUPY_TF32 says."""
     return forward(qkv, n_head, precision="bf16" if tc_possible(qkv, n_head) else "fp32")
+
+
+def forward_bf16_storage(qkv_b, n_head):
+    """bf16 activations: qkv (B, T, 3C) bf16 -> out (B, T, C) bf16, the attention itself as
+    forward_bf16_where_possible on qkv widened to float32 (exact): the kernels read float32 tiles."""
+    out, cache = forward_bf16_where_possible(from_bf16(qkv_b), n_head)
+    return to_bf16(out), cache
+
+
+def backward_bf16_storage(dout_b, cache):
+    """bf16 activations: dout (B, T, C) bf16 -> dqkv (B, T, 3C) bf16."""
+    return to_bf16(backward(from_bf16(dout_b), cache))
 
 
 def backward(dout, cache):

@@ -1,11 +1,15 @@
 """bf16 tensor-core matmuls for model.dtype = "bf16" on the GPU.
 
 The weights stay float32 (the master copy, the gradients and the optimizer state); every matmul
-of the model (the 6N FLOPs per token) runs on bf16 inputs with float32 accumulation and float32
-outputs through cuBLAS GemmEx; the attention runs on bf16 tensor cores too (kernels/attention_tc.cu,
-bf16 products, float32 softmax and accumulators). Everything else (LayerNorm, GELU, the
-classifier) stays float32. The bf16 copies are made by kernels/cast.cu (round to nearest even):
-the weights once per forward pass, each activation where it enters a matmul.
+of the model (the 6N FLOPs per token) runs on bf16 inputs with float32 accumulation through
+cuBLAS GemmEx, on bf16 copies of the weights made once per forward pass (kernels/cast.cu, round to
+nearest even). Two sets of layers use them:
+- bf16 activations (`act_*`, the default bf16 table): the activations are bf16 between kernels,
+  so a GEMM reads its bf16 input as it is and writes bf16 (float32 accumulation, one rounding);
+  the bias follows in kernels/bias.cu, and the weight gradients accumulate in float32.
+- float32 activations (`linear_*`, `project`, `lm_head_*`: the table of tensor-parallel layers,
+  whose all-reduces and vocab-parallel head work on float32): each activation is rounded to bf16
+  where it enters a matmul and the GEMMs write float32.
 
 CuPy has no bfloat16 dtype, so bf16 arrays are uint16 arrays of bit patterns that only cuBLAS
 reads. cuBLAS is column-major: a row-major out = op(a) @ op(b) is computed as
@@ -16,8 +20,9 @@ import numpy as np
 from ..backend import address, array_module
 from ..model.layers.linear import column_sums
 from ..model.layers.lm_head import full_rows
-from . import loader
+from . import bias, loader
 from .cast import to_bf16
+from .common import BF16
 
 # cuBLAS and CUDA enum values (library_types.h, cublas_api.h)
 CUDA_R_32F, CUDA_R_16BF = 0, 14
@@ -34,9 +39,10 @@ def _check_bf16(a, name):
                          f"got {a.dtype} {a.shape}")
 
 
-def matmul(a, b, transa=False, transb=False, out=None, accumulate=False):
-    """op(a) @ op(b) as float32 (M, N); a, b are bf16 (uint16) 2-D arrays, op transposes where
-    asked. accumulate adds into `out` (cuBLAS beta = 1) instead of overwriting it."""
+def matmul(a, b, transa=False, transb=False, out=None, accumulate=False, out_dtype=np.float32):
+    """op(a) @ op(b) as (M, N) of out_dtype (float32, or BF16: rounded once from the float32
+    accumulator), or into `out`; a, b are bf16 (uint16) 2-D arrays, op transposes where asked.
+    accumulate adds into `out` (cuBLAS beta = 1) instead of overwriting it."""
     _check_bf16(a, "a")
     _check_bf16(b, "b")
     M, K = a.shape[::-1] if transa else a.shape
@@ -46,13 +52,14 @@ def matmul(a, b, transa=False, transb=False, out=None, accumulate=False):
     if out is None:
         if accumulate:
             raise ValueError("bf16 matmul: accumulate needs `out`")
-        out = array_module(a).empty((M, N), dtype=np.float32)
-    if out.shape != (M, N) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"bf16 matmul: out must be C-contiguous float32 {(M, N)}, got {out.dtype} {out.shape}")
+        out = array_module(a).empty((M, N), dtype=out_dtype)
+    if out.shape != (M, N) or out.dtype not in (np.float32, BF16) or not out.flags.c_contiguous:
+        raise ValueError(f"bf16 matmul: out must be C-contiguous float32 or bf16 {(M, N)}, got {out.dtype} {out.shape}")
     loader.cublas_gemm_ex(CUBLAS_OP_T if transb else CUBLAS_OP_N, CUBLAS_OP_T if transa else CUBLAS_OP_N,
                         N, M, K, _ONE.ctypes.data,
                         address(b), CUDA_R_16BF, b.shape[1], address(a), CUDA_R_16BF, a.shape[1],
-                        (_ONE if accumulate else _ZERO).ctypes.data, address(out), CUDA_R_32F, N,
+                        (_ONE if accumulate else _ZERO).ctypes.data, address(out),
+                        CUDA_R_16BF if out.dtype == BF16 else CUDA_R_32F, N,
                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
     return out
 
@@ -123,3 +130,40 @@ def lm_head_backward(d2, cache, dwte):
     d2b = to_bf16(full_rows(d2, cache))
     dwte += matmul(d2b, xb, transa=True)[:dwte.shape[0]]
     return matmul(d2b, head_b)
+
+
+def act_project(xb, Wb):
+    """bf16 activations: xb (..., IN) @ W (IN, OUT) -> (out (..., OUT) bf16, cache), no bias."""
+    x2 = xb.reshape(-1, xb.shape[-1])
+    return matmul(x2, Wb, out_dtype=BF16).reshape(*xb.shape[:-1], Wb.shape[1]), (x2, Wb, xb.shape)
+
+
+def act_linear_forward(xb, Wb, b):
+    """bf16 activations: xb (..., IN) -> xb @ W + b (..., OUT) bf16, cache."""
+    out, cache = act_project(xb, Wb)
+    bias.add(out.reshape(-1, out.shape[-1]), b)
+    return out, cache
+
+
+def act_linear_backward(doutb, cache, dW, db):
+    """bf16 activations: doutb (..., OUT) -> dx (..., IN) bf16; adds into dW, db (float32)."""
+    x2, Wb, xshape = cache
+    d2 = doutb.reshape(-1, doutb.shape[-1])
+    bias.grad(d2, db)
+    matmul(x2, d2, transa=True, out=dW, accumulate=True)
+    return matmul(d2, Wb, transb=True, out_dtype=BF16).reshape(xshape)
+
+
+def act_lm_head_forward(xf2b, head_b):
+    """bf16 activations: xf2b (N, C) @ head^T -> logits (N, rows of head) bf16, cache; the classifier
+    reads them in bf16 and leaves bf16 dlogits in their place."""
+    full = matmul(xf2b, head_b, transb=True, out_dtype=BF16)
+    return full, (xf2b, head_b, full)
+
+
+def act_lm_head_backward(d2, cache, dwte):
+    """bf16 activations: d2 (N, V) dlogits in the forward's buffer -> dx (N, C) bf16; adds d2^T @ xf2 into dwte."""
+    xb, head_b = cache[:2]
+    d2b = full_rows(d2, cache)
+    dwte += matmul(d2b, xb, transa=True)[:dwte.shape[0]]
+    return matmul(d2b, head_b, out_dtype=BF16)

@@ -1,9 +1,9 @@
 """kernels/classifier.cu: softmax cross-entropy fused into one pass over the logits, the twin of
-llmpi.model.layers.crossentropy."""
+llmpi.model.layers.crossentropy; float32 or bf16 (uint16) logits, dlogits left in the same dtype."""
 import numpy as np
 
 from ..backend import array_module
-from .common import i32, launch
+from .common import BF16, i32, launch
 
 
 def _row_stride(a):
@@ -24,15 +24,16 @@ def _crossentropy(logits, targets, write_grad):
     """Per-token losses (N,) of the fused kernel; write_grad leaves dlogits (loss_scale 1) in
     the logits buffer. logits may be the first V columns of wider rows (a padded buffer)."""
     xp = array_module(logits)
-    if logits.dtype != np.float32:
-        raise ValueError(f"CUDA kernels need float32 arrays, got {logits.dtype} {logits.shape}")
+    if logits.dtype not in (np.float32, BF16):
+        raise ValueError(f"the classifier needs float32 or bf16 (uint16) logits, got {logits.dtype} {logits.shape}")
     stride = _row_stride(logits)
     V = logits.shape[-1]
     N = logits.size // V
     t32 = xp.ascontiguousarray(targets.reshape(-1), dtype=xp.int32)
     losses = xp.empty(N, dtype=xp.float32)
     threads = min(1024, -(-V // 32) * 32)
-    launch("classifier.cu", "crossentropy_fused", (N,), (threads,), logits, losses, t32,
+    name = "crossentropy_fused_bf16" if logits.dtype == BF16 else "crossentropy_fused"
+    launch("classifier.cu", name, (N,), (threads,), logits, losses, t32,
            i32(N), i32(V), np.int64(stride), np.float32(1.0 / N), np.int32(write_grad))
     return losses
 
@@ -60,6 +61,10 @@ def loss(logits, targets):
 def backward(cache, loss_scale=1.0):
     """-> dlogits (B, T, V) = loss_scale * (probs - onehot) / N, in place (cache consumed)."""
     dlogits = cache
-    if loss_scale != 1.0:
+    if loss_scale != 1.0 and dlogits.dtype == BF16:
+        V = dlogits.shape[-1]
+        launch("classifier.cu", "scale_rows_bf16", (dlogits.size // V,), (min(1024, -(-V // 32) * 32),), dlogits,
+               i32(dlogits.size // V), i32(V), np.int64(_row_stride(dlogits)), np.float32(loss_scale))
+    elif loss_scale != 1.0:
         dlogits *= np.float32(loss_scale)
     return dlogits

@@ -25,6 +25,20 @@ def check_f32(*arrays):
                              f"{'contiguous' if a.flags.c_contiguous else 'strided'} {a.shape}")
 
 
+BF16 = np.uint16  # bf16 activations: arrays of bit patterns (CuPy has no bfloat16 dtype)
+
+
+def storage(*arrays):
+    """The entry-point suffix for activations stored as these arrays: "" for float32, "_bf16"
+    for bf16 (uint16 bit patterns); all must be of that one dtype and C-contiguous."""
+    dtype = arrays[0].dtype
+    for a in arrays:
+        if a.dtype != dtype or dtype not in (np.float32, BF16) or not a.flags.c_contiguous:
+            raise ValueError(f"CUDA kernels need C-contiguous float32 or bf16 (uint16) activations of one dtype, "
+                             f"got {[(str(x.dtype), x.shape) for x in arrays]}")
+    return "_bf16" if dtype == BF16 else ""
+
+
 def i32(n):
     if n > MAX_KERNEL_SIZE:
         raise ValueError(f"size {n} is beyond the kernels' 32-bit indexing (at most {MAX_KERNEL_SIZE}); "

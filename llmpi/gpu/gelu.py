@@ -1,6 +1,7 @@
-"""kernels/gelu.cu: GELU and the fused bias + GELU, twins of llmpi.model.layers.gelu."""
+"""kernels/gelu.cu: GELU and the fused bias + GELU, twins of llmpi.model.layers.gelu; the fused
+bias + GELU and the backward also on bf16 activations (their *_bf16 entry points)."""
 from ..backend import array_module
-from .common import THREADS, check_f32, grid, i32, launch
+from .common import THREADS, check_f32, grid, i32, launch, storage
 
 
 def forward(x):
@@ -16,9 +17,10 @@ def bias_forward(pre, bias):
     """pre (B, T, OC) += bias (OC) in place, then -> (gelu(pre), cache pre): c_fc's bias add
     fused into the activation, for a matmul output that has no bias yet."""
     xp = array_module(pre)
-    check_f32(pre, bias)
+    suffix = storage(pre)
+    check_f32(bias)
     out = xp.empty_like(pre)
-    launch("gelu.cu", "bias_gelu_forward", grid(-(-pre.size // 4)), (THREADS,), out, pre, bias,
+    launch("gelu.cu", f"bias_gelu_forward{suffix}", grid(-(-pre.size // 4)), (THREADS,), out, pre, bias,
            i32(pre.size), i32(bias.size))
     return out, pre
 
@@ -27,7 +29,7 @@ def backward(dout, cache):
     """dout (B, T, 4C) -> dx (B, T, 4C)."""
     xp = array_module(dout)
     x = cache
-    check_f32(dout, x)
+    suffix = storage(dout, x)
     dx = xp.empty_like(x)
-    launch("gelu.cu", "gelu_backward", grid(-(-x.size // 4)), (THREADS,), dx, x, dout, i32(x.size))
+    launch("gelu.cu", f"gelu_backward{suffix}", grid(-(-x.size // 4)), (THREADS,), dx, x, dout, i32(x.size))
     return dx

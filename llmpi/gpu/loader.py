@@ -7,6 +7,7 @@ CuPy keeps the binary in ~/.cupy/kernel_cache, so later processes skip compilati
 import functools
 import glob
 import os
+import re
 
 from ..errors import UserError
 
@@ -15,7 +16,7 @@ OPTIONS = ("-std=c++17",)
 
 @functools.lru_cache(maxsize=None)
 def kernel_dir() -> str:
-    """llmpi/_kernels in an installed package (setup.py copies them there), else <repo>/kernels."""
+    """llmpi/_kernels in an installed package (setup.py copies them there, headers too), else <repo>/kernels."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the llmpi package
     for d in (os.path.join(here, "_kernels"), os.path.join(os.path.dirname(here), "kernels")):
         if glob.glob(os.path.join(d, "*.cu")):
@@ -24,9 +25,16 @@ def kernel_dir() -> str:
                     "reinstall llmpi")
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "(\w+\.cuh)"[ \t]*$', re.MULTILINE)
+
+
 def source(file: str) -> str:
+    """kernels/<file> with each `#include "x.cuh"` of a header beside it replaced by that
+    header's text: NVRTC then compiles one self-contained string, and CuPy's kernel cache, which
+    keys on the source string, sees a header change as a new source."""
     with open(os.path.join(kernel_dir(), file), encoding="utf-8") as f:
-        return f.read()
+        text = f.read()
+    return _LOCAL_INCLUDE.sub(lambda m: source(m.group(1)), text)
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,14 +2,23 @@
 
 KERNEL_OPS: float32 on the GPU; the matmuls are xp.matmul (cuBLAS; TF32 with CUPY_TF32=1), the
 LM head reads wte padded to a multiple of 64 rows (llmpi.gpu.lm_head).
-BF16_OPS: model.dtype = "bf16": the matmuls on bf16 copies of the weights and activations with
-float32 results (llmpi.gpu.bf16), the attention on bf16 tensor cores where the head size allows,
-float32 master weights and everything else.
+BF16_OPS: model.dtype = "bf16": bf16 activations between the kernels (uint16 bit patterns),
+float32 master weights, gradients, optimizer state, statistics and accumulators; the matmuls on
+bf16 copies of the weights (llmpi.gpu.bf16), the residual add fused into the LayerNorm after it,
+the classifier on bf16 logits, the attention on bf16 tensor cores where the head size allows
+(its kernels still read and write float32 tiles: widened and rounded at its boundary).
+BF16_MATMUL_OPS: bf16 for tensor-parallel layers (whose all-reduces and vocab-parallel head sum
+float32 arrays): the matmuls and the attention on bf16 copies of float32 activations.
+The wrappers of the element-wise kernels take float32 or bf16 arrays (llmpi.gpu.common.storage),
+so both kinds of table share them.
 """
 from types import SimpleNamespace
 
 from ..model.layers import linear, lm_head
+from ..model.ops import residual_then_layernorm, unchanged
 from . import adamw, attention, bf16, classifier, embedding, gelu, gradnorm, layernorm, residual
+from .cast import from_bf16
+from .common import BF16
 from .lm_head import PaddedHeadWeights, padded_vocab
 
 
@@ -29,12 +38,30 @@ KERNEL_OPS = SimpleNamespace(
     crossentropy=SimpleNamespace(forward=classifier.forward, backward=classifier.backward, loss=classifier.loss),
     linear=linear, lm_head=lm_head, project=linear.project,
     adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm, sumsq=gradnorm.sumsq_float,
-    weights=PaddedHeadWeights, precision=_describe_float32)
+    weights=PaddedHeadWeights, precision=_describe_float32,
+    residual_layernorm=residual_then_layernorm(residual, layernorm), activation_dtype=None, widen=unchanged)
 
-BF16_OPS = SimpleNamespace(**{
+BF16_MATMUL_OPS = SimpleNamespace(**{
     **vars(KERNEL_OPS),
     "attention": SimpleNamespace(forward=attention.forward_bf16_where_possible, backward=attention.backward),
     "linear": SimpleNamespace(forward=bf16.linear_forward, backward=bf16.linear_backward),
     "lm_head": SimpleNamespace(forward=bf16.lm_head_forward, backward=bf16.lm_head_backward),
     "project": bf16.project, "weights": _bf16_weights,
-    "precision": lambda dtype: "bf16 matmuls and attention products (float32 master weights and other ops)"})
+    "precision": lambda dtype: "bf16 matmuls and attention products (float32 master weights, activations "
+                               "and other ops: tensor-parallel layers)"})
+
+
+def _widen(x):
+    return from_bf16(x if x.flags.c_contiguous else x.copy())
+
+
+BF16_OPS = SimpleNamespace(**{
+    **vars(KERNEL_OPS),
+    "embedding": SimpleNamespace(forward=embedding.forward_bf16, backward=embedding.backward),
+    "attention": SimpleNamespace(forward=attention.forward_bf16_storage, backward=attention.backward_bf16_storage),
+    "linear": SimpleNamespace(forward=bf16.act_linear_forward, backward=bf16.act_linear_backward),
+    "lm_head": SimpleNamespace(forward=bf16.act_lm_head_forward, backward=bf16.act_lm_head_backward),
+    "project": bf16.act_project, "weights": _bf16_weights,
+    "residual_layernorm": layernorm.residual_forward, "activation_dtype": BF16, "widen": _widen,
+    "precision": lambda dtype: "bf16 activations and matmuls (float32 master weights, optimizer state, "
+                               "statistics and accumulators)"})

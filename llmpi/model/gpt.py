@@ -83,7 +83,7 @@ class GPT:
             raise ValueError("ModelConfig.vocab_size must be set (take it from the data file)")
         self.cfg = cfg
         self.xp = xp
-        self.ops = ops or op_table(xp, cfg.dtype)
+        self.ops = ops or op_table(xp, cfg.dtype, sharded=tensor is not None and tensor.K > 1)
         self.first, self.last = blocks or (0, cfg.n_layer)
         if not 0 <= self.first < self.last <= cfg.n_layer:
             raise ValueError(f"blocks [{self.first}, {self.last}) are not a range of the {cfg.n_layer} blocks")
@@ -91,6 +91,8 @@ class GPT:
         self.tensor = tensor
         layout = stage_layout(cfg, self.first, self.last)
         self.params = FlatParams(tensor.layout(layout) if tensor else layout, xp, DTYPES[cfg.dtype])
+        # what the stages hand each other (pipeline messages): bf16 bit patterns on the GPU's bf16 table
+        self.activation_dtype = self.ops.activation_dtype or self.params.dtype
         self._bind()
         self._init_weights(seed)
 

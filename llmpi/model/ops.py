@@ -5,16 +5,34 @@ optimizer take a table once (llmpi.ops.op_table) and never test for the device:
   embedding, layernorm, bias_gelu, residual, attention, crossentropy, linear, lm_head
       namespaces with forward/backward (layernorm.backward(..., dx=) adds into dx;
       crossentropy.loss is the evaluation loss, which keeps nothing for backward);
+  residual_layernorm(x, fx, w, b) -> (x + fx written into fx, layernorm of it, its cache):
+                          the residual add and the LayerNorm after it (one kernel where fused);
   project(x, W)           a linear layer's matmul whose bias a fused op adds (bias_gelu);
   adamw_update(...)       the optimizer's update over the flat buffers;
   clip_grad_norm(g, max)  global gradient-norm clipping (norm=: a norm summed over pipeline stages);
   sumsq(g)                a flat buffer's sum of squares (a stage's share of that norm);
   weights(params)         the matrices the matmuls read (refresh() each forward; .head);
-  precision(dtype)        what the model computes in, for the startup line.
+  precision(dtype)        what the model computes in, for the startup line;
+  activation_dtype        the dtype of the activations between the ops (None: the parameters');
+  widen(x)                activations as floats for a caller outside the model (the logits).
 """
 from types import SimpleNamespace
 
 from .layers import adamw, attention, crossentropy, embedding, gelu, gradnorm, layernorm, linear, lm_head, residual
+
+
+def residual_then_layernorm(residual, layernorm):
+    """A table's residual_layernorm where no kernel fuses the two ops."""
+    def residual_layernorm(x, fx, w, b):
+        x, _ = residual.forward(x, fx)
+        out, cache = layernorm.forward(x, w, b)
+        return x, out, cache
+    return residual_layernorm
+
+
+def unchanged(x):
+    """widen for tables whose activations are already the parameters' floats."""
+    return x
 
 
 def describe_precision(dtype):
@@ -28,4 +46,5 @@ LAYER_OPS = SimpleNamespace(
     bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
     crossentropy=crossentropy, linear=linear, lm_head=lm_head, project=linear.project,
     adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm, sumsq=gradnorm.sumsq,
-    weights=linear.Weights, precision=describe_precision)
+    weights=linear.Weights, precision=describe_precision,
+    residual_layernorm=residual_then_layernorm(residual, layernorm), activation_dtype=None, widen=unchanged)

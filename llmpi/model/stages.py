@@ -59,21 +59,27 @@ class Blocks:
         self.params, self.grads = params.views, params.grad_views
 
     def forward(self, x, weights):
-        """x (B, T, C) and the matrices the matmuls read -> (x (B, T, C), caches, one per block)."""
+        """x (B, T, C) and the matrices the matmuls read -> (x (B, T, C), caches, one per block).
+        Each residual add inside the range goes with the LayerNorm after it (ops.residual_layernorm:
+        one kernel on the bf16 table); the last block's second add has none after it here."""
         ops, p = self.ops, self.params
         caches = []
-        for n in self.names:
-            ln1, c_ln1 = ops.layernorm.forward(x, p[n["ln_1.weight"]], p[n["ln_1.bias"]])
+        n = self.names[0]
+        ln1, c_ln1 = ops.layernorm.forward(x, p[n["ln_1.weight"]], p[n["ln_1.bias"]])
+        for i, n in enumerate(self.names):
             qkv, c_qkv = ops.linear.forward(ln1, weights[n["attn.c_attn.weight"]], p[n["attn.c_attn.bias"]])
             att, c_att = ops.attention.forward(qkv, self.n_head)  # qkv (B, T, 3C) -> (B, T, C)
             proj, c_proj = self._row_parallel(att, weights[n["attn.c_proj.weight"]], p[n["attn.c_proj.bias"]])
-            x, _ = ops.residual.forward(x, proj)
-            ln2, c_ln2 = ops.layernorm.forward(x, p[n["ln_2.weight"]], p[n["ln_2.bias"]])
+            x, ln2, c_ln2 = ops.residual_layernorm(x, proj, p[n["ln_2.weight"]], p[n["ln_2.bias"]])
             fc, c_fc = ops.project(ln2, weights[n["mlp.c_fc.weight"]])  # (B, T, 4C), bias added by bias_gelu
             act, c_gelu = ops.bias_gelu.forward(fc, p[n["mlp.c_fc.bias"]])
             mlp, c_mlp = self._row_parallel(act, weights[n["mlp.c_proj.weight"]], p[n["mlp.c_proj.bias"]])
-            x, _ = ops.residual.forward(x, mlp)
             caches.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp))
+            if i + 1 < len(self.names):
+                nxt = self.names[i + 1]
+                x, ln1, c_ln1 = ops.residual_layernorm(x, mlp, p[nxt["ln_1.weight"]], p[nxt["ln_1.bias"]])
+            else:
+                x, _ = ops.residual.forward(x, mlp)
         return x, caches
 
     def backward(self, dx, caches, on_block_done=None):
@@ -124,19 +130,22 @@ class Head:
     def forward(self, x, head_weight, targets=None):
         """-> (logits or None, loss or None, cache). With targets the logits buffer becomes what
         the loss keeps for backward, so logits are not returned (no second (B, T, V) array)."""
-        B, T, _ = x.shape
-        xf, c_lnf = self.ops.layernorm.forward(x, self.ln_w, self.ln_b)  # (B, T, C)
-        full, c_head = self.ops.lm_head.forward(xf.reshape(B * T, -1), head_weight)  # (B*T, Vp)
-        logits = full[:, :self.vocab_size].reshape(B, T, -1)  # (B, T, V): a view of the padded rows
-        cache = {"lnf": c_lnf, "head": c_head}
+        logits, cache = self._logits(x, head_weight)
         if targets is None:
-            return logits, None, cache
+            return self.ops.widen(logits), None, cache
         loss, cache["ce"] = self.ops.crossentropy.forward(logits, targets)
         return None, loss, cache
 
+    def _logits(self, x, head_weight):
+        """-> (logits (B, T, V) as the table keeps them: a view of the padded rows, cache)."""
+        B, T, _ = x.shape
+        xf, c_lnf = self.ops.layernorm.forward(x, self.ln_w, self.ln_b)  # (B, T, C)
+        full, c_head = self.ops.lm_head.forward(xf.reshape(B * T, -1), head_weight)  # (B*T, Vp)
+        return full[:, :self.vocab_size].reshape(B, T, -1), {"lnf": c_lnf, "head": c_head}
+
     def loss(self, x, head_weight, targets):
         """Mean token loss for evaluation: nothing is kept for backward."""
-        logits, _, _ = self.forward(x, head_weight)
+        logits, _ = self._logits(x, head_weight)
         return float(self.ops.crossentropy.loss(logits, targets))
 
     def backward(self, cache, loss_scale=1.0):

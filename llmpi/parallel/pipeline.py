@@ -106,7 +106,7 @@ class StageStep:
         if (what == "F" and self.first) or (what == "B" and self.last):
             return
         xp, C, T = self.model.xp, self.model.cfg.n_embd, self._seq_len(batches)
-        buf = xp.empty((sizes[i], T, C), dtype=self.model.params.dtype)  # (b, T, C)
+        buf = xp.empty((sizes[i], T, C), dtype=self.model.activation_dtype)  # (b, T, C)
         source, direction = (self.s - 1, FORWARD) if what == "F" else (self.s + 1, BACKWARD)
         self._pending[(what, i)] = self.channel.post_recv(buf, source, tag(i, direction))
 

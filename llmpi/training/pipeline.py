@@ -146,7 +146,7 @@ class PipelineRun(Run):
             if grid.first:
                 h, _ = model.embedding.forward(x)
             else:
-                h = self.xp.empty((n, j.model.block_size, j.model.n_embd), dtype=model.params.dtype)
+                h = self.xp.empty((n, j.model.block_size, j.model.n_embd), dtype=model.activation_dtype)
                 h = channel.wait(channel.post_recv(h, grid.stage - 1, tag(i, FORWARD)))
             h, _ = model.blocks.forward(h, weights)
             if grid.last:
