@@ -104,3 +104,33 @@ def test_bench_train_reports_the_breakdown():
                check=True, timeout=300)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(EXPECTED_CALLS) | {"adamw", "clip", "zero_grad", "other (host, gaps)"} == set(result["llmpi_breakdown_ms"])
+
+
+def test_gpu_bench_aggregates_ratios_and_the_batch_sweep(monkeypatch, capsys):
+    """`bench train --device gpu` without a GPU: the variants' children stubbed with given speeds,
+    the headline keys come out as the issue names them (ratio_bf16 at --batch, mfu_bf16 the best
+    of the sweep with its batch, torch.compile beside them), and a torch.compile that fails is
+    reported without failing the bench."""
+    from llmpi import backend
+    from llmpi.bench import _train_gpu, train
+    speeds = {("llmpi", "bf16"): {8: 0.10, 16: 0.15, 32: 0.28}, ("torch", "bf16"): {8: 0.12, 16: 0.20, 32: 0.40},
+              ("llmpi", "tf32"): {8: 0.12}, ("torch", "tf32"): {8: 0.15}, ("llmpi", "fp32"): {8: 0.5}}
+
+    def child(which, precision, args, batch):
+        if which == "torch_compile":
+            return {"error": "no compiler here"}
+        return dict(step_s=speeds[(which, precision)][batch], peak_mem_mb=1.0, first_loss=4.0, last_loss=3.9)
+    monkeypatch.setattr(_train_gpu, "_run", child)
+    monkeypatch.setattr(_train_gpu, "_matmul_tf32", lambda: None)
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    monkeypatch.setattr(backend, "select", lambda device: None)
+    assert train.main(["--device", "gpu", "--json", "--shape", "small"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ratio_bf16"] == pytest.approx(0.12 / 0.10) and result["ratio"] == result["ratio_bf16"]
+    assert result["ratio_tf32"] == pytest.approx(0.15 / 0.12)
+    assert result["ratio_bf16_vs_compile"] is None and "error" in result["runs"]["torch_compile_bf16"]
+    assert sorted(result["sweep"]) == ["16", "32"]
+    assert result["sweep"]["32"]["ratio_bf16"] == pytest.approx(0.40 / 0.28)
+    # tokens per step over step time: batch 32 at 0.28 s is the fastest per token
+    assert result["best_batch_bf16"] == 32
+    assert result["mfu_bf16"] == pytest.approx(result["sweep"]["32"]["llmpi"]["mfu"])

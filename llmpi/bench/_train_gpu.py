@@ -47,6 +47,7 @@ BREAKDOWN_SHOWN = 12  # largest entries printed per llmpi run (the JSON has them
 VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("llmpi", "bf16"), ("torch", "tf32"), ("torch", "bf16"),
             ("torch_compile", "bf16"))
 SWEPT = (("llmpi", "bf16"), ("torch", "bf16"))  # the variants the batch sweep runs
+COMPILE_TIMEOUT_S = 180
 
 
 def flops_per_token(s):
@@ -164,7 +165,11 @@ def _run(which, precision, args, batch):
     cmd = [sys.executable, "-m", "llmpi.bench.train", "--device", "gpu", "--child", which,
            "--precision", precision, "--shape", args.shape, "--batch", str(batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:  # torch.compile may take minutes on a new machine: it gets COMPILE_TIMEOUT_S, then it is reported
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                             timeout=COMPILE_TIMEOUT_S if which == "torch_compile" else None)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {COMPILE_TIMEOUT_S} s (torch.compile)"}
     if res.returncode != 0:
         return {"error": (res.stderr or res.stdout)[-2000:]}
     return json.loads(res.stdout.strip().splitlines()[-1])
