@@ -67,9 +67,7 @@ def main(argv=None):
     else:  # the whole model on every rank
         run, loop = Run(job, args, comm), LOOPS[job.parallel.mode]
     run.describe()
-    status = loop(run)
-    run.watchdog.stop()
-    return status
+    return loop(run)  # the loop disarms the watchdog when it ends
 
 
 if __name__ == "__main__":

@@ -45,6 +45,24 @@ def test_parameters_are_bitwise_identical_on_every_rank(shared_dir, algorithm):
     train_sync(run)
     digests = COMM.allgather(run.model.params.data.tobytes())
     assert all(d == digests[0] for d in digests)
+    assert run.watchdog.timer.finished.is_set()  # disarmed: the armed timer would abort this process later
+
+
+def test_a_loop_that_raises_still_disarms_the_watchdog():
+    """The watchdog's timer calls MPI Abort when it fires: a loop run in-process (as these tests
+    do) must disarm it however it ends, or the process dies minutes later."""
+    import types
+
+    from llmpi.training.signals import Watchdog, disarms_watchdog
+
+    @disarms_watchdog
+    def failing_loop(run):
+        run.watchdog.step_done()  # armed, as after a first step
+        raise RuntimeError("a step failed")
+    run = types.SimpleNamespace(watchdog=Watchdog(COMM.rank, 600.0))
+    with pytest.raises(RuntimeError, match="a step failed"):
+        failing_loop(run)
+    assert run.watchdog.timer.finished.is_set()
 
 
 def test_uneven_shares_give_the_single_process_update(shared_dir):

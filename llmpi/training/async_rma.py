@@ -61,6 +61,7 @@ from ..errors import UserError
 from . import ckpt_files as checkpoint  # not .checkpoint: it imports the config, which imports us
 from .metrics import Progress, loss_text
 from .optim import schedule_lr
+from .signals import disarms_watchdog
 
 # parallel.async_lr: the push's learning-rate scale for P workers ("auto" is resolved per optimizer)
 PUSH_SCALES = {"per_sample": lambda P: 1.0 / P, "sqrt": lambda P: P ** -0.5, "full": lambda P: 1.0}
@@ -106,6 +107,7 @@ def local_gradient(run, step, count):
     return loss_sum / count
 
 
+@disarms_watchdog
 def train_async(run):
     job, comm, params = run.job, run.comm, run.model.params
     P, B, T = run.world, job.train.batch_size, job.model.block_size

@@ -33,6 +33,7 @@ from .async_rma import local_gradient
 from .ckpt_files import latest
 from .metrics import Progress, loss_text
 from .optim import schedule_lr
+from .signals import disarms_watchdog
 
 
 def outer_step(anchor, delta, momentum_buffer, outer_lr, outer_momentum):
@@ -51,6 +52,7 @@ def _crossed(before, after, interval):
     return bool(interval) and after // interval > before // interval
 
 
+@disarms_watchdog
 def train_local(run):
     job, params, xp = run.job, run.model.params, run.xp
     B, T, H = job.train.batch_size, job.model.block_size, job.parallel.local_steps

@@ -35,6 +35,7 @@ from ..parallel.tensor import TensorGroup, replicated
 from .metrics import Progress
 from .optim import make_optimizer, schedule_lr
 from .run import Run
+from .signals import disarms_watchdog
 
 TIMELINE_STEPS = 3  # steps recorded for `llmpi.compare --timeline`, after the first (warm-up) one
 EVENT_KINDS = ("F", "B", "wait", "allreduce", "optimizer")
@@ -166,6 +167,7 @@ class PipelineRun(Run):
         return float(mean[0]) / self.data_world
 
 
+@disarms_watchdog
 def train_pipeline(run):
     job, comm, grid, model = run.job, run.comm, run.grid, run.model
     B, T, S = job.train.batch_size, job.model.block_size, run.stages

@@ -2,6 +2,7 @@
 the hang watchdog, and the --slowdown factors.
 """
 import faulthandler
+import functools
 import os
 import signal
 import sys
@@ -108,3 +109,16 @@ class Watchdog:
         from mpi4py import MPI
         time.sleep(0.5)  # let the launcher forward the stacks before Abort tears the job down
         MPI.COMM_WORLD.Abort(3)
+
+
+def disarms_watchdog(loop):
+    """A training loop (loop(run) -> status) that disarms run.watchdog when it returns or raises,
+    so a caller that goes on in the same process (a test, a notebook) is not aborted by the armed
+    timer minutes later."""
+    @functools.wraps(loop)
+    def disarming(run):
+        try:
+            return loop(run)
+        finally:
+            run.watchdog.stop()
+    return disarming

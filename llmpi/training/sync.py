@@ -13,6 +13,7 @@ from ..comm.world import rprint
 from ..data import get_batch
 from .metrics import Progress
 from .optim import schedule_lr
+from .signals import disarms_watchdog
 
 
 def micro_chunks(count, micro):
@@ -21,6 +22,7 @@ def micro_chunks(count, micro):
     return [min(micro, count - i) for i in range(0, count, micro)] if count else []
 
 
+@disarms_watchdog
 def train_sync(run):
     job, comm, model, xp = run.job, run.comm, run.model, run.xp
     B, T = job.train.batch_size, job.model.block_size
