@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check (run on a machine with a CUDA GPU and CuPy): the kernel tests, the whole
-# model on the GPU, GPU training under mpirun (2 ranks sharing the GPU, and NCCL at 1 rank),
+# model on the GPU, GPU training under mpirun (2 ranks sharing the GPU, and NCCL at 1 rank), the
+# captured step (CUDA graphs),
 # then the kernel benchmark, llmpi-vs-PyTorch training throughput at GPT-2 124M (with the
 # per-op breakdown of llmpi's step), and the baby config in float32 vs bf16 (CORPUS: the
 # tinyshakespeare text, default ../shared/data/tinyshakespeare.txt).
@@ -31,7 +32,8 @@ if want tests; then
     timeout 150 "$PY" -m pytest tests/test_kernels.py tests/test_kernels_bf16.py tests/test_gpu_model.py -x -q -rs \
         -p no:cacheprovider -k "not nvcc and not emulated" 2>&1 | tee "$OUT/pytest.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    timeout 150 "$PY" -m pytest tests/test_gpu_train.py tests/test_comm_device.py -x -q -rs -p no:cacheprovider 2>&1 \
+    timeout 200 "$PY" -m pytest tests/test_gpu_train.py tests/test_gpu_graph.py tests/test_comm_device.py -x -q -rs \
+        -p no:cacheprovider 2>&1 \
         | tee -a "$OUT/pytest.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -43,8 +45,9 @@ if want kernels; then
 fi
 
 if want train; then
-    # batch 8 for every variant (torch.compile included), then llmpi bf16 and torch bf16 at 16 and 32
-    timeout 330 "$PY" -m llmpi.bench train --device gpu --json --steps 6 --warmup 2 --sweep 16,32 2>&1 \
+    # batch 8 for every variant (torch.compile and llmpi with CUDA graphs included), then llmpi bf16
+    # (graphs) and torch bf16 at 16 and 32
+    timeout 390 "$PY" -m llmpi.bench train --device gpu --json --steps 6 --warmup 2 --sweep 16,32 2>&1 \
         | tee "$OUT/bench_train.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     tail -n 1 "$OUT/bench_train.txt" > "$OUT/bench_train.json"

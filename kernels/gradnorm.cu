@@ -31,3 +31,13 @@ extern "C" __global__ void sumsq_finish(double* out, const double* partial, int 
     double total = gn_block_sum(acc);
     if (threadIdx.x == 0) out[0] = total;
 }
+
+// Launch with one block: factor[0] = the clip's scale for the norm sqrt(sumsq[0]), as
+// llmpi.model.layers.gradnorm.clip_factor: max_norm / (norm + 1e-6) above max_norm, else 1, so
+// the clip needs no trip through the host (a captured step reads it in adamw_update_from).
+extern "C" __global__ void clip_factor(float* factor, const double* sumsq, float max_norm) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        double norm = sqrt(sumsq[0]);
+        factor[0] = (max_norm > 0.0f && norm > (double)max_norm) ? (float)((double)max_norm / (norm + 1e-6)) : 1.0f;
+    }
+}

@@ -23,7 +23,7 @@ from .data import sampler
 from .errors import UserError
 from .model import gpt
 from .parallel import allocate, grid_plan, pipeline
-from .training import async_rma, optim
+from .training import async_rma, graphed, optim
 
 JOBS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
 PACKAGED_JOBS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_jobs")
@@ -81,6 +81,7 @@ class TrainConfig:
     threads: int = 1           # CPU compute threads per rank, each on a slice of the batch (llmpi.parallel.threaded)
     cpu_kernels: str = "auto"  # CPU ops: fused Numba kernels (llmpi.cpu), the NumPy layers, or auto (fused with numba)
     watchdog_s: float = 600.0  # abort the job when no step completes for this long after the first; 0 disables
+    cuda_graph: bool = False   # GPU, bf16: replay each micro-batch's forward+backward and the update as CUDA graphs
 
 
 @dataclass
@@ -279,6 +280,7 @@ def validate(job: Job):
         raise UserError("train.threads > 1 splits the batch over CPU threads: it needs train.device = 'cpu' "
                         "and parallel.overlap = false")
     _validate_pipeline(job)
+    graphed.check_job(job)
     _validate_values(job)
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")

@@ -22,6 +22,13 @@ from llmpi.errors import UserError
 
 needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no GPU")
 
+
+def gpu_count():
+    if not gpu_available():
+        return 0
+    import cupy
+    return cupy.cuda.runtime.getDeviceCount()
+
 TINY = ["--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=2",
         "--set", "model.block_size=32", "--set", "train.batch_size=16", "--set", "train.max_iters=40",
         "--set", "train.log_interval=10", "--set", "train.eval_interval=0",
@@ -56,6 +63,20 @@ def test_nccl_allreduce_one_rank():
     buf64 = cupy.ones(7, dtype=cupy.float64)
     nccl_allreduce(buf64, MPI.COMM_SELF)
     assert float(buf64.sum()) == 7.0
+
+
+@needs_gpu
+def test_nccl_overlapped_bucket_runs_on_its_own_stream_one_rank():
+    """An overlapped bucket's sum is queued on NCCL's stream after the compute stream's work, and
+    finish makes the compute stream wait for it (an event), without a host wait."""
+    import cupy
+    buf = cupy.zeros(1 << 20, dtype=cupy.float32)
+    buf += 3.0  # queued on the compute stream before the sum: the event orders it first
+    handle = nccl.start(buf, MPI.COMM_SELF, blocking=False)
+    assert isinstance(handle, cupy.cuda.Event)
+    nccl.finish(handle)
+    buf *= 2.0  # queued after the wait
+    assert float(buf.sum()) == 6.0 * buf.size
 
 
 def launcher(np_):
@@ -105,3 +126,17 @@ def test_training_on_gpu_lowers_the_loss(tmp_path, corpus, np_, algorithm, dtype
 def test_async_rma_trains_with_device_parameters(tmp_path, corpus):
     """The RMA windows live in host memory: device parameters and deltas are staged."""
     train_on_gpu(tmp_path, corpus, 2, "--set", "parallel.mode=async")
+
+
+@pytest.mark.skipif(gpu_count() < 2, reason="no GPU" if not gpu_available() else "needs two GPUs (NCCL refuses "
+                    "two ranks on one device)")
+@single_process_only
+def test_nccl_buckets_overlapped_on_their_own_stream_give_the_blocking_sum(tmp_path, corpus):
+    """Two ranks on two GPUs: buckets summed on NCCL's stream beside the backward (overlap) train
+    exactly as one blocking NCCL all-reduce after it (two ranks: a + b in either order)."""
+    for name in ("blocking", "overlap"):
+        (tmp_path / name).mkdir()
+    blocking = train_on_gpu(tmp_path / "blocking", corpus, 2, "--set", "parallel.allreduce=nccl")
+    overlapped = train_on_gpu(tmp_path / "overlap", corpus, 2, "--set", "parallel.allreduce=nccl",
+                              "--set", "parallel.overlap=true", "--set", "parallel.bucket_mb=0.05")
+    assert np.array_equal(blocking, overlapped), (blocking[:5], overlapped[:5])

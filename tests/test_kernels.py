@@ -23,7 +23,7 @@ from llmpi.gpu import adamw as gpu_adamw, attention as gpu_attention, attention_
 from llmpi.gpu import cast as gpu_cast, classifier as gpu_classifier, embedding as gpu_embedding
 from llmpi.gpu import gelu as gpu_gelu, gradnorm as gpu_gradnorm, layernorm as gpu_layernorm, loader
 from llmpi.gpu import residual as gpu_residual
-from llmpi.model.layers import attention, crossentropy, embedding, gelu, layernorm, residual
+from llmpi.model.layers import adamw, attention, crossentropy, embedding, gelu, gradnorm, layernorm, residual
 from llmpi.training.optim import AdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,6 +289,38 @@ def test_grad_norm(cp, n):
     assert abs(norm - math.sqrt(ref)) <= 1e-6 * norm
     clipped = 0.5 * math.sqrt(ref) * norm / (norm + 1e-6)  # the clip's 1e-6 guard, as on the CPU
     assert abs(math.sqrt(float(gpu_gradnorm.sumsq(dg))) - clipped) < 1e-5 * clipped
+    factor, limit = cp.ones(1, cp.float32), 0.25 * math.sqrt(ref)
+    gpu_gradnorm.clip_factor(dg, limit, factor)  # the device-side clip of a captured step
+    assert abs(float(factor[0]) - limit / (clipped + 1e-6)) < 1e-5 * float(factor[0])
+
+
+@pytest.mark.parametrize("n", [1, 1000])
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6], ids=["no clip", "clipped", "under the limit"])
+def test_adamw_from_device_scalars(cp, n, max_norm):
+    """A captured step's update: clip_factor writes the clip's scale on the device and
+    adamw_update_from reads it with lr and the bias corrections from memory, against the NumPy
+    twins on the same float32 inputs (and, bitwise, against the kernel with those as arguments)."""
+    r = np.random.default_rng(8)
+    p, g, mask = (r.standard_normal(n).astype(np.float32) for _ in range(3))
+    mask = (mask > 0).astype(np.float32)
+    m, v = r.standard_normal(n).astype(np.float32), r.random(n).astype(np.float32)
+    hyper = np.array([1e-2, 1 - 0.9 ** 3, 1 - 0.95 ** 3, 1.0], np.float32)
+    ref = [a.copy() for a in (p, m, v, hyper)]
+    if max_norm:
+        gradnorm.clip_factor(g, max_norm, ref[3][3:])
+    adamw.update_from(ref[0], g, ref[1], ref[2], mask, ref[3], 0.9, 0.95, 1e-8, 0.1)
+    dp, dm, dv, dh = (f32(cp, a) for a in (p, m, v, hyper))
+    if max_norm:  # (the sum of squares' 1024 blocks are too slow to emulate: test_grad_norm on a GPU)
+        sumsq = cp.asarray(np.array([float(g.astype(np.float64) @ g)]))
+        gpu_gradnorm.factor_from_sumsq(sumsq, max_norm, dh[3:])
+    gpu_adamw.update_from(dp, f32(cp, g), dm, dv, f32(cp, mask), dh, 0.9, 0.95, 1e-8, 0.1)
+    assert abs(float(dh[3]) - float(ref[3][3])) <= 1e-6 * float(ref[3][3])
+    close(dp, ref[0], 1e-5)
+    close(dm, ref[1], 1e-5)
+    close(dv, ref[2], 1e-5)
+    args = (f32(cp, p), f32(cp, g), f32(cp, m), f32(cp, v), f32(cp, mask))
+    gpu_adamw.update(*args, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3, grad_scale=float(dh[3]))
+    assert bool((args[0] == dp).all()) and bool((args[2] == dm).all())
 
 
 def bf16_value(bits):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from llmpi.model.layers.gradnorm import clip_grad_norm
+from llmpi.model.layers.gradnorm import clip_factor, clip_grad_norm
 from llmpi.training.optim import SGD, AdamW, lr_at
 from llmpi.model.params import FlatParams
 
@@ -108,6 +108,31 @@ def test_clip_grad_norm():
     g32 = np.ones(100, np.float32)
     clip_grad_norm(g32, 0.0)
     assert g32.dtype == np.float32 and np.all(g32 == 1)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 100.0], ids=["no clip", "clipped", "under the limit"])
+def test_step_from_device_scalars_equals_the_step(max_norm):
+    """The captured step's AdamW (scalars and the clip's scale read from an array) against the
+    eager one (clip_grad_norm on the gradient, then step), over 4 steps: bitwise in float64."""
+    eager, r = make(seed=3)
+    graphed, _ = make(seed=3)
+    a = AdamW(eager, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    b = AdamW(graphed, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    hyper = np.zeros(4)
+    for step in range(4):
+        g = r.normal(size=eager.size)
+        eager.grad[:], graphed.grad[:] = g, g
+        clip_grad_norm(eager.grad, max_norm)
+        a.step(lr=1e-2 / (step + 1))
+        hyper[:] = b.next_scalars(lr=1e-2 / (step + 1))
+        if max_norm:
+            clip_factor(graphed.grad, max_norm, hyper[3:])
+        b.step_from(hyper)
+    np.testing.assert_array_equal(graphed.data, eager.data)
+    np.testing.assert_array_equal(b.m, a.m)
+    assert b.t == a.t == 4
+    norm = math.sqrt(float(g @ g))
+    assert hyper[3] == (max_norm / (norm + 1e-6) if 0 < max_norm < norm else 1.0)
 
 
 def test_lr_schedule_shape():

@@ -110,14 +110,17 @@ def test_gpu_bench_aggregates_ratios_and_the_batch_sweep(monkeypatch, capsys):
     """`bench train --device gpu` without a GPU: the variants' children stubbed with given speeds,
     the headline keys come out as the issue names them (ratio_bf16 at --batch, mfu_bf16 the best
     of the sweep with its batch, torch.compile beside them), and a torch.compile that fails is
-    reported without failing the bench."""
+    reported without failing the bench. ratio_bf16 is the step with CUDA graphs; when that run
+    fails, the eager step's, and the bench fails."""
     from llmpi import backend
     from llmpi.bench import _train_gpu, train
-    speeds = {("llmpi", "bf16"): {8: 0.10, 16: 0.15, 32: 0.28}, ("torch", "bf16"): {8: 0.12, 16: 0.20, 32: 0.40},
-              ("llmpi", "tf32"): {8: 0.12}, ("torch", "tf32"): {8: 0.15}, ("llmpi", "fp32"): {8: 0.5}}
+    speeds = {("llmpi", "bf16_graph"): {8: 0.09, 16: 0.15, 32: 0.28}, ("torch", "bf16"): {8: 0.12, 16: 0.20, 32: 0.40},
+              ("llmpi", "tf32"): {8: 0.12}, ("torch", "tf32"): {8: 0.15}, ("llmpi", "fp32"): {8: 0.5},
+              ("llmpi", "bf16"): {8: 0.10, 16: 0.16, 32: 0.30}}
+    broken = set()
 
     def child(which, precision, args, batch):
-        if which == "torch_compile":
+        if which == "torch_compile" or (which, precision) in broken:
             return {"error": "no compiler here"}
         return dict(step_s=speeds[(which, precision)][batch], peak_mem_mb=1.0, first_loss=4.0, last_loss=3.9)
     monkeypatch.setattr(_train_gpu, "_run", child)
@@ -126,7 +129,8 @@ def test_gpu_bench_aggregates_ratios_and_the_batch_sweep(monkeypatch, capsys):
     monkeypatch.setattr(backend, "select", lambda device: None)
     assert train.main(["--device", "gpu", "--json", "--shape", "small"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["ratio_bf16"] == pytest.approx(0.12 / 0.10) and result["ratio"] == result["ratio_bf16"]
+    assert result["ratio_bf16"] == pytest.approx(0.12 / 0.09) and result["ratio"] == result["ratio_bf16"]
+    assert result["ratio_bf16_eager"] == pytest.approx(0.12 / 0.10) and result["bf16_graph"] is True
     assert result["ratio_tf32"] == pytest.approx(0.15 / 0.12)
     assert result["ratio_bf16_vs_compile"] is None and "error" in result["runs"]["torch_compile_bf16"]
     assert sorted(result["sweep"]) == ["16", "32"]
@@ -134,3 +138,9 @@ def test_gpu_bench_aggregates_ratios_and_the_batch_sweep(monkeypatch, capsys):
     # tokens per step over step time: batch 32 at 0.28 s is the fastest per token
     assert result["best_batch_bf16"] == 32
     assert result["mfu_bf16"] == pytest.approx(result["sweep"]["32"]["llmpi"]["mfu"])
+
+    broken.add(("llmpi", "bf16_graph"))
+    assert train.main(["--device", "gpu", "--json", "--shape", "small"]) == 1
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bf16_graph"] is False and result["ratio_bf16"] == pytest.approx(0.12 / 0.10)
+    assert result["sweep"]["32"]["ratio_bf16"] == pytest.approx(0.40 / 0.30)  # the sweep fell back to eager

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cli import REPO, clean_env, mpiexec, run, single_process_only
+from llmpi import backend
 from llmpi.training import metrics
 
 pytestmark = single_process_only
@@ -136,6 +137,13 @@ def test_resume_refuses_a_change_of_mode(tmp_path, corpus):
     ("optim.beta2=1.5", "optim.beta2 must be in [0, 1)"),
     ("schedule.min_lr=0.1", "schedule.min_lr must be between 0 and optim.lr"),
     ("parallel.balance=dynamic --set parallel.mode=async", "parallel.balance applies to sync mode"),
+    ("train.cuda_graph=true", "train.cuda_graph = true needs train.device = 'gpu'"),
+    ("train.cuda_graph=true --set train.device=auto", "train.cuda_graph = true needs model.dtype = 'bf16'"),
+    ("train.cuda_graph=true --set model.dtype=bf16 --set train.device=auto --set parallel.overlap=true",
+     "train.cuda_graph = true needs parallel.overlap = false"),
+    # auto resolves to the CPU on a machine without a GPU: refused when the device is known
+    *([("train.cuda_graph=true --set model.dtype=bf16 --set train.device=auto", "it needs train.device = 'gpu'")]
+      if not backend.gpu_available() else []),
 ])
 def test_bad_config_is_one_line_and_exit_2_on_every_rank(tmp_path, corpus, override, message):
     proc = train(tmp_path, corpus, *f"--set {override}".split(), np=3, check=False, timeout=60)

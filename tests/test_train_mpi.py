@@ -3,6 +3,7 @@
 Assertions come after the collectives and check the same gathered values on every
 rank, so a failure cannot leave some ranks waiting.
 """
+import os
 import types
 
 import numpy as np
@@ -12,6 +13,7 @@ from mpi4py import MPI
 from llmpi import config, data
 from llmpi.model.gpt import GPT
 from llmpi.model.layers.gradnorm import clip_grad_norm
+from llmpi.training import graphed, metrics, run as run_module
 from llmpi.training.optim import make_optimizer, schedule_lr
 from llmpi.training.run import Run
 from llmpi.training.sync import train_sync
@@ -92,3 +94,46 @@ def test_uneven_shares_give_the_single_process_update(shared_dir):
     errors = COMM.allgather(float(error))
     assert moved > 1e-4
     assert max(errors) < 1e-5 * max(1.0, moved), errors
+
+
+def _losses(run):
+    COMM.Barrier()  # rank 0 wrote the log
+    return metrics.read(os.path.join(run.run_dir, "metrics.h5"))["steps"]["loss"]
+
+
+@pytest.mark.parametrize("micro", [0, 2], ids=["whole share", "micro-batches of 2"])
+def test_graphed_step_equals_the_eager_step_in_float64(shared_dir, micro):
+    """train.cuda_graph's step (static inputs per micro-batch size, the losses summed on the device,
+    the clip's scale and AdamW's scalars read from an array) with its captures run as plain calls,
+    against the eager loop on the same samples: bitwise in float64, at every world size."""
+    overrides = ["train.max_iters=4", "train.eval_interval=0", "model.dtype=float64", "train.cpu_kernels=numpy",
+                 f"train.micro_batch={micro}", "optim.grad_clip=0.05"]
+    eager = make_run(shared_dir, f"eager-{micro}", *overrides)
+    train_sync(eager)
+    captured = make_run(shared_dir, f"graphed-{micro}", *overrides)
+    captured.job.train.cuda_graph, captured.capture = True, graphed.eager  # config refuses it on the CPU
+    train_sync(captured)
+    same = COMM.allgather(bool(np.array_equal(captured.model.params.data, eager.model.params.data))
+                          and bool(np.array_equal(captured.optimizer.v, eager.optimizer.v)))
+    assert all(same), same
+    assert np.array_equal(_losses(captured), _losses(eager))
+
+
+def test_graphed_bf16_job_follows_the_eager_one(shared_dir, monkeypatch):
+    """The job a GPU user runs (model.dtype = bf16, train.cuda_graph = true; the CPU computes bf16
+    in float32) through the config and Run, with the capture as a plain call: within float32
+    rounding of the eager run, a few ulps of the O(1) weights (the update's scalars are float32
+    there, float64 on the host), while the steps moved the weights by over 1e-4."""
+    overrides = ["train.max_iters=4", "train.eval_interval=0", "model.dtype=bf16", "train.cpu_kernels=numpy",
+                 "train.device=auto", "optim.grad_clip=0.05"]
+    eager = make_run(shared_dir, "bf16-eager", *overrides)
+    train_sync(eager)
+    monkeypatch.setattr(run_module, "graphs_for", lambda xp: graphed.eager)
+    captured = make_run(shared_dir, "bf16-graphed", "train.cuda_graph=true", *overrides)
+    train_sync(captured)
+    diff = np.abs(captured.model.params.data - eager.model.params.data).max()
+    moved = np.abs(eager.model.params.data - GPT(eager.job.model, seed=eager.job.train.seed).params.data).max()
+    errors = COMM.allgather(float(diff))
+    assert moved > 1e-4
+    assert max(errors) < 1e-6 * max(1.0, float(np.abs(eager.model.params.data).max())), (errors, moved)
+    assert np.allclose(_losses(captured), _losses(eager), rtol=1e-6)

@@ -8,14 +8,17 @@ Each variant runs in its own subprocess (its own CUDA context and memory pool):
 - llmpi bf16: model.dtype = "bf16": bf16 activations between the kernels, every matmul on bf16
   inputs (cuBLAS GemmEx, fp32 accumulate, llmpi.gpu.bf16), bf16 tensor-core attention, fp32
   master weights, optimizer state and statistics;
+- llmpi bf16_graph: the same step as the trainer's train.cuda_graph runs it: forward+backward
+  and the clipped update each replayed as a CUDA graph (llmpi.training.graphed);
 - torch tf32: float32 with TF32 matmuls allowed, flash SDPA, fused AdamW;
 - torch bf16: the same under bf16 autocast (fp32 master weights);
 - torch compile bf16: torch bf16 with the model under torch.compile (when it compiles on the
   machine; --no-compile skips it).
-The batch sweep (--sweep, default 16,32 beside --batch 8) runs llmpi bf16 and torch bf16 at each
-further batch size: MFU depends on it, and `mfu_bf16` is llmpi's best over the sweep.
-Headline keys: `ratio_bf16` (llmpi bf16 / torch bf16 at --batch), `mfu_bf16`, `best_batch_bf16`,
-`ratio_bf16_vs_compile`, `ratio_tf32`; `ratio` is `ratio_bf16`.
+The batch sweep (--sweep, default 16,32 beside --batch 8) runs llmpi bf16 (with graphs) and torch
+bf16 at each further batch size: MFU depends on it, and `mfu_bf16` is llmpi's best over the sweep.
+Headline keys: `ratio_bf16` (llmpi bf16 / torch bf16 at --batch; llmpi's step with CUDA graphs,
+or without them if that run failed: `bf16_graph` says which), `ratio_bf16_eager` (without graphs),
+`mfu_bf16`, `best_batch_bf16`, `ratio_bf16_vs_compile`, `ratio_tf32`; `ratio` is `ratio_bf16`.
 A step is zero_grad + forward + backward + clip + AdamW on random tokens; the median of
 the timed steps counts (a device synchronize closes each step), warm-up steps excluded.
 After them each llmpi variant runs PROFILED_STEPS more with CUDA events around every op
@@ -44,9 +47,9 @@ SHAPES = {
 PEAK = {"tf32": 494.5e12, "bf16": 989e12}  # H100 SXM dense tensor-core peaks
 PROFILED_STEPS = 3  # steps timed op by op after the timed steps
 BREAKDOWN_SHOWN = 12  # largest entries printed per llmpi run (the JSON has them all)
-VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("llmpi", "bf16"), ("torch", "tf32"), ("torch", "bf16"),
-            ("torch_compile", "bf16"))
-SWEPT = (("llmpi", "bf16"), ("torch", "bf16"))  # the variants the batch sweep runs
+VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("llmpi", "bf16"), ("llmpi", "bf16_graph"), ("torch", "tf32"),
+            ("torch", "bf16"), ("torch_compile", "bf16"))
+SWEPT = (("llmpi", "bf16_graph"), ("torch", "bf16"))  # the variants the batch sweep runs
 COMPILE_TIMEOUT_S = 180
 
 
@@ -76,10 +79,12 @@ def _llmpi_child(s, batch, warmup, steps, precision):
     from llmpi.training.optim import AdamW
 
     cp = backend.select("gpu")
-    m = GPT(ModelConfig(**s, dtype="bf16" if precision == "bf16" else "float32"), xp=cp, seed=0)
+    m = GPT(ModelConfig(**s, dtype="bf16" if precision.startswith("bf16") else "float32"), xp=cp, seed=0)
     opt = AdamW(m.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, ops=m.ops)
     r = cp.random.default_rng(0)
     x, y = (r.integers(0, s["vocab_size"], (batch, s["block_size"])) for _ in range(2))
+    if precision == "bf16_graph":
+        return _graphed_child(cp, m, opt, x, y, max(warmup, 2), steps)  # step 1 eager, step 2 captured
     losses = []
 
     def step(timed=_profile.untimed):
@@ -98,6 +103,26 @@ def _llmpi_child(s, batch, warmup, steps, precision):
         profiled_s = _time_steps(lambda: step(clock.time), backend.synchronize, 0, n)
     return dict(step_s=t, peak_mem_mb=peak / 2**20, first_loss=float(losses[0]), last_loss=float(losses[-1]),
                 breakdown_ms=_profile.per_step_ms(clock, n, profiled_s))
+
+
+def _graphed_child(cp, m, opt, x, y, warmup, steps):
+    """The llmpi step with CUDA graphs (no per-op breakdown: a replay runs no Python per op)."""
+    from llmpi import backend
+    from llmpi.gpu.graph import Graphs
+    from llmpi.training.graphed import GraphedStep
+    graphed = GraphedStep(m, opt, x.shape[0], 1.0, Graphs())
+    losses = []
+
+    def step():
+        m.params.zero_grad()
+        graphed.forward_backward(x, y)
+        graphed.update(1e-4)
+        losses.append(graphed.loss_sum.copy())  # read after the timing: no host wait inside a step
+        graphed.loss_sum.fill(0)
+
+    t = _time_steps(step, backend.synchronize, warmup, steps)
+    return dict(step_s=t, peak_mem_mb=(cp.get_default_memory_pool().total_bytes() + graphed.capture.pool.total_bytes())
+                / 2**20, first_loss=float(losses[0]), last_loss=float(losses[-1]))
 
 
 def _torch_child(s, batch, warmup, steps, precision, compiled=False):
@@ -183,10 +208,10 @@ def _measure(which, precision, args, batch, s, fpt):
         print(f"{key:18s} batch {batch:3d}: FAILED\n{r['error']}")
         return r
     tps = batch * s["block_size"] / r["step_s"]
-    peak = PEAK["bf16" if precision == "bf16" else "tf32"]
+    peak = PEAK["bf16" if precision.startswith("bf16") else "tf32"]
     r.update(batch=batch, tokens_per_s=tps, mfu=tps * fpt / peak, tflops=tps * fpt / 1e12)
     print(f"{key:18s} batch {batch:3d}: {tps:10.0f} tok/s  {r['step_s'] * 1e3:8.1f} ms/step  {r['tflops']:6.1f} TFLOP/s  "
-          f"MFU {100 * r['mfu']:5.1f}% of {'bf16' if precision == 'bf16' else 'TF32'} peak  "
+          f"MFU {100 * r['mfu']:5.1f}% of {'bf16' if precision.startswith('bf16') else 'TF32'} peak  "
           f"mem {r['peak_mem_mb']:.0f} MiB  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
     if "breakdown_ms" in r:
         print("    by op (ms per step, CUDA events): " + ", ".join(
@@ -229,19 +254,24 @@ def main(args):
         # torch.compile "when it works on the device": its failure is reported, not a failed bench
         failed |= "error" in r and which != "torch_compile"
     runs = result["runs"]
-    ratios = {"ratio_bf16": ("llmpi_bf16", "torch_bf16"), "ratio_tf32": ("llmpi_tf32", "torch_tf32"),
+    graph_ran = "error" not in runs.get("llmpi_bf16_graph", {"error": "not run"})
+    best_bf16 = "llmpi_bf16_graph" if graph_ran else "llmpi_bf16"
+    result["bf16_graph"] = graph_ran
+    ratios = {"ratio_bf16": (best_bf16, "torch_bf16"), "ratio_bf16_eager": ("llmpi_bf16", "torch_bf16"),
+              "ratio_tf32": ("llmpi_tf32", "torch_tf32"),
               "ratio_fp32_vs_torch_tf32": ("llmpi_fp32", "torch_tf32"),
               "ratio_bf16_vs_torch_tf32": ("llmpi_bf16", "torch_tf32"),
-              "ratio_bf16_vs_compile": ("llmpi_bf16", "torch_compile_bf16")}
+              "ratio_bf16_vs_compile": (best_bf16, "torch_compile_bf16")}
     for name, (ours, ref) in ratios.items():
         a, b = _speed(runs.get(ours)), _speed(runs.get(ref))
         result[name] = a / b if a and b else None
         if result[name]:
             print(f"{name}: {ours} / {ref} = {result[name]:.2f}x tokens/s")
-    best = (runs.get("llmpi_bf16", {}).get("mfu"), args.batch)
+    best = (runs.get(best_bf16, {}).get("mfu"), args.batch)
     for batch in args.sweep:
         point = {}
         for which, precision in SWEPT:
+            precision = precision if which != "llmpi" or graph_ran else "bf16"
             if which == "llmpi" or args.with_torch:
                 point[which] = _measure(which, precision, args, batch, s, fpt)
                 failed |= "error" in point[which]

@@ -197,7 +197,7 @@ def cases(xp, B, T, C, NH, V, P):
         loss, cache = k_classifier.forward(lg, targets)
         ref_loss, ref_cache = crossentropy.forward(logits.copy(), targets)
         err = rel_error(host(k_classifier.backward(cache)), host(crossentropy.backward(ref_cache)))
-        return max(err, abs(loss - ref_loss) / ref_loss)
+        return max(err, abs(float(loss) - ref_loss) / ref_loss)
     work = logits.copy()
     out.append(("crossentropy_fused", check_ce, lambda: k_classifier.forward(work, targets), 1e-4,
                 f4 * 2 * N * V, None))
@@ -266,7 +266,8 @@ def bf16_cases(xp, rand, B, T, C, V):
     def check_ce():
         loss, cache = k_classifier.forward(logits.copy(), targets)
         ref_loss, ref_cache = crossentropy.forward(from_bf16(logits), targets)
-        return max(err(k_classifier.backward(cache), crossentropy.backward(ref_cache)), abs(loss - ref_loss) / ref_loss)
+        return max(err(k_classifier.backward(cache), crossentropy.backward(ref_cache)),
+                   abs(float(loss) - ref_loss) / ref_loss)
     work = logits.copy()
     out.append(("crossentropy_fused_bf16", check_ce, lambda: k_classifier.forward(work, targets), tol,
                 f2 * 2 * N * V, None))

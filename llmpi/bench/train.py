@@ -160,7 +160,8 @@ def main(argv=None):
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="GPU: skip the torch.compile run")
     ap.add_argument("--warmup", type=int, default=3, help="GPU warm-up steps, not timed")
     ap.add_argument("--no-torch", dest="with_torch", action="store_false", help="GPU: skip the PyTorch runs")
-    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16", "bf16_graph"), default="tf32",
+                    help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=(*VARIANTS, "torch", "torch_compile"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 0:

@@ -7,7 +7,9 @@ with backward, over any registered algorithm (llmpi.comm.allreduce).
   Spans that touch the pending one are merged until the bucket reaches `bucket_bytes`. "mpi"
   posts MPI_Iallreduce and returns at once; "ring", "rd" and "auto" are point-to-point loops
   driven from Python, so they run to completion inside `start` (the overlap then only batches
-  the work); "nccl" queues each bucket on the CuPy stream and `wait_all` synchronizes it.
+  the work); "nccl" runs each bucket on NCCL's own stream, beside the backward kernels queued
+  after it, and `wait_all` makes the compute stream wait for them on the device (its
+  comm_seconds are then the host's calls only; the GPU's overlap shows in the step time).
 - `comm_seconds`: wall time spent inside communication calls, accumulated.
 """
 import time

@@ -1,13 +1,14 @@
 """FUSED_OPS: the op table of the fused CPU kernels, with exactly the entries of
-llmpi.model.ops.LAYER_OPS (see there). The embedding, the residual add (one ufunc each) and the
-matmuls (BLAS) are the NumPy layers' own; everything else is a Numba kernel of this package.
+llmpi.model.ops.LAYER_OPS (see there). The embedding, the residual add (one ufunc each), the
+matmuls (BLAS) and the step with its scalars in an array (adamw_update_from, clip_factor: used by
+captured GPU steps, here only to check them) are the NumPy layers' own; everything else is a Numba kernel of this package.
 """
 import time
 from types import SimpleNamespace
 
 import numpy as np
 
-from ..model.layers import embedding, linear, lm_head, residual
+from ..model.layers import adamw as layer_adamw, embedding, gradnorm, linear, lm_head, residual
 from ..model.ops import describe_precision, residual_then_layernorm, unchanged
 from . import adamw, attention, crossentropy, gelu, layernorm
 
@@ -16,6 +17,7 @@ FUSED_OPS = SimpleNamespace(
     bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
     crossentropy=crossentropy, linear=linear, lm_head=lm_head, project=linear.project,
     adamw_update=adamw.update, clip_grad_norm=adamw.clip_grad_norm, sumsq=adamw.sumsq,
+    adamw_update_from=layer_adamw.update_from, clip_factor=gradnorm.clip_factor,
     weights=linear.Weights, precision=describe_precision,
     residual_layernorm=residual_then_layernorm(residual, layernorm), activation_dtype=None, widen=unchanged)
 

@@ -39,12 +39,14 @@ def _crossentropy(logits, targets, write_grad):
 
 
 def forward(logits, targets):
-    """logits (B, T, V), targets (B, T) int -> (mean loss float, cache).
+    """logits (B, T, V), targets (B, T) int -> (mean loss, cache); the loss is a 0-d float64 array
+    on the device, so a step reads it (float()) only where it needs a number and a captured step
+    can keep it (llmpi.training.graphed).
 
     One fused pass leaves dlogits for loss_scale = 1 in the logits buffer (as the NumPy layer
     leaves the probabilities there); the caller must not use the logits afterwards."""
     losses = _crossentropy(logits, targets, 1)
-    return float(losses.sum(dtype=array_module(logits).float64)) / losses.size, logits
+    return losses.sum(dtype=array_module(logits).float64) / losses.size, logits
 
 
 def losses(logits, targets):

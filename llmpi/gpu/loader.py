@@ -52,7 +52,41 @@ def kernel(file: str, name: str):
 
 def cublas_gemm_ex(*args):
     """cublasGemmEx(transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype,
-    ldc, computeType, algo) on CuPy's cuBLAS handle and current stream; pointers are raw addresses."""
+    ldc, computeType, algo) on CuPy's cuBLAS handle and current stream; pointers are raw addresses
+    (alpha and beta on the host: captured by value in a CUDA graph)."""
     import cupy
     from cupy.cuda import cublas
-    cublas.gemmEx(cupy.cuda.device.get_cublas_handle(), *args)
+    handle, stream = cupy.cuda.device.get_cublas_handle(), cupy.cuda.get_current_stream()
+    if stream.is_capturing():
+        # CuPy refuses every cuBLAS call while a stream captures (its setStream raises), though
+        # cuBLAS supports capture (CUDA 12.2+ takes its workspace with cudaMallocAsync): call the
+        # library CuPy loaded directly, on CuPy's handle
+        library = _captured_cublas()
+        _check_cublas(library.cublasSetStream_v2(handle, stream.ptr), "cublasSetStream")
+        _check_cublas(library.cublasGemmEx(handle, *args), "cublasGemmEx")
+    else:
+        cublas.gemmEx(handle, *args)
+
+
+@functools.lru_cache(maxsize=None)
+def _captured_cublas():
+    """libcublas through ctypes: the copy CuPy loaded when cublas_gemm_ex imported its binding
+    (dlopen finds a loaded library by its soname, so CuPy's handle is valid here)."""
+    import ctypes
+
+    import cupy
+    major = cupy.cuda.runtime.runtimeGetVersion() // 1000
+    library = ctypes.CDLL(f"libcublas.so.{major}")
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    library.cublasSetStream_v2.argtypes = [pointer, pointer]
+    library.cublasGemmEx.argtypes = [pointer, integer, integer, integer, integer, integer,
+                                     pointer, pointer, integer, integer, pointer, integer, integer,
+                                     pointer, pointer, integer, integer, integer, integer]
+    for function in (library.cublasSetStream_v2, library.cublasGemmEx):
+        function.restype = integer
+    return library
+
+
+def _check_cublas(status, call):
+    if status != 0:
+        raise RuntimeError(f"{call} failed with cublasStatus_t {status} during CUDA graph capture")

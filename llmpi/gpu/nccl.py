@@ -62,3 +62,25 @@ def allreduce(buf, comm, stream):
     nccl = module()
     kind = nccl.NCCL_FLOAT32 if buf.dtype == np.float32 else nccl.NCCL_FLOAT64
     communicator(comm).allReduce(buf.data.ptr, buf.data.ptr, buf.size, kind, nccl.NCCL_SUM, stream.ptr)
+
+
+_side_streams = {}  # device id -> the stream NCCL's overlapped sums run on
+
+
+def allreduce_beside(buf, comm, compute):
+    """Queue buf <- sum over comm on NCCL's own stream of buf's device, after what `compute` has
+    queued so far (an event orders them); -> the event recorded after the sum."""
+    cupy = backend.array_module(buf)
+    device = buf.device.id
+    side = _side_streams.get(device)
+    if side is None:
+        side = _side_streams[device] = cupy.cuda.Stream(non_blocking=True)
+    side.wait_event(compute.record())
+    allreduce(buf, comm, side)
+    return side.record()
+
+
+def wait_on_device(done):
+    """The current stream waits for the event `done` (allreduce_beside's) before its next kernels."""
+    import cupy
+    cupy.cuda.get_current_stream().wait_event(done)

@@ -38,6 +38,7 @@ KERNEL_OPS = SimpleNamespace(
     crossentropy=SimpleNamespace(forward=classifier.forward, backward=classifier.backward, loss=classifier.loss),
     linear=linear, lm_head=lm_head, project=linear.project,
     adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm, sumsq=gradnorm.sumsq_float,
+    adamw_update_from=adamw.update_from, clip_factor=gradnorm.clip_factor,
     weights=PaddedHeadWeights, precision=_describe_float32,
     residual_layernorm=residual_then_layernorm(residual, layernorm), activation_dtype=None, widen=unchanged)
 

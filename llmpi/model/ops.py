@@ -9,7 +9,10 @@ optimizer take a table once (llmpi.ops.op_table) and never test for the device:
                           the residual add and the LayerNorm after it (one kernel where fused);
   project(x, W)           a linear layer's matmul whose bias a fused op adds (bias_gelu);
   adamw_update(...)       the optimizer's update over the flat buffers;
+  adamw_update_from(..., hyper, ...)  the same with lr, both bias corrections and the gradient's
+                          scale read from an array (a captured step: llmpi.training.graphed);
   clip_grad_norm(g, max)  global gradient-norm clipping (norm=: a norm summed over pipeline stages);
+  clip_factor(g, max, out)  that clip's scale written into an array instead (no host round trip);
   sumsq(g)                a flat buffer's sum of squares (a stage's share of that norm);
   weights(params)         the matrices the matmuls read (refresh() each forward; .head);
   precision(dtype)        what the model computes in, for the startup line;
@@ -46,5 +49,6 @@ LAYER_OPS = SimpleNamespace(
     bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
     crossentropy=crossentropy, linear=linear, lm_head=lm_head, project=linear.project,
     adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm, sumsq=gradnorm.sumsq,
+    adamw_update_from=adamw.update_from, clip_factor=gradnorm.clip_factor,
     weights=linear.Weights, precision=describe_precision,
     residual_layernorm=residual_then_layernorm(residual, layernorm), activation_dtype=None, widen=unchanged)

@@ -96,7 +96,7 @@ class StageStep:
                 self._backward(i, sizes[i] / global_batch)
             self._account(what, i, t0)
         self.channel.wait_sends()
-        return loss_sum
+        return float(loss_sum)  # the GPU classifier's losses are device scalars: one read at the end
 
     def _post(self, actions, k, batches, sizes):
         """Post the receive that action k will wait for (one action ahead of its use)."""

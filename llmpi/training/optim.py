@@ -46,6 +46,19 @@ class AdamW:
     def step(self, lr=None):
         self._update(lr)
 
+    def next_scalars(self, lr=None):
+        """Advance to the next step and return its scalars (lr, 1 - beta1^t, 1 - beta2^t, gradient
+        scale 1) as a host array of the params' dtype, for step_from."""
+        self.t += 1
+        lr = self.lr if lr is None else lr
+        return np.array([lr, 1.0 - self.beta1 ** self.t, 1.0 - self.beta2 ** self.t, 1.0], dtype=self.params.dtype)
+
+    def step_from(self, hyper):
+        """The step whose scalars next_scalars gave, read from `hyper` (an array beside the params,
+        its last entry the gradient's scale): a captured step replays with new values there."""
+        self.ops.adamw_update_from(self.params.data, self.params.grad, self.m, self.v, self.mask, hyper,
+                                   self.beta1, self.beta2, self.eps, self.weight_decay)
+
     def state_dict(self):
         return {"m": self.m, "v": self.v, "step": np.array(self.t, dtype=np.int64)}
 

@@ -14,6 +14,7 @@ from ..comm import device as comm_device
 from ..comm.world import agree, local_rank, rprint
 from ..data import Sampler, default_data_path, ensure_prepared, get_batch
 from ..errors import UserError
+from ..gpu.graph import graphs_for
 from ..model.gpt import GPT, block_activation_bytes, head_activation_bytes, parameter_bytes, stage_layout
 from ..ops import select_cpu_kernels
 from ..parallel.allocate import Balancer
@@ -42,6 +43,7 @@ class Run:
         self.blocks = None  # the whole model
         self.xp = backend.select(job.train.device, local_rank(comm))
         select_cpu_kernels(job.train.cpu_kernels, job.model.dtype, comm, self.xp)  # before any model is built
+        self.capture = graphs_for(self.xp) if job.train.cuda_graph else None  # train.device auto may be the CPU
         # a diverging run ends at check_finite with one line, not with NumPy's overflow warnings per rank
         np.seterr(over="ignore", invalid="ignore", divide="ignore")
         self.run_dir = os.path.join(job.train.out_dir, job.train.run_name)

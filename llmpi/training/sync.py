@@ -11,6 +11,7 @@ import numpy as np
 from ..comm.buckets import Allreducer
 from ..comm.world import rprint
 from ..data import get_batch
+from .graphed import GraphedStep
 from .metrics import Progress
 from .optim import schedule_lr
 from .signals import disarms_watchdog
@@ -29,6 +30,8 @@ def train_sync(run):
     zero = bool(job.parallel.zero)
     reducer = Allreducer(comm, job.parallel.allreduce, int(job.parallel.bucket_mb * 2**20), job.parallel.overlap,
                          cuda_aware_mpi=job.parallel.cuda_aware_mpi)
+    graphed = GraphedStep(model, run.optimizer, B, job.optim.grad_clip, run.capture) \
+        if job.train.cuda_graph else None
     progress = Progress(job.train.max_iters, run.start_step, run.bytes_per_token)
     t_origin = time.perf_counter() - run.wall_offset
     samples_seen = run.start_step * B
@@ -46,7 +49,10 @@ def train_sync(run):
         for i, m in enumerate(chunks):
             starts = run.sampler.starts(step, B, offsets[run.rank] + done, m)
             x, y = get_batch(run.tokens.train, starts, T, xp)
-            if run.threads:
+            if graphed:
+                graphed.forward_backward(x, y)
+                loss = 0.0  # summed on the device: loss_total below
+            elif run.threads:
                 loss = run.threads.forward_backward(x, y, loss_scale=m / B)
             else:
                 _, loss, cache = model.forward(x, y)
@@ -56,6 +62,8 @@ def train_sync(run):
                 model.backward(cache, loss_scale=m / B, on_block_done=hook)
             loss_sum += float(loss) * m
             done += m
+        if graphed:
+            loss_sum = graphed.loss_total()
         if job.parallel.overlap and not chunks:
             for lo, hi in model.grad_spans():  # no samples here: the same buckets as the ranks' backward
                 reducer.start(model.params.grad, lo, hi)
@@ -80,11 +88,14 @@ def train_sync(run):
         comm_s = reducer.comm_seconds - comm_before + time.perf_counter() - t_c
         loss = table[:, 0].sum() / B
         run.check_finite(loss, step + 1)
-        if job.optim.grad_clip > 0 and zero:
-            run.optimizer.clip(model.ops.clip_grad_norm, job.optim.grad_clip, math.sqrt(table[:, 4].sum()))
-        elif job.optim.grad_clip > 0:
-            model.ops.clip_grad_norm(model.params.grad, job.optim.grad_clip)
-        run.optimizer.step(lr)
+        if graphed:
+            graphed.update(lr)  # clips on the device
+        else:
+            if job.optim.grad_clip > 0 and zero:
+                run.optimizer.clip(model.ops.clip_grad_norm, job.optim.grad_clip, math.sqrt(table[:, 4].sum()))
+            elif job.optim.grad_clip > 0:
+                model.ops.clip_grad_norm(model.params.grad, job.optim.grad_clip)
+            run.optimizer.step(lr)
         samples_seen += B
         wall = time.perf_counter() - t_origin
         run.metrics.log_step(step=step + 1, wall=wall, loss=loss, lr=lr, tokens=B * T, samples=samples_seen,

@@ -11,7 +11,7 @@ so data-parallel replicas never drift apart.
          llmpi.comm.allreduce.ring.reduce_scatter / all_gather
   rd     recursive doubling, latency-optimal
   auto   rd below a measured size, ring above (llmpi.comm.allreduce.auto)
-  nccl   NCCL on device buffers, ordered on the CuPy stream
+  nccl   NCCL on device buffers, ordered on the CuPy stream (overlapped buckets: on its own stream)
 
 Adding an algorithm is one module here and one line in ALGORITHMS; `parallel.allreduce` and
 `python -m llmpi.train --help` take their allowed values from it. Bucketed and overlapped

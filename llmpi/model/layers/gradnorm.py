@@ -2,6 +2,8 @@
 kernels/gradnorm.cu (llmpi.gpu.gradnorm)."""
 import math
 
+from ...backend import array_module
+
 
 def sumsq(grad):
     """Sum of squares of a flat buffer, as a float."""
@@ -16,3 +18,13 @@ def clip_grad_norm(grad, max_norm, norm=None):
     if max_norm > 0 and norm > max_norm:
         grad *= max_norm / (norm + 1e-6)
     return norm
+
+
+def clip_factor(grad, max_norm, out):
+    """Write into the 1-element array `out` the factor clip_grad_norm would scale grad by
+    (max_norm / (norm + 1e-6) above max_norm, else 1), without a host round trip: the
+    optimizer's grad_scale (llmpi.model.layers.adamw.update_from)."""
+    xp = array_module(grad)
+    norm = xp.sqrt(grad.dot(grad))
+    factor = max_norm / (norm + 1e-6)
+    out[...] = xp.where(norm > max_norm, factor, 1.0) if max_norm > 0 else 1.0
