@@ -19,6 +19,8 @@
 #define ATT_FULL 0xffffffffu
 #define ATT_NEG_INF __int_as_float(0xff800000)
 
+#include "bf16.cuh"
+
 __device__ float att_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(ATT_FULL, v, o);
     return v;
@@ -131,8 +133,9 @@ attention_forward(float* y, float* lse, const float* qkv, int T, int NH, int HS,
 }
 
 // delta (B,NH,T) = rowsum(dy * y) per head; one warp per (b, t, h). Launch 1-D, 256 threads.
-extern "C" __global__ void attention_backward_delta(float* delta, const float* dy, const float* y,
-                                                    int B, int T, int NH, int HS) {
+// dy and y are float32, or bf16 (the bf16 tensor-core kernels of attention_tc.cu on bf16 storage).
+template <class E>
+__device__ void att_backward_delta(float* delta, const E* dy, const E* y, int B, int T, int NH, int HS) {
     int lane = threadIdx.x % 32;
     long long w = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (w >= (long long)B * T * NH) return;
@@ -140,10 +143,20 @@ extern "C" __global__ void attention_backward_delta(float* delta, const float* d
     long long bt = w / NH;
     long long off = bt * NH * HS + (long long)h * HS;
     float s = 0.0f;
-    for (int d = lane; d < HS; d += 32) s += dy[off + d] * y[off + d];
+    for (int d = lane; d < HS; d += 32) s += ld(dy, off + d) * ld(y, off + d);
     s = att_warp_sum(s);
     int b = (int)(bt / T), t = (int)(bt % T);
     if (lane == 0) delta[((long long)b * NH + h) * T + t] = s;
+}
+
+extern "C" __global__ void attention_backward_delta(float* delta, const float* dy, const float* y,
+                                                    int B, int T, int NH, int HS) {
+    att_backward_delta(delta, dy, y, B, T, NH, HS);
+}
+
+extern "C" __global__ void attention_backward_delta_bf16(float* delta, const bf16_t* dy, const bf16_t* y,
+                                                         int B, int T, int NH, int HS) {
+    att_backward_delta(delta, dy, y, B, T, NH, HS);
 }
 
 // dq_i = scale * sum_j p_ij (dy_i . v_j - delta_i) k_j  -> dqkv[:, :, h*HS : (h+1)*HS]

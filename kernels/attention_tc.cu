@@ -1,9 +1,11 @@
 // Causal self-attention on tensor cores: the same inputs, outputs and FlashAttention-2 math as
 // attention.cu, in two precisions:
 // - TF32 (mma.sync m16n8k8, entry points *_tc<HS>): when TF32 matmuls are allowed (CUPY_TF32=1);
-// - bf16 (mma.sync m16n8k16, entry points *_bf16_<HS>): for model.dtype = "bf16". q, k, v and dy
-//   stay float32 in global memory and are rounded to bf16 (nearest even) where they enter a
-//   product, as are the probabilities P and dS before theirs.
+// - bf16 (mma.sync m16n8k16): for model.dtype = "bf16", with q, k, v and dy rounded to bf16
+//   (nearest even) where they enter a product, as are the probabilities P and dS before theirs.
+//   Two storages: float32 arrays (entry points *_bf16_<HS>: the tensor-parallel layers' float32
+//   activations), or bf16 arrays (*_bf16io_<HS>: bf16 activations, read and written as they are,
+//   so no widening pass before the kernels and no rounding pass after them).
 // Scores, softmax statistics and every accumulator are float32 in both. The (T,T) scores never
 // reach global memory.
 //
@@ -39,6 +41,34 @@
 #define TC_POS_INF __int_as_float(0x7f800000)
 #define TC_LOG2E 1.4426950408889634f
 #define TC_LN2 0.6931471805599453f
+
+#include "bf16.cuh"
+
+// Where q, k, v, dy, y and dq/dk/dv live in global memory: only loads and stores differ.
+struct TcF32Io {
+    typedef float T;
+    static __device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+    static __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+    static __device__ __forceinline__ void store2(float* p, float x, float y) {
+        *reinterpret_cast<float2*>(p) = make_float2(x, y);
+    }
+};
+
+// bf16 bits: a pair is one 32-bit word, four one 64-bit word (element 2k in the low half of word k)
+struct TcBf16Io {
+    typedef bf16_t T;
+    static __device__ __forceinline__ float2 load2(const bf16_t* p) {
+        unsigned w = *reinterpret_cast<const unsigned*>(p);
+        return make_float2(bf16_lo(w), bf16_hi(w));
+    }
+    static __device__ __forceinline__ float4 load4(const bf16_t* p) {
+        uint2 w = *reinterpret_cast<const uint2*>(p);
+        return make_float4(bf16_lo(w.x), bf16_hi(w.x), bf16_lo(w.y), bf16_hi(w.y));
+    }
+    static __device__ __forceinline__ void store2(bf16_t* p, float x, float y) {
+        *reinterpret_cast<unsigned*>(p) = bf16_pair(x, y);
+    }
+};
 
 __device__ __forceinline__ unsigned tc_tf32(float x) {
     unsigned r;
@@ -102,6 +132,7 @@ struct __align__(16) TcTf32Tile {
 
 template <int HS>
 struct Tf32 {
+    typedef TcF32Io Io;
     static constexpr int GROUP = 1;
     typedef unsigned Frag[HS / 8][4];
     template <bool ROWS, bool COLS>
@@ -184,17 +215,19 @@ struct __align__(16) TcBf16Tile<HS, true, true> {
     unsigned cols[HS][TC_TILE / 2 + 4];
 };
 
-template <int HS>
-struct Bf16 {
+template <int HS, class IO>
+struct TcBf16 {
+    typedef IO Io;
+    typedef typename IO::T E;
     static constexpr int GROUP = 2;
     typedef unsigned Frag[HS / 16][4];
     template <bool ROWS, bool COLS>
     using Tile = TcBf16Tile<HS, ROWS, COLS>;
 
-    static __device__ void load_rows(Frag& a, const float* src, long long stride, int row0, int T, float mul) {
+    static __device__ void load_rows(Frag& a, const E* src, long long stride, int row0, int T, float mul) {
         int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-        const float* r_lo = src + (long long)(row0 + g) * stride;
-        const float* r_hi = r_lo + 8 * stride;
+        const E* r_lo = src + (long long)(row0 + g) * stride;
+        const E* r_hi = r_lo + 8 * stride;
         bool lo = row0 + g < T, hi = row0 + g + 8 < T;
         const float2 zero = make_float2(0.0f, 0.0f);
 #pragma unroll
@@ -202,8 +235,8 @@ struct Bf16 {
 #pragma unroll
             for (int half = 0; half < 2; half++) {  // columns 2t.. then 2t+8..
                 int c = k * 16 + 2 * t + 8 * half;
-                float2 x = lo ? *reinterpret_cast<const float2*>(r_lo + c) : zero;
-                float2 y = hi ? *reinterpret_cast<const float2*>(r_hi + c) : zero;
+                float2 x = lo ? IO::load2(r_lo + c) : zero;
+                float2 y = hi ? IO::load2(r_hi + c) : zero;
                 a[k][2 * half] = bw_pack(x.x * mul, x.y * mul);
                 a[k][2 * half + 1] = bw_pack(y.x * mul, y.y * mul);
             }
@@ -211,13 +244,13 @@ struct Bf16 {
 
     // a thread takes a row pair and 4 columns, which is what one word of each layout needs
     template <bool ROWS, bool COLS>
-    static __device__ void load(Tile<ROWS, COLS>& tile, const float* src, long long stride, int r0, int T) {
+    static __device__ void load(Tile<ROWS, COLS>& tile, const E* src, long long stride, int r0, int T) {
         constexpr int Q = HS / 4;
         for (int e = threadIdx.x; e < (TC_TILE / 2) * Q; e += blockDim.x) {
             int p = e / Q, c = (e % Q) * 4, r = r0 + 2 * p;  // rows r and r + 1
             float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f), y = x;
-            if (r < T) x = *reinterpret_cast<const float4*>(src + (long long)r * stride + c);
-            if (r + 1 < T) y = *reinterpret_cast<const float4*>(src + (long long)(r + 1) * stride + c);
+            if (r < T) x = IO::load4(src + (long long)r * stride + c);
+            if (r + 1 < T) y = IO::load4(src + (long long)(r + 1) * stride + c);
             if constexpr (ROWS) {
                 tile.rows[2 * p][c / 2] = bw_pack(x.x, x.y);
                 tile.rows[2 * p][c / 2 + 1] = bw_pack(x.z, x.w);
@@ -260,18 +293,24 @@ struct Bf16 {
     }
 };
 
+template <int HS>
+using Bf16 = TcBf16<HS, TcF32Io>;
+template <int HS>
+using Bf16Io = TcBf16<HS, TcBf16Io>;
+
 // The (batch, head) of this block, from blockIdx.y = b*NH + h, and this thread's place in its warp.
+template <class E>
 struct TcHead {
     int C;            // NH * HS
     long long C3;     // row stride of qkv
-    const float* qkv; // head slice: q at qkv[t*C3 + d], k at + C, v at + 2C
+    const E* qkv;     // head slice: q at qkv[t*C3 + d], k at + C, v at + 2C
     long long y_off;  // where the head's (T, HS) slice starts in a (B,T,C) array (y, dy)
     int warp, g, t;   // lane = 4*g + t
 };
 
-template <int HS>
-__device__ TcHead tc_head(const float* qkv, int T, int NH) {
-    TcHead a;
+template <int HS, class E>
+__device__ TcHead<E> tc_head(const E* qkv, int T, int NH) {
+    TcHead<E> a;
     a.C = NH * HS;
     a.C3 = 3LL * a.C;
     int b = blockIdx.y / NH, h = blockIdx.y % NH;
@@ -284,8 +323,8 @@ __device__ TcHead tc_head(const float* qkv, int T, int NH) {
 }
 
 // Rows row0+g and row0+g+8 (< T) of out[n] (C layout), times mul, to dst (row stride `stride`).
-template <int HS>
-__device__ void tc_store_rows(float* dst, long long stride, const float (&out)[HS / 8][4], int row0,
+template <int HS, class IO>
+__device__ void tc_store_rows(typename IO::T* dst, long long stride, const float (&out)[HS / 8][4], int row0,
                               int T, float mul_lo, float mul_hi) {
     int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
 #pragma unroll
@@ -293,11 +332,9 @@ __device__ void tc_store_rows(float* dst, long long stride, const float (&out)[H
         int row = row0 + g + 8 * half;
         if (row >= T) continue;
         float mul = half ? mul_hi : mul_lo;
-        float* d = dst + (long long)row * stride;
+        typename IO::T* d = dst + (long long)row * stride;
 #pragma unroll
-        for (int n = 0; n < HS / 8; n++)
-            *reinterpret_cast<float2*>(d + n * 8 + 2 * t) =
-                make_float2(out[n][2 * half] * mul, out[n][2 * half + 1] * mul);
+        for (int n = 0; n < HS / 8; n++) IO::store2(d + n * 8 + 2 * t, out[n][2 * half] * mul, out[n][2 * half + 1] * mul);
     }
 }
 
@@ -348,8 +385,8 @@ __device__ __forceinline__ void tc_online_softmax(float (&s)[TC_TILE / 8][4], fl
 }
 
 // Forward, after the last tile: y rows = o / l, and lse = m + log(l) per row (natural log).
-template <int HS>
-__device__ void tc_finish_forward(float* y, int C, float* lse_bh, const float (&o)[HS / 8][4], const float (&m)[2],
+template <int HS, class IO>
+__device__ void tc_finish_forward(typename IO::T* y, int C, float* lse_bh, const float (&o)[HS / 8][4], const float (&m)[2],
                                   float (&l)[2], int w0, int T) {
     int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
 #pragma unroll
@@ -357,7 +394,7 @@ __device__ void tc_finish_forward(float* y, int C, float* lse_bh, const float (&
         l[r] += __shfl_xor_sync(TC_FULL, l[r], 1);
         l[r] += __shfl_xor_sync(TC_FULL, l[r], 2);
     }
-    tc_store_rows<HS>(y, C, o, w0, T, 1.0f / l[0], 1.0f / l[1]);
+    tc_store_rows<HS, IO>(y, C, o, w0, T, 1.0f / l[0], 1.0f / l[1]);
     if (t == 0)
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -417,11 +454,11 @@ __device__ __forceinline__ void tc_dkv_p_ds(float (&s)[4], const float (&dp)[4],
 
 // ---- the kernels, for either precision P -------------------------------------------------------
 
-template <class P, int HS>
-__device__ void tc_forward(float* y, float* lse, const float* qkv, int T, int NH, float scale) {
+template <class P, int HS, class E = typename P::Io::T>
+__device__ void tc_forward(E* y, float* lse, const E* qkv, int T, int NH, float scale) {
     __shared__ typename P::template Tile<true, false> ks;  // keys: scores
     __shared__ typename P::template Tile<false, true> vs;  // values: P.V
-    TcHead a = tc_head<HS>(qkv, T, NH);
+    TcHead<E> a = tc_head<HS>(qkv, T, NH);
     int i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;  // longest rows first
     int w0 = i0 + a.warp * 16;                        // this warp's first query
     typename P::Frag qa;
@@ -442,16 +479,16 @@ __device__ void tc_forward(float* y, float* lse, const float* qkv, int T, int NH
 #pragma unroll
         for (int n = 0; n < TC_TILE / 8; n += P::GROUP) P::accumulate(o, &s[n], vs, n * 8);
     }
-    tc_finish_forward<HS>(y + a.y_off, a.C, lse + (long long)blockIdx.y * T, o, m, l, w0, T);
+    tc_finish_forward<HS, typename P::Io>(y + a.y_off, a.C, lse + (long long)blockIdx.y * T, o, m, l, w0, T);
 }
 
 // dq_i = scale * sum_j p_ij (dy_i . v_j - delta_i) k_j over keys j <= i.
-template <class P, int HS>
-__device__ void tc_backward_dq(float* dqkv, const float* qkv, const float* dy, const float* lse,
+template <class P, int HS, class E = typename P::Io::T>
+__device__ void tc_backward_dq(E* dqkv, const E* qkv, const E* dy, const float* lse,
                                const float* delta, int T, int NH, float scale) {
     __shared__ typename P::template Tile<true, true> ks;   // keys: scores and dS.K
     __shared__ typename P::template Tile<true, false> vs;  // values: dp = dy . v
-    TcHead a = tc_head<HS>(qkv, T, NH);
+    TcHead<E> a = tc_head<HS>(qkv, T, NH);
     int i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS;
     int w0 = i0 + a.warp * 16;
     typename P::Frag qa, da;
@@ -478,17 +515,17 @@ __device__ void tc_backward_dq(float* dqkv, const float* qkv, const float* dy, c
             P::accumulate(dq, s, ks, n * 8);
         }
     }
-    tc_store_rows<HS>(dqkv + (a.qkv - qkv), a.C3, dq, w0, T, scale, scale);
+    tc_store_rows<HS, typename P::Io>(dqkv + (a.qkv - qkv), a.C3, dq, w0, T, scale, scale);
 }
 
 // dv_j = sum_i p_ij dy_i,  dk_j = scale * sum_i p_ij (dy_i . v_j - delta_i) q_i over queries i >= j.
-template <class P, int HS>
-__device__ void tc_backward_dkv(float* dqkv, const float* qkv, const float* dy, const float* lse,
+template <class P, int HS, class E = typename P::Io::T>
+__device__ void tc_backward_dkv(E* dqkv, const E* qkv, const E* dy, const float* lse,
                                 const float* delta, int T, int NH, float scale) {
     __shared__ typename P::template Tile<true, true> qs;   // queries: scores^T and dS^T.Q
     __shared__ typename P::template Tile<true, true> dys;  // dy: dp^T and P^T.dY
     __shared__ float lse2s[TC_TILE], dls[TC_TILE];
-    TcHead a = tc_head<HS>(qkv, T, NH);
+    TcHead<E> a = tc_head<HS>(qkv, T, NH);
     int j0 = blockIdx.x * TC_ROWS;  // the first blocks see the most queries
     int w0 = j0 + a.warp * 16;      // this warp's first key
     typename P::Frag ka, va;
@@ -515,33 +552,36 @@ __device__ void tc_backward_dkv(float* dqkv, const float* qkv, const float* dy, 
             P::accumulate(dk, ds, qs, n * 8);
         }
     }
-    float* out = dqkv + (a.qkv - qkv);
-    tc_store_rows<HS>(out + a.C, a.C3, dk, w0, T, scale, scale);
-    tc_store_rows<HS>(out + 2 * a.C, a.C3, dv, w0, T, 1.0f, 1.0f);
+    E* out = dqkv + (a.qkv - qkv);
+    tc_store_rows<HS, typename P::Io>(out + a.C, a.C3, dk, w0, T, scale, scale);
+    tc_store_rows<HS, typename P::Io>(out + 2 * a.C, a.C3, dv, w0, T, 1.0f, 1.0f);
 }
 
-// One set of entry points per precision and supported head size (the fragments live in
-// registers, so HS is a compile-time constant); llmpi/gpu_ops.py falls back to attention.cu for
-// other sizes.
-#define TC_ENTRY_POINTS(PRECISION, NAME, HS)                                                           \
+// One set of entry points per precision, storage E and supported head size (the fragments live
+// in registers, so HS is a compile-time constant); llmpi/gpu/attention.py falls back to
+// attention.cu for other sizes.
+#define TC_ENTRY_POINTS(PRECISION, NAME, HS, E)                                                         \
     extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)                                        \
-    attention_forward_##NAME##HS(float* y, float* lse, const float* qkv, int T, int NH, float scale) { \
+    attention_forward_##NAME##HS(E* y, float* lse, const E* qkv, int T, int NH, float scale) {         \
         tc_forward<PRECISION<HS>, HS>(y, lse, qkv, T, NH, scale);                                      \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)                                        \
-    attention_backward_dq_##NAME##HS(float* dqkv, const float* qkv, const float* dy, const float* lse, \
+    attention_backward_dq_##NAME##HS(E* dqkv, const E* qkv, const E* dy, const float* lse,             \
                                      const float* delta, int T, int NH, float scale) {                 \
         tc_backward_dq<PRECISION<HS>, HS>(dqkv, qkv, dy, lse, delta, T, NH, scale);                    \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)                                        \
-    attention_backward_dkv_##NAME##HS(float* dqkv, const float* qkv, const float* dy, const float* lse,\
+    attention_backward_dkv_##NAME##HS(E* dqkv, const E* qkv, const E* dy, const float* lse,            \
                                       const float* delta, int T, int NH, float scale) {                \
         tc_backward_dkv<PRECISION<HS>, HS>(dqkv, qkv, dy, lse, delta, T, NH, scale);                   \
     }
 
-TC_ENTRY_POINTS(Tf32, tc, 16)
-TC_ENTRY_POINTS(Tf32, tc, 32)
-TC_ENTRY_POINTS(Tf32, tc, 64)
-TC_ENTRY_POINTS(Bf16, bf16_, 16)
-TC_ENTRY_POINTS(Bf16, bf16_, 32)
-TC_ENTRY_POINTS(Bf16, bf16_, 64)
+TC_ENTRY_POINTS(Tf32, tc, 16, float)
+TC_ENTRY_POINTS(Tf32, tc, 32, float)
+TC_ENTRY_POINTS(Tf32, tc, 64, float)
+TC_ENTRY_POINTS(Bf16, bf16_, 16, float)
+TC_ENTRY_POINTS(Bf16, bf16_, 32, float)
+TC_ENTRY_POINTS(Bf16, bf16_, 64, float)
+TC_ENTRY_POINTS(Bf16Io, bf16io_, 16, bf16_t)
+TC_ENTRY_POINTS(Bf16Io, bf16io_, 32, bf16_t)
+TC_ENTRY_POINTS(Bf16Io, bf16io_, 64, bf16_t)

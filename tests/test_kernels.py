@@ -383,7 +383,8 @@ def test_model_on_the_emulated_kernels(monkeypatch, precision):
     ref.params.zero_grad()
     ref.backward(cache)
     _, loss, cache = emulated.forward(idx, tgt)
-    assert cache["blocks"][0][2][-1] == precision[:4]  # the attention's precision: CUDA cores, TF32 or bf16 tensor cores
+    # the attention's precision: CUDA cores, TF32 or bf16 tensor cores (on bf16 storage with BF16_OPS)
+    assert cache["blocks"][0][2][-1] == {"bf16": "bf16io"}.get(precision, precision[:4])
     # the LayerNorms' inputs: the residual stream, bf16 between the kernels with BF16_OPS only
     assert cache["blocks"][0][4][0].dtype == (np.uint16 if precision == "bf16" else np.float32)
     assert emulated.activation_dtype == cache["blocks"][0][4][0].dtype
@@ -432,3 +433,9 @@ def test_bench_kernels_small_shape_passes_its_checks(cp):
         assert err <= tol, (name, err)
         names.append(name)
     assert "attention_forward" in names and "adamw_update" in names and "layernorm_forward_bf16" in names
+    # head size 32 has tensor-core entry points: the attention on bf16 storage
+    bf16io = [case for case in bench.cases(cp, **dict(shape, C=64)) if case[0].endswith("_bf16io")]
+    assert [case[0] for case in bf16io] == ["attention_forward_bf16io", "attention_backward_bf16io"]
+    for name, check, _run, tol, _bytes, _flops in bf16io:
+        err = check()
+        assert err <= tol, (name, err)

@@ -14,10 +14,11 @@ import pytest
 import kernel_emulator
 from conftest import rel_error
 from llmpi.backend import to_host
+from llmpi.gpu import attention as gpu_attention, attention_tc as gpu_attention_tc
 from llmpi.gpu import bf16 as gpu_bf16, bias as gpu_bias, cast as gpu_cast, classifier as gpu_classifier
 from llmpi.gpu import embedding as gpu_embedding, gelu as gpu_gelu, layernorm as gpu_layernorm
 from llmpi.gpu import residual as gpu_residual
-from llmpi.model.layers import crossentropy, embedding, gelu, layernorm
+from llmpi.model.layers import attention, crossentropy, embedding, gelu, layernorm
 
 BF16_TOL = 1e-2
 FLOAT_TOL = 1e-5
@@ -181,6 +182,28 @@ def misaligned(cp, a):
     out = flat[1:1 + a.size].reshape(a.shape)
     out[...] = a
     return out
+
+
+@pytest.mark.parametrize("B,T,NH,HS", [(1, 9, 2, 16), (2, 70, 2, 32), (1, 65, 1, 64), (1, 9, 1, 40)])
+def test_attention_on_bf16_storage(cp, B, T, NH, HS):
+    """The bf16 tensor-core kernels reading and writing bf16 qkv, out, dout and dqkv (entry points
+    *_bf16io_*): the forward has the bits of the same kernels on qkv widened to float32 with the
+    output rounded after (the math is the same, only the loads and stores moved); the backward
+    takes delta from the bf16 output, so it is within the bf16 attention tolerance (2e-2, as in
+    test_kernels.py) of the float64 layer on the same values. HS 40 has no tensor-core entry
+    point: the widened fallback."""
+    r = np.random.default_rng(9)
+    C = NH * HS
+    (qkv_b, qkv), (dout_b, dout) = bf16_input(cp, r, B, T, 3 * C), bf16_input(cp, r, B, T, C)
+    out, cache = gpu_attention.forward_bf16_storage(qkv_b, NH)
+    assert out.dtype == np.uint16 and (cache[-1] == "bf16io") == (HS in gpu_attention_tc.HEAD_SIZES)
+    widened, _ = gpu_attention.forward_bf16_where_possible(gpu_cast.from_bf16(qkv_b), NH)
+    assert (to_host(out) == to_host(gpu_cast.to_bf16(widened))).all()
+    ref, rcache = attention.forward(qkv, NH)
+    close(out, ref, 2e-2)
+    dqkv = gpu_attention.backward_bf16_storage(dout_b, cache)
+    assert dqkv.dtype == np.uint16
+    close(dqkv, attention.backward(dout, rcache), 2e-2)
 
 
 def test_vector_and_scalar_paths_agree(cp):

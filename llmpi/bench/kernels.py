@@ -117,6 +117,7 @@ def cases(xp, B, T, C, NH, V, P):
     from llmpi.gpu import adamw as k_adamw, attention as k_attention, attention_tc as k_attention_tc
     from llmpi.gpu import classifier as k_classifier, embedding as k_embedding, gelu as k_gelu
     from llmpi.gpu import gradnorm as k_gradnorm, layernorm as k_layernorm, residual as k_residual
+    from llmpi.gpu.cast import from_bf16, to_bf16
     from llmpi.model.layers import adamw, attention, crossentropy, embedding, gelu, layernorm, residual
 
     r = xp.random.default_rng(0)
@@ -189,6 +190,17 @@ def cases(xp, B, T, C, NH, V, P):
                     lambda c=att_cache: rel_error(host(k_attention.backward(dy, c)),
                                                   host(attention.backward(dy, attention.forward(qkv, NH)[1]))),
                     lambda c=att_cache: k_attention.backward(dy, c), tol, None, 2.5 * fwd_flops))
+    if HS in k_attention_tc.HEAD_SIZES:  # bf16 activations: the bf16 kernels reading and writing bf16 arrays
+        qkv_b, dy_b = to_bf16(qkv), to_bf16(dy)
+        att_b, cache_b = k_attention.forward_bf16_storage(qkv_b, NH)
+        ref_att = attention.forward(from_bf16(qkv_b), NH)
+        tol = ATTENTION_TOLERANCE["bf16"]
+        out.append(("attention_forward_bf16io", lambda: rel_error(host(from_bf16(att_b)), host(ref_att[0])),
+                    lambda: k_attention.forward_bf16_storage(qkv_b, NH), tol, None, fwd_flops))
+        out.append(("attention_backward_bf16io",
+                    lambda: rel_error(host(from_bf16(k_attention.backward_bf16_storage(dy_b, cache_b))),
+                                      host(attention.backward(from_bf16(dy_b), ref_att[1]))),
+                    lambda: k_attention.backward_bf16_storage(dy_b, cache_b), tol, None, 2.5 * fwd_flops))
 
     logits, targets = rand(B, T, V), xp.asarray(np.random.default_rng(2).integers(0, V, (B, T)))
 

@@ -10,7 +10,7 @@ import numpy as np
 from ..backend import array_module
 from . import attention_tc
 from .cast import from_bf16, to_bf16
-from .common import MAX_GRID_Y, THREADS, check_f32, i32, launch
+from .common import BF16, MAX_GRID_Y, THREADS, check_f32, i32, launch, storage
 
 WARPS = 8  # query/key rows per block
 MAX_HS = 128
@@ -83,15 +83,37 @@ def forward_bf16_where_possible(qkv, n_head):
 
 
 def forward_bf16_storage(qkv_b, n_head):
-    """bf16 activations: qkv (B, T, 3C) bf16 -> out (B, T, C) bf16, the attention itself as
-    forward_bf16_where_possible on qkv widened to float32 (exact): the kernels read float32 tiles."""
-    out, cache = forward_bf16_where_possible(from_bf16(qkv_b), n_head)
-    return to_bf16(out), cache
+    """bf16 activations: qkv (B, T, 3C) bf16 -> out (B, T, C) bf16. The bf16 tensor-core kernels
+    read and write the bf16 arrays as they are where the head size and alignment allow; otherwise
+    forward_bf16_where_possible runs on qkv widened to float32 (exact), its output rounded."""
+    xp = array_module(qkv_b)
+    if storage(qkv_b) != "_bf16":
+        raise ValueError(f"forward_bf16_storage takes bf16 (uint16) qkv, got {qkv_b.dtype}")
+    B, T, C, HS = _dims(qkv_b, n_head)
+    if not attention_tc.possible(HS, qkv_b):
+        out, cache = forward_bf16_where_possible(from_bf16(qkv_b), n_head)  # a fresh copy is aligned
+        return to_bf16(out), cache
+    out = xp.empty((B, T, C), dtype=BF16)
+    lse = xp.empty((B, n_head, T), dtype=xp.float32)
+    attention_tc.forward(out, lse, qkv_b, T, n_head, HS, np.float32(1.0 / math.sqrt(HS)), "bf16io")
+    return out, (qkv_b, out, lse, n_head, "bf16io")
 
 
 def backward_bf16_storage(dout_b, cache):
-    """bf16 activations: dout (B, T, C) bf16 -> dqkv (B, T, 3C) bf16."""
-    return to_bf16(backward(from_bf16(dout_b), cache))
+    """bf16 activations: dout (B, T, C) bf16 -> dqkv (B, T, 3C) bf16 (of forward_bf16_storage's cache)."""
+    qkv_b, out_b, lse, NH, precision = cache
+    if precision != "bf16io":
+        return to_bf16(backward(from_bf16(dout_b), cache))
+    xp = array_module(dout_b)
+    storage(dout_b, qkv_b, out_b)
+    B, T, C, HS = _dims(qkv_b, NH)
+    delta = xp.empty((B, NH, T), dtype=xp.float32)
+    rows = B * T * NH
+    launch("attention.cu", "attention_backward_delta_bf16", (-(-rows // (THREADS // 32)),), (THREADS,),
+           delta, dout_b, out_b, i32(B), i32(T), i32(NH), i32(HS))
+    dqkv = xp.empty_like(qkv_b)
+    attention_tc.backward(dqkv, qkv_b, dout_b, lse, delta, T, NH, HS, np.float32(1.0 / math.sqrt(HS)), "bf16io")
+    return dqkv
 
 
 def backward(dout, cache):

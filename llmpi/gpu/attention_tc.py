@@ -1,7 +1,8 @@
 """kernels/attention_tc.cu: causal attention on tensor cores (TF32 m16n8k8 or bf16 m16n8k16 mma,
 float32 softmax and accumulators), launched by llmpi.gpu.attention when the precision asks for it.
 
-Entry points are named attention_<pass>_<suffix><HS>, one per head size.
+Entry points are named attention_<pass>_<suffix><HS>, one per head size; the arrays are float32,
+or with "bf16io" bf16 (uint16) but lse and delta, which stay float32.
 """
 from ..backend import address
 from .common import i32, launch
@@ -9,7 +10,7 @@ from .common import i32, launch
 HEAD_SIZES = (16, 32, 64)  # head sizes with tensor-core entry points
 ROWS = 64  # query/key rows per block (4 warps)
 THREADS = 128
-SUFFIX = {"tf32": "tc", "bf16": "bf16_"}
+SUFFIX = {"tf32": "tc", "bf16": "bf16_", "bf16io": "bf16io_"}  # bf16io: bf16 storage (uint16 arrays), bf16 math
 
 
 def possible(HS, qkv) -> bool:

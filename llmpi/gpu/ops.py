@@ -5,8 +5,8 @@ LM head reads wte padded to a multiple of 64 rows (llmpi.gpu.lm_head).
 BF16_OPS: model.dtype = "bf16": bf16 activations between the kernels (uint16 bit patterns),
 float32 master weights, gradients, optimizer state, statistics and accumulators; the matmuls on
 bf16 copies of the weights (llmpi.gpu.bf16), the residual add fused into the LayerNorm after it,
-the classifier on bf16 logits, the attention on bf16 tensor cores where the head size allows
-(its kernels still read and write float32 tiles: widened and rounded at its boundary).
+the classifier on bf16 logits, the attention on bf16 tensor cores reading and writing bf16 where
+the head size allows (widened to float32 for the other kernels, and rounded after, elsewhere).
 BF16_MATMUL_OPS: bf16 for tensor-parallel layers (whose all-reduces and vocab-parallel head sum
 float32 arrays): the matmuls and the attention on bf16 copies of float32 activations.
 The wrappers of the element-wise kernels take float32 or bf16 arrays (llmpi.gpu.common.storage),
