@@ -11,6 +11,7 @@ import pytest
 from mpi4py import MPI
 
 from llmpi import config, data
+from llmpi.errors import UserError
 from llmpi.model.gpt import GPT
 from llmpi.model.layers.gradnorm import clip_grad_norm
 from llmpi.training import graphed, metrics, run as run_module
@@ -137,3 +138,16 @@ def test_graphed_bf16_job_follows_the_eager_one(shared_dir, monkeypatch):
     assert moved > 1e-4
     assert max(errors) < 1e-6 * max(1.0, float(np.abs(eager.model.params.data).max())), (errors, moved)
     assert np.allclose(_losses(captured), _losses(eager), rtol=1e-6)
+
+
+@pytest.mark.parametrize("override,needed", [
+    ("train.device=cpu", "train.device = 'gpu'"), ("model.dtype=float32", "model.dtype = 'bf16'"),
+    ("parallel.mode=async", "parallel.mode = 'sync'"), ("parallel.overlap=true", "parallel.overlap = false"),
+    ("parallel.zero=1", "parallel.zero = 0"), ("parallel.pipeline=2", "parallel.pipeline = 1"),
+    ("optim.name=sgd", "optim.name = 'adamw'")])
+def test_cuda_graph_refuses_what_it_does_not_capture(override, needed):
+    """Each setting train.cuda_graph cannot capture is named in the one-line error."""
+    base = ["train.cuda_graph=true", "train.device=gpu", "model.dtype=bf16"]
+    config.load_job(None, base)  # (no GPU needed to validate)
+    with pytest.raises(UserError, match=f"train.cuda_graph = true needs {needed}"):
+        config.load_job(None, [*base, override])
