@@ -334,7 +334,8 @@ __device__ void tc_store_rows(typename IO::T* dst, long long stride, const float
         float mul = half ? mul_hi : mul_lo;
         typename IO::T* d = dst + (long long)row * stride;
 #pragma unroll
-        for (int n = 0; n < HS / 8; n++) IO::store2(d + n * 8 + 2 * t, out[n][2 * half] * mul, out[n][2 * half + 1] * mul);
+        for (int n = 0; n < HS / 8; n++)
+            IO::store2(d + n * 8 + 2 * t, out[n][2 * half] * mul, out[n][2 * half + 1] * mul);
     }
 }
 
@@ -386,8 +387,8 @@ __device__ __forceinline__ void tc_online_softmax(float (&s)[TC_TILE / 8][4], fl
 
 // Forward, after the last tile: y rows = o / l, and lse = m + log(l) per row (natural log).
 template <int HS, class IO>
-__device__ void tc_finish_forward(typename IO::T* y, int C, float* lse_bh, const float (&o)[HS / 8][4], const float (&m)[2],
-                                  float (&l)[2], int w0, int T) {
+__device__ void tc_finish_forward(typename IO::T* y, int C, float* lse_bh, const float (&o)[HS / 8][4],
+                                  const float (&m)[2], float (&l)[2], int w0, int T) {
     int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
 #pragma unroll
     for (int r = 0; r < 2; r++) {

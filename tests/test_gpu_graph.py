@@ -61,7 +61,7 @@ def test_bf16_gemm_inside_a_capture_gives_the_eager_bits(cp):
     from llmpi.gpu.cast import to_bf16
     from llmpi.gpu.graph import Graphs
     r = cp.random.default_rng(1)
-    a, b = to_bf16(r.standard_normal((48, 64), dtype=cp.float32)), to_bf16(r.standard_normal((64, 80), dtype=cp.float32))
+    a, b = (to_bf16(r.standard_normal(shape, dtype=cp.float32)) for shape in ((48, 64), (64, 80)))
     expected = bf16.matmul(a, b)
     out = cp.zeros((48, 80), cp.float32)
     graphs = Graphs()

@@ -114,11 +114,9 @@ def rel_error(got, ref):
 def cases(xp, B, T, C, NH, V, P):
     """(name, check() -> error, run(), tolerance, bytes moved or None, flops or None)."""
     from llmpi.backend import to_host as host
-    from llmpi.gpu import adamw as k_adamw, attention as k_attention, attention_tc as k_attention_tc
-    from llmpi.gpu import classifier as k_classifier, embedding as k_embedding, gelu as k_gelu
+    from llmpi.gpu import adamw as k_adamw, classifier as k_classifier, embedding as k_embedding, gelu as k_gelu
     from llmpi.gpu import gradnorm as k_gradnorm, layernorm as k_layernorm, residual as k_residual
-    from llmpi.gpu.cast import from_bf16, to_bf16
-    from llmpi.model.layers import adamw, attention, crossentropy, embedding, gelu, layernorm, residual
+    from llmpi.model.layers import adamw, crossentropy, embedding, gelu, layernorm, residual
 
     r = xp.random.default_rng(0)
     rand = lambda *shape: r.standard_normal(shape, dtype=xp.float32)  # noqa: E731
@@ -174,33 +172,7 @@ def cases(xp, B, T, C, NH, V, P):
                 lambda: rel_error(host(k_residual.forward(x, fx.copy())[0]), host(residual.forward(x, fx.copy())[0])),
                 lambda: k_residual.forward(x, fx), 1e-6, f4 * 3 * N * C, None))
 
-    qkv, dy = rand(B, T, 3 * C), rand(B, T, C)
-    fwd_flops = 2.0 * B * NH * T * T * HS  # QK^T and PV, half of each under the causal mask
-
-    # CUDA cores (attention.cu), and TF32 and bf16 tensor cores (attention_tc.cu) where the head
-    # size has them
-    for precision in k_attention.PRECISIONS if HS in k_attention_tc.HEAD_SIZES else ("fp32",):
-        att, att_cache = k_attention.forward(qkv, NH, precision=precision)
-        tol = ATTENTION_TOLERANCE[precision]
-        suffix = "" if precision == "fp32" else "_" + precision
-        out.append(("attention_forward" + suffix,
-                    lambda att=att: rel_error(host(att), host(attention.forward(qkv, NH)[0])),
-                    lambda p=precision: k_attention.forward(qkv, NH, precision=p), tol, None, fwd_flops))
-        out.append(("attention_backward" + suffix,
-                    lambda c=att_cache: rel_error(host(k_attention.backward(dy, c)),
-                                                  host(attention.backward(dy, attention.forward(qkv, NH)[1]))),
-                    lambda c=att_cache: k_attention.backward(dy, c), tol, None, 2.5 * fwd_flops))
-    if HS in k_attention_tc.HEAD_SIZES:  # bf16 activations: the bf16 kernels reading and writing bf16 arrays
-        qkv_b, dy_b = to_bf16(qkv), to_bf16(dy)
-        att_b, cache_b = k_attention.forward_bf16_storage(qkv_b, NH)
-        ref_att = attention.forward(from_bf16(qkv_b), NH)
-        tol = ATTENTION_TOLERANCE["bf16"]
-        out.append(("attention_forward_bf16io", lambda: rel_error(host(from_bf16(att_b)), host(ref_att[0])),
-                    lambda: k_attention.forward_bf16_storage(qkv_b, NH), tol, None, fwd_flops))
-        out.append(("attention_backward_bf16io",
-                    lambda: rel_error(host(from_bf16(k_attention.backward_bf16_storage(dy_b, cache_b))),
-                                      host(attention.backward(from_bf16(dy_b), ref_att[1]))),
-                    lambda: k_attention.backward_bf16_storage(dy_b, cache_b), tol, None, 2.5 * fwd_flops))
+    out += attention_cases(xp, rand, B, T, NH, HS)
 
     logits, targets = rand(B, T, V), xp.asarray(np.random.default_rng(2).integers(0, V, (B, T)))
 
@@ -230,6 +202,43 @@ def cases(xp, B, T, C, NH, V, P):
     out.append(("grad_sumsq", lambda: abs(float(k_gradnorm.sumsq(g)) / float((g.astype(xp.float64) ** 2).sum()) - 1),
                 lambda: k_gradnorm.sumsq(g), 1e-9, f4 * n, None))
     return out + bf16_cases(xp, rand, B, T, C, V)
+
+
+def attention_cases(xp, rand, B, T, NH, HS):
+    """The attention's cases (as `cases`): CUDA cores (attention.cu), and TF32 and bf16 tensor cores
+    (attention_tc.cu) where the head size has them, the bf16 ones also on bf16 storage."""
+    from llmpi.backend import to_host as host
+    from llmpi.gpu import attention as k_attention, attention_tc as k_attention_tc
+    from llmpi.gpu.cast import from_bf16, to_bf16
+    from llmpi.model.layers import attention
+
+    out = []
+    C = NH * HS
+    qkv, dy = rand(B, T, 3 * C), rand(B, T, C)
+    fwd_flops = 2.0 * B * NH * T * T * HS  # QK^T and PV, half of each under the causal mask
+    for precision in k_attention.PRECISIONS if HS in k_attention_tc.HEAD_SIZES else ("fp32",):
+        att, att_cache = k_attention.forward(qkv, NH, precision=precision)
+        tol = ATTENTION_TOLERANCE[precision]
+        suffix = "" if precision == "fp32" else "_" + precision
+        out.append(("attention_forward" + suffix,
+                    lambda att=att: rel_error(host(att), host(attention.forward(qkv, NH)[0])),
+                    lambda p=precision: k_attention.forward(qkv, NH, precision=p), tol, None, fwd_flops))
+        out.append(("attention_backward" + suffix,
+                    lambda c=att_cache: rel_error(host(k_attention.backward(dy, c)),
+                                                  host(attention.backward(dy, attention.forward(qkv, NH)[1]))),
+                    lambda c=att_cache: k_attention.backward(dy, c), tol, None, 2.5 * fwd_flops))
+    if HS in k_attention_tc.HEAD_SIZES:  # bf16 activations: the bf16 kernels reading and writing bf16 arrays
+        qkv_b, dy_b = to_bf16(qkv), to_bf16(dy)
+        att_b, cache_b = k_attention.forward_bf16_storage(qkv_b, NH)
+        ref_att = attention.forward(from_bf16(qkv_b), NH)
+        tol = ATTENTION_TOLERANCE["bf16"]
+        out.append(("attention_forward_bf16io", lambda: rel_error(host(from_bf16(att_b)), host(ref_att[0])),
+                    lambda: k_attention.forward_bf16_storage(qkv_b, NH), tol, None, fwd_flops))
+        out.append(("attention_backward_bf16io",
+                    lambda: rel_error(host(from_bf16(k_attention.backward_bf16_storage(dy_b, cache_b))),
+                                      host(attention.backward(from_bf16(dy_b), ref_att[1]))),
+                    lambda: k_attention.backward_bf16_storage(dy_b, cache_b), tol, None, 2.5 * fwd_flops))
+    return out
 
 
 def bf16_cases(xp, rand, B, T, C, V):
