@@ -104,16 +104,24 @@ def backward_bf16_storage(dout_b, cache):
     qkv_b, out_b, lse, NH, precision = cache
     if precision != "bf16io":
         return to_bf16(backward(from_bf16(dout_b), cache))
-    xp = array_module(dout_b)
     storage(dout_b, qkv_b, out_b)
     B, T, C, HS = _dims(qkv_b, NH)
+    dqkv = array_module(dout_b).empty_like(qkv_b)
+    attention_tc.backward(dqkv, qkv_b, dout_b, lse, _delta(dout_b, out_b, NH, HS), T, NH, HS,
+                          np.float32(1.0 / math.sqrt(HS)), "bf16io")
+    return dqkv
+
+
+def _delta(dout, out, NH, HS):
+    """delta (B, NH, T) = rowsum(dout * out) per head (float32 or bf16 arrays): backward's input."""
+    xp = array_module(dout)
+    suffix = storage(dout, out)
+    B, T = dout.shape[:2]
     delta = xp.empty((B, NH, T), dtype=xp.float32)
     rows = B * T * NH
-    launch("attention.cu", "attention_backward_delta_bf16", (-(-rows // (THREADS // 32)),), (THREADS,),
-           delta, dout_b, out_b, i32(B), i32(T), i32(NH), i32(HS))
-    dqkv = xp.empty_like(qkv_b)
-    attention_tc.backward(dqkv, qkv_b, dout_b, lse, delta, T, NH, HS, np.float32(1.0 / math.sqrt(HS)), "bf16io")
-    return dqkv
+    launch("attention.cu", f"attention_backward_delta{suffix}", (-(-rows // (THREADS // 32)),), (THREADS,),
+           delta, dout, out, i32(B), i32(T), i32(NH), i32(HS))
+    return delta
 
 
 def backward(dout, cache):
@@ -122,10 +130,7 @@ def backward(dout, cache):
     qkv, out, lse, NH, precision = cache
     check_f32(dout, qkv, out, lse)
     B, T, C, HS = _dims(qkv, NH)
-    delta = xp.empty((B, NH, T), dtype=xp.float32)
-    rows = B * T * NH
-    launch("attention.cu", "attention_backward_delta", (-(-rows // (THREADS // 32)),), (THREADS,),
-           delta, dout, out, i32(B), i32(T), i32(NH), i32(HS))
+    delta = _delta(dout, out, NH, HS)
     dqkv = xp.empty_like(qkv)
     scale = np.float32(1.0 / math.sqrt(HS))
     if precision != "fp32":
