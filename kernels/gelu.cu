@@ -117,6 +117,25 @@ extern "C" __global__ void bias_gelu_forward_bf16(bf16_t* out, bf16_t* pre, cons
     }
 }
 
+// out = gelu(x) on bf16 arrays: the activation again from bias_gelu_forward_bf16's kept input
+// (model.recompute = "gelu"), the same bits as that kernel wrote.
+extern "C" __global__ void gelu_forward_bf16(bf16_t* out, const bf16_t* x, int n) {
+    int tid = blockIdx.x * blockDim.x + threadIdx.x;
+    int stride = gridDim.x * blockDim.x;
+    int start = 0;
+    if (bf16_aligned8(out, x, x)) {
+        int n8 = n / 8;
+        for (int i = tid; i < n8; i += stride) {
+            bf16x8 v = load8(x + 8 * i);
+#pragma unroll
+            for (int k = 0; k < 8; k++) v.v[k] = gelu_f(v.v[k]);
+            store8(out + 8 * i, v);
+        }
+        start = 8 * n8;
+    }
+    for (int i = start + tid; i < n; i += stride) st(out, i, gelu_f(ld(x, i)));
+}
+
 // dx = dout * gelu'(x) on bf16 arrays; dx may alias dout.
 extern "C" __global__ void gelu_backward_bf16(bf16_t* dx, const bf16_t* x, const bf16_t* dout, int n) {
     int tid = blockIdx.x * blockDim.x + threadIdx.x;

@@ -21,7 +21,7 @@ from . import backend, ops as op_tables, training
 from .comm import allreduce, device, rma
 from .data import sampler
 from .errors import UserError
-from .model import gpt
+from .model import gpt, stages
 from .parallel import allocate, grid_plan, pipeline
 from .training import async_rma, graphed, optim
 
@@ -37,6 +37,7 @@ class ModelConfig:
     n_head: int = 4            # attention heads; must divide n_embd
     n_embd: int = 64           # channels C
     dtype: str = "float32"     # float64 for gradient checks; bf16: GPU compute, float32 master weights
+    recompute: str = "none"    # "gelu": backward recomputes the MLP's GELU instead of keeping it (less memory)
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Job:
 # The allowed values of the keys that name a choice, each read from the module that implements it.
 CHOICES = {
     "model.dtype": tuple(gpt.DTYPES),
+    "model.recompute": tuple(stages.RECOMPUTE),
     "data.sharding": sampler.STRATEGIES,
     "optim.name": optim.OPTIMIZERS,
     "train.device": backend.DEVICES,

@@ -57,6 +57,7 @@ def test_bias_gelu(dtype):
     close(got, want, dtype)
     close(gc, wc, dtype)
     close(FUSED_OPS.bias_gelu.backward(dout, gc), gelu.backward(dout, wc), dtype)
+    assert np.array_equal(FUSED_OPS.bias_gelu.recompute(gc), got)  # model.recompute = "gelu": the same bits
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -120,6 +120,7 @@ def test_bias_gelu_bf16(cp, shape):
     rounded = bits_of(prev.astype(np.float32) + bias)
     assert cache is preb and (to_host(preb) == rounded).all()  # pre + bias kept in place, rounded once
     close(out, gelu.forward(values(rounded))[0], BF16_TOL)
+    assert (to_host(gpu_gelu.recompute(cache)) == to_host(out)).all()  # model.recompute = "gelu"
     doutb, doutv = bf16_input(cp, r, *shape)
     dx = gpu_gelu.backward(doutb, cache)
     assert dx.dtype == np.uint16
@@ -219,6 +220,7 @@ def test_vector_and_scalar_paths_agree(cp):
     pre = gpu_gelu.bias_forward(xb.copy(), w)
     pre_m = gpu_gelu.bias_forward(misaligned(cp, xb), w)
     assert all((to_host(u) == to_host(v)).all() for u, v in zip(pre, pre_m))
+    assert (to_host(gpu_gelu.recompute(pre[1])) == to_host(gpu_gelu.recompute(misaligned(cp, pre[1])))).all()
     assert (to_host(gpu_gelu.backward(db, xb)) == to_host(gpu_gelu.backward(misaligned(cp, db), misaligned(cp, xb)))).all()
     ln, cache = gpu_layernorm.forward(xb, w, b)
     ln_m, cache_m = gpu_layernorm.forward(misaligned(cp, xb), w, b)

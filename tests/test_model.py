@@ -136,3 +136,47 @@ def test_generate():
 def test_activation_bytes_per_token():
     cfg = tiny("float32", n_embd=16, n_head=2, block_size=8)
     assert GPT(cfg).activation_bytes_per_token() == cfg.n_layer * (16 * 16 + 2 * 8 + 4) * 4
+    cfg.recompute = "gelu"  # no gelu out (4C) kept
+    assert GPT(cfg).activation_bytes_per_token() == cfg.n_layer * (12 * 16 + 2 * 8 + 4) * 4
+
+
+def cached_arrays(cache):
+    """The distinct arrays (by memory) a forward's cache holds for backward."""
+    found = {}
+
+    def walk(c):
+        if isinstance(c, np.ndarray):
+            base = c if c.base is None else c.base
+            found[id(base)] = base
+        elif isinstance(c, (tuple, list)):
+            for item in c:
+                walk(item)
+        elif isinstance(c, dict):
+            for item in c.values():
+                walk(item)
+    walk(cache)
+    return found
+
+
+@pytest.mark.parametrize("dtype,table", [("float64", "layers"), ("float32", "layers"), ("float32", "fused")])
+def test_recompute_gelu_changes_no_bit(dtype, table):
+    """model.recompute = "gelu": c_proj's cache lets go of the GELU output and backward rebuilds it,
+    so the blocks keep 4C fewer values per token and the loss and every gradient are the same bits."""
+    if table == "fused":
+        pytest.importorskip("numba")
+        from llmpi.cpu.ops import FUSED_OPS as ops
+    else:
+        from llmpi.model.ops import LAYER_OPS as ops
+    B, T = 3, 6
+    kept, rebuilt = (GPT(tiny(dtype, recompute=r), seed=8, ops=ops) for r in ("none", "gelu"))
+    x, y = batch(kept.cfg, B, T, seed=9)
+    losses, kept_bytes = [], []
+    for m in (kept, rebuilt):
+        _, loss, cache = m.forward(x, y)
+        losses.append(loss)
+        kept_bytes.append(sum(a.nbytes for a in cached_arrays(cache).values()))
+        m.backward(cache)
+    C, itemsize = kept.cfg.n_embd, np.dtype(dtype).itemsize
+    assert kept_bytes[0] - kept_bytes[1] == kept.cfg.n_layer * B * T * 4 * C * itemsize
+    assert losses[0] == losses[1]
+    assert np.array_equal(kept.params.grad, rebuilt.params.grad)

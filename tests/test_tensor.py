@@ -31,12 +31,13 @@ CFG = dict(vocab_size=23, block_size=8, n_head=4, n_embd=16, dtype="float64")
 B = 12
 
 
-def grid_step(comm, D, S, K, n_layer=2, m=2, seed=5):
+def grid_step(comm, D, S, K, n_layer=2, m=2, seed=5, recompute="none"):
     """One step of the D x S x K grid on `comm`: (loss, {name: whole gradient}, reference model,
     whether every shard holds the same gradient of each replicated parameter); the whole
-    gradients are reassembled on every rank (collective)."""
-    cfg = ModelConfig(n_layer=n_layer, **CFG)
-    ref = GPT(cfg, seed=seed)
+    gradients are reassembled on every rank (collective). recompute: the grid's model.recompute
+    (the reference keeps everything)."""
+    ref = GPT(ModelConfig(n_layer=n_layer, **CFG), seed=seed)
+    cfg = ModelConfig(n_layer=n_layer, recompute=recompute, **CFG)
     x, y = np.random.default_rng(seed).integers(0, CFG["vocab_size"], (2, B, CFG["block_size"]))
     _, ref_loss, cache = ref.forward(x, y)
     ref.backward(cache)
@@ -71,13 +72,24 @@ GRIDS = [(1, 1, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2), (1, 2, 2)]  # D, S, K
 
 @pytest.mark.parametrize("D,S,K", GRIDS, ids=[f"{d}x{s}x{k}" for d, s, k in GRIDS])
 def test_tensor_parallel_equals_the_single_process_model_in_float64(D, S, K):
+    check_grid_against_the_whole_model(D, S, K)
+
+
+@pytest.mark.parametrize("D,S,K", [(1, 1, 1), (1, 2, 2)], ids=["1x1x1", "1x2x2"])
+def test_recompute_gelu_on_stages_and_shards(D, S, K):
+    """model.recompute = "gelu" on pipeline stages of tensor shards (the row-parallel c_proj keeps no
+    GELU output): the gradients of the whole model that keeps it."""
+    check_grid_against_the_whole_model(D, S, K, recompute="gelu")
+
+
+def check_grid_against_the_whole_model(D, S, K, recompute="none"):
     comm = world()
     if D * S * K > comm.Get_size():
         pytest.skip(f"needs {D * S * K} ranks (mpiexec -n 4 python -m pytest --with-mpi)")
     sub = first_ranks(comm, D * S * K)
     ok = True
     if sub != MPI.COMM_NULL:
-        loss, ref_loss, grads, ref, ok = grid_step(sub, D, S, K)
+        loss, ref_loss, grads, ref, ok = grid_step(sub, D, S, K, recompute=recompute)
         ok &= abs(loss - ref_loss) <= 1e-10 * ref_loss
         for name, g in grads.items():  # each stage reassembles its own names
             ok &= g.shape == ref.params.views[name].shape

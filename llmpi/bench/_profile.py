@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-PASSES = ("forward", "backward", "loss")  # the members of a layer entry that are timed
+PASSES = ("forward", "backward", "loss", "recompute")  # the members of a layer entry that are timed
 NOT_OPS = ("weights", "precision", "activation_dtype")  # table entries that describe rather than compute
 
 

@@ -27,7 +27,7 @@ After them each llmpi variant runs PROFILED_STEPS more with CUDA events around e
 MFU: model FLOPs per token = 6 N + 6 L T C, N the parameters without wpe (wte counted once,
 as the LM head matmul), 6 L T C the causal attention matmuls (QK^T and AV forward, twice
 that backward; half of nanoGPT's non-causal 12 L T C), over the card's dense peak:
-494.5 TFLOP/s TF32 and 989 TFLOP/s bf16 for an H100 SXM (a measured TF32 matmul too).
+494.5 TFLOP/s TF32 and 989 TFLOP/s bf16 for an H100 SXM, and an H200 (the same chip with more memory); a measured TF32 matmul too.
 """
 import json
 import os
@@ -44,7 +44,7 @@ SHAPES = {
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     "small": dict(vocab_size=500, block_size=128, n_layer=2, n_head=2, n_embd=128),
 }
-PEAK = {"tf32": 494.5e12, "bf16": 989e12}  # H100 SXM dense tensor-core peaks
+PEAK = {"tf32": 494.5e12, "bf16": 989e12}  # H100 SXM and H200 dense tensor-core peaks
 PROFILED_STEPS = 3  # steps timed op by op after the timed steps
 BREAKDOWN_SHOWN = 12  # largest entries printed per llmpi run (the JSON has them all)
 VARIANTS = (("llmpi", "fp32"), ("llmpi", "tf32"), ("llmpi", "bf16"), ("llmpi", "bf16_graph"), ("torch", "tf32"),
@@ -72,14 +72,15 @@ def _time_steps(step, sync, warmup, steps):
     return float(np.median(times))
 
 
-def _llmpi_child(s, batch, warmup, steps, precision):
+def _llmpi_child(s, batch, warmup, steps, precision, recompute="none"):
     from llmpi import backend
     from llmpi.config import ModelConfig
     from llmpi.model.gpt import GPT
     from llmpi.training.optim import AdamW
 
     cp = backend.select("gpu")
-    m = GPT(ModelConfig(**s, dtype="bf16" if precision.startswith("bf16") else "float32"), xp=cp, seed=0)
+    dtype = "bf16" if precision.startswith("bf16") else "float32"
+    m = GPT(ModelConfig(**s, dtype=dtype, recompute=recompute), xp=cp, seed=0)
     opt = AdamW(m.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, ops=m.ops)
     r = cp.random.default_rng(0)
     x, y = (r.integers(0, s["vocab_size"], (batch, s["block_size"])) for _ in range(2))
@@ -178,7 +179,7 @@ def _matmul_tf32(n=8192):
 def child(args):
     s = SHAPES[args.shape]
     if args.child == "llmpi":
-        res = _llmpi_child(s, args.batch, args.warmup, args.steps, args.precision)
+        res = _llmpi_child(s, args.batch, args.warmup, args.steps, args.precision, args.recompute)
     else:
         res = _torch_child(s, args.batch, args.warmup, args.steps, args.precision, args.child == "torch_compile")
     print(json.dumps(res))
@@ -189,7 +190,7 @@ def _run(which, precision, args, batch):
     env = dict(os.environ, CUPY_TF32="0" if precision == "fp32" else "1")
     cmd = [sys.executable, "-m", "llmpi.bench.train", "--device", "gpu", "--child", which,
            "--precision", precision, "--shape", args.shape, "--batch", str(batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--recompute", args.recompute]
     try:  # torch.compile may take minutes on a new machine: it gets COMPILE_TIMEOUT_S, then it is reported
         res = subprocess.run(cmd, env=env, capture_output=True, text=True,
                              timeout=COMPILE_TIMEOUT_S if which == "torch_compile" else None)
@@ -240,9 +241,10 @@ def main(args):
     print(f"llmpi.bench train --device gpu: {args.shape} {s}, batch {args.batch}, {args.steps} timed steps "
           f"after {args.warmup} warm-up, on {backend.device_name}")
     print(f"model FLOPs/token 6N + 6LTC = {fpt / 1e9:.3f} GFLOP; peaks: TF32 {PEAK['tf32'] / 1e12:.1f}, "
-          f"bf16 {PEAK['bf16'] / 1e12:.0f} TFLOP/s (H100 SXM), measured TF32 matmul "
+          f"bf16 {PEAK['bf16'] / 1e12:.0f} TFLOP/s (H100 SXM, H200), measured TF32 matmul "
           + (f"{measured / 1e12:.1f} TFLOP/s" if measured else "n/a"))
-    result = dict(shape=args.shape, batch=args.batch, steps=args.steps, device=backend.device_name,
+    result = dict(shape=args.shape, batch=args.batch, steps=args.steps, recompute=args.recompute,
+                  device=backend.device_name,
                   flops_per_token=fpt, peak_tf32=PEAK["tf32"], peak_bf16=PEAK["bf16"],
                   measured_tf32_matmul=measured, runs={}, sweep={})
     failed = False

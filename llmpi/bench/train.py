@@ -18,6 +18,7 @@ import numpy as np
 
 from llmpi.cli import THREAD_VARS, ArgumentParser, run_main
 from llmpi.errors import UserError
+from llmpi.model.stages import RECOMPUTE
 
 from . import _profile, _train_gpu
 from ._common import emit_json, machine, thread_scaling
@@ -52,7 +53,7 @@ def _timed(step, batches):
     return float(np.median(times)), float(np.median(cpu))
 
 
-def _llmpi_child(shape, steps, threads=1, kernels="fused"):
+def _llmpi_child(shape, steps, threads=1, kernels="fused", recompute="none"):
     from llmpi import backend
     from llmpi.config import ModelConfig
     from llmpi.model.gpt import GPT
@@ -62,7 +63,7 @@ def _llmpi_child(shape, steps, threads=1, kernels="fused"):
 
     backend.select("cpu")  # the process set-up of a CPU run (llmpi.cli.keep_freed_memory)
     select_cpu_kernels(kernels)  # compiles (or loads the cache) here, outside the timed steps
-    cfg = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"})
+    cfg = ModelConfig(**{k: v for k, v in shape.items() if k != "batch"}, recompute=recompute)
     m = GPT(cfg, seed=0)
     opt = AdamW(m.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, ops=m.ops)
     grad = ThreadedGrad(m, threads)  # threads == 1: plain forward + backward
@@ -110,7 +111,7 @@ def _torch_child(shape, steps, threads):
 def child(args):
     shape = CONFIGS[args.config]
     if args.child in VARIANTS:
-        step_s, cpu_s, breakdown = _llmpi_child(shape, args.steps, args.threads, VARIANTS[args.child])
+        step_s, cpu_s, breakdown = _llmpi_child(shape, args.steps, args.threads, VARIANTS[args.child], args.recompute)
     else:
         (step_s, cpu_s), breakdown = _torch_child(shape, args.steps, args.threads), {}
     tokens = shape["batch"] * shape["block_size"]
@@ -122,7 +123,7 @@ def child(args):
 def _run_child(which, args):
     env = dict(os.environ, **{v: str(args.threads) for v in THREAD_VARS})
     cmd = [sys.executable, "-m", "llmpi.bench.train", "--child", which, "--threads", str(args.threads),
-           "--steps", str(args.steps), "--config", args.config]
+           "--steps", str(args.steps), "--config", args.config, "--recompute", args.recompute]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{which} benchmark child failed:\n{res.stderr[-3000:]}")
@@ -162,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--no-torch", dest="with_torch", action="store_false", help="GPU: skip the PyTorch runs")
     ap.add_argument("--precision", choices=("fp32", "tf32", "bf16", "bf16_graph"), default="tf32",
                     help=argparse.SUPPRESS)
+    ap.add_argument("--recompute", choices=tuple(RECOMPUTE), default="none",
+                    help="llmpi's model.recompute (gelu: backward recomputes the GELU outputs)")
     ap.add_argument("--child", choices=(*VARIANTS, "torch", "torch_compile"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 0:
@@ -173,7 +176,8 @@ def main(argv=None):
     if args.child:
         return child(args)
     shape = CONFIGS[args.config]
-    print(f"llmpi.bench train: config {args.config} {shape}, {args.threads} thread(s), {args.steps} steps")
+    print(f"llmpi.bench train: config {args.config} {shape}, {args.threads} thread(s), {args.steps} steps, "
+          f"model.recompute {args.recompute}")
     print(f"machine: {machine()}")
     scaling = []
     if args.threads > 1:
@@ -195,6 +199,7 @@ def main(argv=None):
         print(f"machine: {args.threads} threads of GEMMs at once ran {scaling[0]:.2f}x / {scaling[1]:.2f}x the "
               f"work of one (before / after the runs; {args.threads}.0 on idle, unshared cores)")
     result = {"config": args.config, "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
+              "recompute": args.recompute,
               "machine_thread_scaling": scaling or None,
               "llmpi_threading": (f"{args.threads} compute threads over batch chunks, 1 BLAS thread each"
                                   if args.threads > 1 else "1 thread"),

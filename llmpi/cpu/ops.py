@@ -14,14 +14,14 @@ from . import adamw, attention, crossentropy, gelu, layernorm
 
 FUSED_OPS = SimpleNamespace(
     embedding=embedding, layernorm=layernorm, residual=residual, attention=attention,
-    bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
+    bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward, recompute=gelu.recompute),
     crossentropy=crossentropy, linear=linear, lm_head=lm_head, project=linear.project,
     adamw_update=adamw.update, clip_grad_norm=adamw.clip_grad_norm, sumsq=adamw.sumsq,
     adamw_update_from=layer_adamw.update_from, clip_factor=gradnorm.clip_factor,
-    weights=linear.Weights, precision=describe_precision,
+    linear_input=unchanged, weights=linear.Weights, precision=describe_precision,
     residual_layernorm=residual_then_layernorm(residual, layernorm), activation_dtype=None, widen=unchanged)
 
-KERNELS = (gelu._bias_forward, gelu._backward, layernorm._forward, layernorm._backward, attention._softmax,
+KERNELS = (gelu._bias_forward, gelu._forward, gelu._backward, layernorm._forward, layernorm._backward, attention._softmax,
            attention._softmax_backward, crossentropy._forward, crossentropy._backward, adamw._update, adamw._sumsq)
 
 
@@ -35,6 +35,7 @@ def warm(dtype):
     f = lambda *shape: r.standard_normal(shape).astype(dtype)  # noqa: E731
     out, cache = gelu.bias_forward(f(B, T, 4 * C), f(4 * C))
     gelu.backward(out, cache)
+    gelu.recompute(cache)
     w, dw, db = f(C), f(C), f(C)
     out, cache = layernorm.forward(f(B, T, C), w, f(C))
     layernorm.backward(out, cache, dw, db)

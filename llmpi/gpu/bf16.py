@@ -89,14 +89,14 @@ class Weights:
         return self.views
 
 
-def _rows_bf16(x):
-    """x (..., IN) float32 -> (rows, IN) bf16."""
+def kept_input(x):
+    """x (..., IN) float32 -> (rows, IN) bf16: what project and linear_forward keep of their input."""
     return to_bf16(x).reshape(-1, x.shape[-1])
 
 
 def project(x, Wb):
     """x (..., IN) @ W (IN, OUT) without bias -> (out (..., OUT) float32, cache for linear_backward)."""
-    xb = _rows_bf16(x)
+    xb = kept_input(x)
     return matmul(xb, Wb).reshape(*x.shape[:-1], Wb.shape[1]), (xb, Wb, x.shape)
 
 
@@ -132,9 +132,14 @@ def lm_head_backward(d2, cache, dwte):
     return matmul(d2b, head_b)
 
 
+def act_kept_input(xb):
+    """xb (..., IN) bf16 -> (rows, IN): what act_project and act_linear_forward keep of their input."""
+    return xb.reshape(-1, xb.shape[-1])
+
+
 def act_project(xb, Wb):
     """bf16 activations: xb (..., IN) @ W (IN, OUT) -> (out (..., OUT) bf16, cache), no bias."""
-    x2 = xb.reshape(-1, xb.shape[-1])
+    x2 = act_kept_input(xb)
     return matmul(x2, Wb, out_dtype=BF16).reshape(*xb.shape[:-1], Wb.shape[1]), (x2, Wb, xb.shape)
 
 

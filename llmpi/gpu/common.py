@@ -34,8 +34,9 @@ def storage(*arrays):
     dtype = arrays[0].dtype
     for a in arrays:
         if a.dtype != dtype or dtype not in (np.float32, BF16) or not a.flags.c_contiguous:
+            got = ", ".join(f"{x.dtype} {'contiguous' if x.flags.c_contiguous else 'strided'} {x.shape}" for x in arrays)
             raise ValueError(f"CUDA kernels need C-contiguous float32 or bf16 (uint16) activations of one dtype, "
-                             f"got {[(str(x.dtype), x.shape) for x in arrays]}")
+                             f"got {got}")
     return "_bf16" if dtype == BF16 else ""
 
 

@@ -1,16 +1,21 @@
-"""kernels/gelu.cu: GELU and the fused bias + GELU, twins of llmpi.model.layers.gelu; the fused
-bias + GELU and the backward also on bf16 activations (their *_bf16 entry points)."""
+"""kernels/gelu.cu: GELU and the fused bias + GELU, twins of llmpi.model.layers.gelu; GELU, the
+fused bias + GELU and the backward also on bf16 activations (their *_bf16 entry points)."""
 from ..backend import array_module
 from .common import THREADS, check_f32, grid, i32, launch, storage
 
 
 def forward(x):
-    """x (B, T, 4C) -> (out (B, T, 4C), cache x)."""
+    """x (B, T, 4C) float32 or bf16 -> (out (B, T, 4C), cache x)."""
     xp = array_module(x)
-    check_f32(x)
+    suffix = storage(x)
     out = xp.empty_like(x)
-    launch("gelu.cu", "gelu_forward", grid(-(-x.size // 4)), (THREADS,), out, x, i32(x.size))
+    launch("gelu.cu", f"gelu_forward{suffix}", grid(-(-x.size // 4)), (THREADS,), out, x, i32(x.size))
     return out, x
+
+
+def recompute(cache):
+    """bias_forward's output again from its cache, the same bits (model.recompute = "gelu")."""
+    return forward(cache)[0]
 
 
 def bias_forward(pre, bias):

@@ -34,12 +34,12 @@ def _bf16_weights(params):
 
 KERNEL_OPS = SimpleNamespace(
     embedding=embedding, layernorm=layernorm, residual=residual, attention=attention,
-    bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
+    bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward, recompute=gelu.recompute),
     crossentropy=SimpleNamespace(forward=classifier.forward, backward=classifier.backward, loss=classifier.loss),
     linear=linear, lm_head=lm_head, project=linear.project,
     adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm, sumsq=gradnorm.sumsq_float,
     adamw_update_from=adamw.update_from, clip_factor=gradnorm.clip_factor,
-    weights=PaddedHeadWeights, precision=_describe_float32,
+    linear_input=unchanged, weights=PaddedHeadWeights, precision=_describe_float32,
     residual_layernorm=residual_then_layernorm(residual, layernorm), activation_dtype=None, widen=unchanged)
 
 BF16_MATMUL_OPS = SimpleNamespace(**{
@@ -47,7 +47,7 @@ BF16_MATMUL_OPS = SimpleNamespace(**{
     "attention": SimpleNamespace(forward=attention.forward_bf16_where_possible, backward=attention.backward),
     "linear": SimpleNamespace(forward=bf16.linear_forward, backward=bf16.linear_backward),
     "lm_head": SimpleNamespace(forward=bf16.lm_head_forward, backward=bf16.lm_head_backward),
-    "project": bf16.project, "weights": _bf16_weights,
+    "project": bf16.project, "linear_input": bf16.kept_input, "weights": _bf16_weights,
     "precision": lambda dtype: "bf16 matmuls and attention products (float32 master weights, activations "
                                "and other ops: tensor-parallel layers)"})
 
@@ -62,7 +62,7 @@ BF16_OPS = SimpleNamespace(**{
     "attention": SimpleNamespace(forward=attention.forward_bf16_storage, backward=attention.backward_bf16_storage),
     "linear": SimpleNamespace(forward=bf16.act_linear_forward, backward=bf16.act_linear_backward),
     "lm_head": SimpleNamespace(forward=bf16.act_lm_head_forward, backward=bf16.act_lm_head_backward),
-    "project": bf16.act_project, "weights": _bf16_weights,
+    "project": bf16.act_project, "linear_input": bf16.act_kept_input, "weights": _bf16_weights,
     "residual_layernorm": layernorm.residual_forward, "activation_dtype": BF16, "widen": _widen,
     "precision": lambda dtype: "bf16 activations and matmuls (float32 master weights, optimizer state, "
                                "statistics and accumulators)"})

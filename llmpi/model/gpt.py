@@ -54,9 +54,10 @@ def gpt2_layout(cfg):
 def block_activation_bytes(cfg, K=1):
     """Bytes per token one block caches for backward (see GPT.activation_bytes_per_token); on one of
     K tensor shards the per-head and per-channel parts (qkv, probs, attention out, fc and gelu out)
-    are 1/K, the LayerNorms' inputs and outputs whole."""
+    are 1/K, the LayerNorms' inputs and outputs whole; model.recompute = "gelu" keeps no gelu out."""
     C, NH, T = cfg.n_embd, cfg.n_head, cfg.block_size
-    return (4 * C + (12 * C + NH * T) // K + 4) * np.dtype(DTYPES[cfg.dtype]).itemsize
+    sharded = (8 if cfg.recompute == "gelu" else 12) * C + NH * T
+    return (4 * C + sharded // K + 4) * np.dtype(DTYPES[cfg.dtype]).itemsize
 
 
 def head_activation_bytes(cfg, K=1):
@@ -106,7 +107,7 @@ class GPT:
         else:
             self.embedding = None
         self.blocks = Blocks(p, self.ops, cfg.n_head // (t.K if t else 1), self.first, self.last,
-                             reduce=t.sum if t else None)
+                             reduce=t.sum if t else None, recompute=cfg.recompute)
         if self.last == cfg.n_layer:
             self.head = t.head(p, self.ops, cfg.vocab_size) if t else Head(p, self.ops, cfg.vocab_size)
         else:
@@ -162,7 +163,8 @@ class GPT:
         model): their count times the per-layer figure, which counts what each layer caches:
         ln_1 input x (C) + mean, rstd (2) + ln_1 out (C) + qkv (3C) + attention probs (NH*T)
         + attention out (C) + residual x (C) + ln_2 mean, rstd (2) + ln_2 out (C)
-        + fc out (4C) + gelu out (4C) = (16C + NH*T + 4) * itemsize per layer, T = block_size.
+        + fc out (4C) + gelu out (4C) = (16C + NH*T + 4) * itemsize per layer, T = block_size
+        (12C + NH*T + 4 with model.recompute = "gelu", which keeps no gelu out).
         (The head adds (2C + 2 + V) * itemsize per token once; it is left out so that
         dividing by the block count gives the per-layer figure exactly.)
         """

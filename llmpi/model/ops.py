@@ -4,7 +4,10 @@ llmpi.gpu.ops builds the CUDA kernels' tables with exactly these entries, so the
 optimizer take a table once (llmpi.ops.op_table) and never test for the device:
   embedding, layernorm, bias_gelu, residual, attention, crossentropy, linear, lm_head
       namespaces with forward/backward (layernorm.backward(..., dx=) adds into dx;
-      crossentropy.loss is the evaluation loss, which keeps nothing for backward);
+      crossentropy.loss is the evaluation loss, which keeps nothing for backward;
+      bias_gelu.recompute(cache) is its forward's output again, bit for bit);
+      a linear (and project) cache is a tuple whose first item is what it keeps of the input;
+  linear_input(x)         that first item made from an input x (a recomputed input goes back in);
   residual_layernorm(x, fx, w, b) -> (x + fx written into fx, layernorm of it, its cache):
                           the residual add and the LayerNorm after it (one kernel where fused);
   project(x, W)           a linear layer's matmul whose bias a fused op adds (bias_gelu);
@@ -34,7 +37,7 @@ def residual_then_layernorm(residual, layernorm):
 
 
 def unchanged(x):
-    """widen for tables whose activations are already the parameters' floats."""
+    """x itself: widen and linear_input for tables that keep activations as the parameters' floats."""
     return x
 
 
@@ -46,9 +49,9 @@ def describe_precision(dtype):
 
 LAYER_OPS = SimpleNamespace(
     embedding=embedding, layernorm=layernorm, residual=residual, attention=attention,
-    bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward),
+    bias_gelu=SimpleNamespace(forward=gelu.bias_forward, backward=gelu.backward, recompute=gelu.recompute),
     crossentropy=crossentropy, linear=linear, lm_head=lm_head, project=linear.project,
     adamw_update=adamw.update, clip_grad_norm=gradnorm.clip_grad_norm, sumsq=gradnorm.sumsq,
     adamw_update_from=adamw.update_from, clip_factor=gradnorm.clip_factor,
-    weights=linear.Weights, precision=describe_precision,
+    linear_input=unchanged, weights=linear.Weights, precision=describe_precision,
     residual_layernorm=residual_then_layernorm(residual, layernorm), activation_dtype=None, widen=unchanged)

@@ -19,6 +19,14 @@ BLOCK_PARAMS = [  # name inside block i (h.{i}.NAME) and its shape for C channel
 ]
 
 
+# model.recompute: what backward rebuilds instead of keeping from forward (llm.c's -r 1)
+RECOMPUTE = {
+    "none": "backward reads everything forward kept",
+    "gelu": "the MLP's GELU output is not kept; backward recomputes it from the pre-activation (4C fewer "
+            "values per token and block)",
+}
+
+
 def embedding_layout(cfg):
     return [("wte", (cfg.vocab_size, cfg.n_embd)), ("wpe", (cfg.block_size, cfg.n_embd))]
 
@@ -50,11 +58,13 @@ class Blocks:
     """Pre-LN transformer blocks first..last-1: x (B, T, C) -> x (B, T, C).
     Per block: x += attn(ln_1(x)); x += mlp(ln_2(x)), mlp = c_proj(gelu(c_fc(.)))."""
 
-    def __init__(self, params, ops, n_head, first, last, reduce=None):
+    def __init__(self, params, ops, n_head, first, last, reduce=None, recompute="none"):
         """n_head: the heads this rank computes; reduce: None for whole layers, or the in-place sum
         over a tensor group (llmpi.parallel.tensor) when the params are its rank's shards: it then
-        follows each row-parallel product and each column-parallel input gradient."""
+        follows each row-parallel product and each column-parallel input gradient; recompute: a
+        key of RECOMPUTE."""
         self.ops, self.n_head, self.first, self.last, self.reduce = ops, n_head, first, last, reduce
+        self.recompute_gelu = recompute == "gelu"
         self.names = [{name: f"h.{i}.{name}" for name, _ in BLOCK_PARAMS} for i in range(first, last)]
         self.params, self.grads = params.views, params.grad_views
 
@@ -74,6 +84,9 @@ class Blocks:
             fc, c_fc = ops.project(ln2, weights[n["mlp.c_fc.weight"]])  # (B, T, 4C), bias added by bias_gelu
             act, c_gelu = ops.bias_gelu.forward(fc, p[n["mlp.c_fc.bias"]])
             mlp, c_mlp = self._row_parallel(act, weights[n["mlp.c_proj.weight"]], p[n["mlp.c_proj.bias"]])
+            if self.recompute_gelu:  # c_proj's cache lets go of the (B, T, 4C) activation
+                c_mlp = (None, *c_mlp[1:])
+            del act
             caches.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp))
             if i + 1 < len(self.names):
                 nxt = self.names[i + 1]
@@ -90,7 +103,10 @@ class Blocks:
             n = self.names[i - self.first]
             c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp = caches.pop()
             dres, dmlp = ops.residual.backward(dx, None)
+            if self.recompute_gelu:
+                c_mlp = (ops.linear_input(ops.bias_gelu.recompute(c_gelu)), *c_mlp[1:])
             dact = ops.linear.backward(dmlp, c_mlp, g[n["mlp.c_proj.weight"]], g[n["mlp.c_proj.bias"]])
+            del c_mlp  # a recomputed activation is freed before the next block's
             dfc = ops.bias_gelu.backward(dact, c_gelu)
             dln2 = self._gathered(ops.linear.backward(dfc, c_fc, g[n["mlp.c_fc.weight"]], g[n["mlp.c_fc.bias"]]))
             dres = ops.layernorm.backward(dln2, c_ln2, g[n["ln_2.weight"]], g[n["ln_2.bias"]], dx=dres)

@@ -218,10 +218,15 @@ def load_latest(run_dir: str) -> Checkpoint:
     return load(path)
 
 
+# model keys that say how backward is computed, not what the weights are: free to change on resume
+NOT_THE_WEIGHTS = ("recompute",)
+
+
 def check_model_matches(ckpt_job, job, path: str):
     """Refuse a checkpoint whose model config differs from the job's, naming the keys."""
     a, b = config_mod.to_dict(ckpt_job)["model"], config_mod.to_dict(job)["model"]
-    diff = [f"model.{k} (checkpoint {a[k]!r}, job {b[k]!r})" for k in a if a[k] != b[k]]
+    diff = [f"model.{k} (checkpoint {a[k]!r}, job {b[k]!r})" for k in a
+            if a[k] != b[k] and k not in NOT_THE_WEIGHTS]
     if diff:
         raise UserError(f"checkpoint {path} was made with a different model config: {'; '.join(diff)}; "
                         "use the same model settings or start a new run name")

@@ -256,7 +256,8 @@ class Run:
                f"{m.precision()}; memory on rank 0 ~ {state_bytes / 2**20:.1f} MiB params+grads+optimizer"
                f"{f' (optimizer state 1/{self.data_world}: ZeRO-1)' if j.parallel.zero else ''} "
                f"+ {act / 2**20:.1f} MiB activations ({block_activation_bytes(j.model, self._shards()):,} "
-               f"B/token/layer x {micro} x {j.model.block_size} tokens)")
+               f"B/token/layer x {micro} x {j.model.block_size} tokens"
+               f"{', GELU recomputed' if j.model.recompute == 'gelu' else ''})")
         rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "
                f"{j.model.block_size} tokens")
         if self.resume_state is not None:

@@ -28,6 +28,12 @@ def bias_forward(pre, bias):
     return forward(pre)
 
 
+def recompute(cache):
+    """bias_forward's output again from its cache, the same bits (model.recompute = "gelu": backward
+    rebuilds the activation instead of keeping it)."""
+    return forward(cache)[0]
+
+
 def backward(dout, cache):
     """dout (B, T, 4C) -> dx (B, T, 4C)."""
     xp = array_module(dout)
