@@ -139,8 +139,12 @@ def test_host_stage_round_trip_through_pinned_memory_on_the_gpu():
     dev = cupy.arange(1000, dtype=cupy.float32)
     host = stage.download(dev[100:], offset=100)
     assert host.tolist() == list(range(100, 1000))
-    cuda_memory_type_host = 1  # cudaMemoryTypeHost: page-locked, registered with CUDA
-    assert cupy.cuda.runtime.pointerGetAttributes(host.ctypes.data).memoryType == cuda_memory_type_host
+    # page-locked memory is registered with CUDA: it has a host pointer (NULL for pageable memory),
+    # and its type (the field is `type` in CuPy 14, `memoryType` in old CuPy, absent in between)
+    # is cudaMemoryTypeHost = 1
+    attrs = cupy.cuda.runtime.pointerGetAttributes(host.ctypes.data)
+    assert attrs.hostPointer != 0
+    assert getattr(attrs, "type", getattr(attrs, "memoryType", 1)) == 1
     host *= 2
     stage.upload(host, dev[100:])
     assert cupy.asnumpy(dev).tolist() == list(range(100)) + [2 * i for i in range(100, 1000)]

@@ -334,7 +334,7 @@ def main(argv):
         if flops is not None and name.endswith("_tf32"):
             frac = flops / t / tf32_peak
             line = f"{flops / t / 1e12:7.2f} TFLOP/s  {frac:6.1%} of TF32 peak"
-        elif flops is not None and name.endswith("_bf16"):
+        elif flops is not None and name.endswith(("_bf16", "_bf16io")):
             frac = flops / t / (mm16 or mm32)  # bf16 tensor cores run at the fp16 rate
             line = f"{flops / t / 1e12:7.2f} TFLOP/s  {frac:6.1%} of bf16 peak (fp16 matmul)"
         elif flops is not None:

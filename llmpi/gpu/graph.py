@@ -33,6 +33,21 @@ class Graphs:
         self.stream = cupy.cuda.Stream(non_blocking=True)  # capture needs a stream other than the legacy one
         self.pool = cupy.cuda.MemoryPool()
         self.graphs, self._warmed = {}, set()
+        self._check_sort_capturable()
+
+    def _check_sort_capturable(self):
+        """The embedding's deterministic backward sorts (cupy.sort, Thrust), and CuPy before its pull
+        request 9497 ends every sort with a stream synchronize (cupy issue 9126), which a capture
+        forbids: refuse such a CuPy here, in one line, instead of failing in the first capture."""
+        cupy = self._cupy
+        keys = cupy.arange(8, dtype=cupy.int64)[::-1].copy()
+        cupy.sort(keys)  # eagerly first, as every key of __call__
+        try:
+            self._capture(lambda: cupy.sort(keys))
+        except Exception as err:
+            raise UserError(f"train.cuda_graph = true: CuPy {cupy.__version__} cannot capture a sort (its Thrust sort "
+                            "synchronizes the stream: cupy issue 9126, fixed by cupy pull request 9497); install a "
+                            f"CuPy with that fix or run without train.cuda_graph ({type(err).__name__})") from None
 
     def __call__(self, key, fn):
         graph = self.graphs.get(key)
