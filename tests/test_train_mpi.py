@@ -69,9 +69,11 @@ def test_a_loop_that_raises_still_disarms_the_watchdog():
 
 
 def test_uneven_shares_give_the_single_process_update(shared_dir):
-    """Ranks take different numbers of samples; the weighted sum equals one process."""
+    """Ranks take different numbers of samples; the weighted sum equals one process. In float64: in
+    float32 the first AdamW step, g / (|g| + eps), turns the rounding of the tiniest gradients (whose
+    order of additions differs between the ranks' partial sums and one batch) into visible moves."""
     P = COMM.size
-    run = make_run(shared_dir, "uneven", "train.max_iters=1", "train.eval_interval=0")
+    run = make_run(shared_dir, "uneven", "train.max_iters=1", "train.eval_interval=0", "model.dtype=float64")
     counts = [1 + r for r in range(P)]
     counts[-1] += 10 - sum(counts)
     if counts[-1] < 0:
@@ -94,7 +96,7 @@ def test_uneven_shares_give_the_single_process_update(shared_dir):
     error = np.abs(run.model.params.data - reference.params.data).max()
     errors = COMM.allgather(float(error))
     assert moved > 1e-4
-    assert max(errors) < 1e-5 * max(1.0, moved), errors
+    assert max(errors) < 1e-10 * max(1.0, moved), errors
 
 
 def _losses(run):
