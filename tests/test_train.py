@@ -79,6 +79,24 @@ def test_resume_is_bitwise_identical(tmp_path, corpus):
     assert whole["loss"].tobytes() == cut["loss"].tobytes()
 
 
+def test_recompute_fits_a_memory_limit_that_kept_gelu_outputs_exceed(tmp_path, corpus):
+    """parallel.memory_limit_mb between the two jobs' needs: the one that keeps the GELU outputs is
+    refused, with model.recompute among the fixes; the one that recomputes them trains."""
+    big = ["--set", "train.batch_size=256", "--set", "train.max_iters=2"]
+
+    def needs(*extra):
+        proc = train(tmp_path, corpus, *big, *extra, "--set", "parallel.memory_limit_mb=0.001", check=False)
+        return float(re.search(r"needs ([0-9.]+) MiB", proc.stderr).group(1))
+
+    kept, rebuilt = needs(), needs("--set", "model.recompute=gelu")
+    assert rebuilt < kept - 1
+    limit = ["--set", f"parallel.memory_limit_mb={(kept + rebuilt) / 2}"]
+    refused = train(tmp_path, corpus, *big, *limit, check=False)
+    assert refused.returncode == 2 and "model.recompute = 'gelu'" in refused.stderr, refused.stderr
+    train(tmp_path, corpus, *big, *limit, "--set", "model.recompute=gelu", name="fits")
+    assert len(steps(tmp_path, "fits")["loss"]) == 2
+
+
 def test_crash_on_one_rank_ends_the_job_with_one_traceback(tmp_path, corpus):
     t0 = time.time()
     proc = train(tmp_path, corpus, np=4, name="crash", check=False, timeout=90,

@@ -11,6 +11,7 @@ def check_memory(run):
     """parallel.memory_limit_mb, and the memory the arrays live in shared by its ranks, against
     llmpi's own accounting of this rank's buffers (collective)."""
     need = run.state_bytes() + run.activation_bytes()
+    recompute = ", model.recompute = 'gelu'" if run.job.model.recompute == "none" else ""
     node = run.comm.Split_type(MPI.COMM_TYPE_SHARED, key=run.rank)
     ranks_here = node.Get_size()
     node.Free()
@@ -18,8 +19,8 @@ def check_memory(run):
     if share and need > share:
         raise UserError(f"rank {run.rank} needs ~{need / 2**30:.1f} GiB (parameters, gradients, optimizer state, "
                         f"activations) but this node's {ranks_here} rank(s) have {share / 2**30:.1f} GiB each "
-                        f"on {backend.device_name}; use a smaller train.batch_size or train.micro_batch, a smaller "
-                        "model, or more stages")
+                        f"on {backend.device_name}; use a smaller train.batch_size or train.micro_batch{recompute}, "
+                        "a smaller model, or more stages")
     limits = config_mod.memory_limits_mb(run.job.parallel.memory_limit_mb)
     if not limits:
         return
@@ -31,5 +32,5 @@ def check_memory(run):
         raise UserError(f"rank {run.rank} needs {need / 2**20:.1f} MiB ({run.state_bytes() / 2**20:.1f} "
                         f"params+grads+optimizer + {run.activation_bytes() / 2**20:.1f} activations) but "
                         f"parallel.memory_limit_mb gives it {limit:g}; use more pipeline stages "
-                        "(parallel.pipeline) or tensor shards (parallel.tensor), parallel.zero = 1, fewer "
-                        "micro-batch samples or a smaller model")
+                        f"(parallel.pipeline) or tensor shards (parallel.tensor), parallel.zero = 1{recompute}, "
+                        "fewer micro-batch samples or a smaller model")
