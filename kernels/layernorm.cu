@@ -187,6 +187,30 @@ extern "C" __global__ void residual_layernorm_forward_bf16(bf16_t* res, bf16_t* 
     }
 }
 
+// out = (x - mean) * rstd * w + b from a forward's kept input and statistics: the LayerNorm's
+// output again (model.recompute = "gelu+ln"), the same expression as the forward's, so the same
+// bits. One thread per value, grid-stride; any storage S.
+template <typename S>
+__device__ void layernorm_recompute_values(S* out, const S* x, const float* w, const float* b, const float* mean,
+                                           const float* rstd, long long n, int C) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        long long row = i / C;
+        int c = (int)(i - row * C);
+        st(out, i, (ld(x, i) - mean[row]) * rstd[row] * w[c] + b[c]);
+    }
+}
+
+extern "C" __global__ void layernorm_recompute(float* out, const float* x, const float* w, const float* b,
+                                               const float* mean, const float* rstd, int N, int C) {
+    layernorm_recompute_values(out, x, w, b, mean, rstd, (long long)N * C, C);
+}
+
+extern "C" __global__ void layernorm_recompute_bf16(bf16_t* out, const bf16_t* x, const float* w, const float* b,
+                                                    const float* mean, const float* rstd, int N, int C) {
+    layernorm_recompute_values(out, x, w, b, mean, rstd, (long long)N * C, C);
+}
+
 // dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = dout * w.
 // accumulate != 0 adds into dx (residual stream) instead of overwriting it.
 template <typename S>

@@ -37,7 +37,7 @@ class ModelConfig:
     n_head: int = 4            # attention heads; must divide n_embd
     n_embd: int = 64           # channels C
     dtype: str = "float32"     # float64 for gradient checks; bf16: GPU compute, float32 master weights
-    recompute: str = "none"    # "gelu": backward recomputes the MLP's GELU instead of keeping it (less memory)
+    recompute: str = "none"    # "gelu" (+ "ln"): backward recomputes GELU (and LayerNorm) outputs: less memory
 
 
 @dataclass

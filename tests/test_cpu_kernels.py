@@ -68,6 +68,8 @@ def test_layernorm(dtype, residual):
     want, wc = layernorm.forward(x, w, b)
     got, gc = FUSED_OPS.layernorm.forward(x, w, b)
     close(got, want, dtype)
+    assert np.array_equal(FUSED_OPS.layernorm.recompute(gc, b).reshape(x.shape), got)  # model.recompute
+    assert np.array_equal(layernorm.recompute(wc, b), want)
     grads = [[np.zeros(29, dtype), np.zeros(29, dtype)] for _ in range(2)]
     res = rand(r, dtype, 2, 7, 29)
     dx_want = layernorm.backward(dout, wc, *grads[0], dx=res.copy() if residual else None)

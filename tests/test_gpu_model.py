@@ -96,9 +96,9 @@ def test_bf16_matmuls_track_cpu(cp):
     gpu.backward(cache)
     assert abs(loss - loss_ref) < 1e-2 * loss_ref
     assert rel_error(gpu.params.grad.get(), ref.params.grad) < 5e-2
-    # model.recompute = "gelu": the same bits (our kernels have no atomics; cuBLAS is reproducible
-    # run to run on one GPU)
-    rebuilt = GPT(ModelConfig(dtype="bf16", recompute="gelu", **cfg), xp=cp, seed=3)
+    # model.recompute = "gelu+ln": the same bits (our kernels have no atomics; cuBLAS is
+    # reproducible run to run on one GPU)
+    rebuilt = GPT(ModelConfig(dtype="bf16", recompute="gelu+ln", **cfg), xp=cp, seed=3)
     rebuilt.params.data[...] = gpu.params.data
     _, loss_rebuilt, cache = rebuilt.forward(cp.asarray(idx), cp.asarray(tgt))
     rebuilt.params.zero_grad()

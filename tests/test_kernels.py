@@ -135,6 +135,7 @@ def test_layernorm(cp, B, T, C):
     out, cache = gpu_layernorm.forward(f32(cp, x), f32(cp, w), f32(cp, b))
     ref, rcache = layernorm.forward(x, w, b)
     close(out, ref, 1e-4)
+    assert (to_host(gpu_layernorm.recompute(cache, f32(cp, b))) == to_host(out)).all()  # model.recompute
     dout = r.standard_normal((B, T, C))
     dw, db = f32(cp, np.ones(C)), f32(cp, np.ones(C))
     rdw, rdb = np.ones(C), np.ones(C)
@@ -401,8 +402,8 @@ def test_model_on_the_emulated_kernels(monkeypatch, precision):
     assert rel_error(emulated.params.grad, ref.params.grad) < (5e-2 if loose else 1e-4)
     if precision == "tf32":
         return  # what follows differs from fp32's only in the matmuls
-    # model.recompute = "gelu": backward rebuilds the GELU output with the kernels, the same bits
-    rebuilt = GPT(ModelConfig(dtype=dtype, recompute="gelu", **cfg), seed=3, ops=ops)
+    # model.recompute: backward rebuilds the GELU and LayerNorm outputs with the kernels, the same bits
+    rebuilt = GPT(ModelConfig(dtype=dtype, recompute="gelu+ln", **cfg), seed=3, ops=ops)
     rebuilt.params.data[...] = emulated.params.data
     _, loss_rebuilt, cache = rebuilt.forward(idx, tgt)
     rebuilt.params.zero_grad()

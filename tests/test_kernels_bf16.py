@@ -76,6 +76,7 @@ def test_layernorm_bf16(cp, B, T, C):
     ref, rcache = layernorm.forward(xv, w.astype(np.float64), b.astype(np.float64))
     assert out.dtype == np.uint16
     close(out, ref, BF16_TOL)
+    assert (to_host(gpu_layernorm.recompute(cache, cp.asarray(b))) == to_host(out)).all()  # model.recompute
     doutb, doutv = bf16_input(cp, r, B, T, C)
     dw, db = cp.asarray(np.ones(C, np.float32)), cp.asarray(np.ones(C, np.float32))
     rdw, rdb = np.ones(C), np.ones(C)
@@ -103,6 +104,7 @@ def test_residual_and_fused_residual_layernorm_bf16(cp, B, T, C):
     assert res is fx2 and (to_host(res) == want).all()
     ref, _ = layernorm.forward(values(want), w.astype(np.float64), b.astype(np.float64))
     close(out, ref, BF16_TOL)
+    assert (to_host(gpu_layernorm.recompute(cache, cp.asarray(b))) == to_host(out)).all()  # model.recompute
     alone, alone_cache = gpu_layernorm.forward(res, cp.asarray(w), cp.asarray(b))
     assert (to_host(alone) == to_host(out)).all()  # the fused kernel is the LayerNorm of the rounded sum
     assert (to_host(alone_cache[2]) == to_host(cache[2])).all()
@@ -225,6 +227,7 @@ def test_vector_and_scalar_paths_agree(cp):
     ln, cache = gpu_layernorm.forward(xb, w, b)
     ln_m, cache_m = gpu_layernorm.forward(misaligned(cp, xb), w, b)
     close(ln, values(ln_m), 5e-3)
+    assert (to_host(gpu_layernorm.recompute(cache, b)) == to_host(ln)).all()  # of the 8-wide path's output
     res, ln2, _ = gpu_layernorm.residual_forward(xb, fxb.copy(), w, b)
     res_m, ln2_m, _ = gpu_layernorm.residual_forward(misaligned(cp, xb), misaligned(cp, fxb), w, b)
     assert (to_host(res) == to_host(res_m)).all()

@@ -138,6 +138,8 @@ def test_activation_bytes_per_token():
     assert GPT(cfg).activation_bytes_per_token() == cfg.n_layer * (16 * 16 + 2 * 8 + 4) * 4
     cfg.recompute = "gelu"  # no gelu out (4C) kept
     assert GPT(cfg).activation_bytes_per_token() == cfg.n_layer * (12 * 16 + 2 * 8 + 4) * 4
+    cfg.recompute = "gelu+ln"  # nor ln_1 and ln_2 out (2C)
+    assert GPT(cfg).activation_bytes_per_token() == cfg.n_layer * (10 * 16 + 2 * 8 + 4) * 4
 
 
 def cached_arrays(cache):
@@ -158,17 +160,19 @@ def cached_arrays(cache):
     return found
 
 
+@pytest.mark.parametrize("recompute,values", [("gelu", 4), ("gelu+ln", 6)])  # fewer kept per token, x C
 @pytest.mark.parametrize("dtype,table", [("float64", "layers"), ("float32", "layers"), ("float32", "fused")])
-def test_recompute_gelu_changes_no_bit(dtype, table):
-    """model.recompute = "gelu": c_proj's cache lets go of the GELU output and backward rebuilds it,
-    so the blocks keep 4C fewer values per token and the loss and every gradient are the same bits."""
+def test_recompute_changes_no_bit(dtype, table, recompute, values):
+    """model.recompute: the linear layers' caches let go of the GELU output (and the LayerNorms')
+    and backward rebuilds them, so the blocks keep 4C (6C) fewer values per token, and the loss
+    and every gradient are the same bits."""
     if table == "fused":
         pytest.importorskip("numba")
         from llmpi.cpu.ops import FUSED_OPS as ops
     else:
         from llmpi.model.ops import LAYER_OPS as ops
     B, T = 3, 6
-    kept, rebuilt = (GPT(tiny(dtype, recompute=r), seed=8, ops=ops) for r in ("none", "gelu"))
+    kept, rebuilt = (GPT(tiny(dtype, recompute=r), seed=8, ops=ops) for r in ("none", recompute))
     x, y = batch(kept.cfg, B, T, seed=9)
     losses, kept_bytes = [], []
     for m in (kept, rebuilt):
@@ -177,6 +181,6 @@ def test_recompute_gelu_changes_no_bit(dtype, table):
         kept_bytes.append(sum(a.nbytes for a in cached_arrays(cache).values()))
         m.backward(cache)
     C, itemsize = kept.cfg.n_embd, np.dtype(dtype).itemsize
-    assert kept_bytes[0] - kept_bytes[1] == kept.cfg.n_layer * B * T * 4 * C * itemsize
+    assert kept_bytes[0] - kept_bytes[1] == kept.cfg.n_layer * B * T * values * C * itemsize
     assert losses[0] == losses[1]
     assert np.array_equal(kept.params.grad, rebuilt.params.grad)

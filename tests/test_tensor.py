@@ -75,11 +75,13 @@ def test_tensor_parallel_equals_the_single_process_model_in_float64(D, S, K):
     check_grid_against_the_whole_model(D, S, K)
 
 
-@pytest.mark.parametrize("D,S,K", [(1, 1, 1), (1, 2, 2)], ids=["1x1x1", "1x2x2"])
-def test_recompute_gelu_on_stages_and_shards(D, S, K):
-    """model.recompute = "gelu" on pipeline stages of tensor shards (the row-parallel c_proj keeps no
-    GELU output): the gradients of the whole model that keeps it."""
-    check_grid_against_the_whole_model(D, S, K, recompute="gelu")
+@pytest.mark.parametrize("D,S,K,recompute", [(1, 1, 1, "gelu+ln"), (1, 2, 2, "gelu"), (1, 2, 2, "gelu+ln")],
+                         ids=["1x1x1-gelu+ln", "1x2x2-gelu", "1x2x2-gelu+ln"])
+def test_recompute_on_stages_and_shards(D, S, K, recompute):
+    """model.recompute on pipeline stages of tensor shards (the row-parallel c_proj keeps no GELU
+    output, the column-parallel c_attn and c_fc no LayerNorm output): the gradients of the whole
+    model that keeps them."""
+    check_grid_against_the_whole_model(D, S, K, recompute=recompute)
 
 
 def check_grid_against_the_whole_model(D, S, K, recompute="none"):

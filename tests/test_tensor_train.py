@@ -83,10 +83,12 @@ def test_bench_memory_accounts_for_every_shard(tmp_path):
     assert result["optimizer_bytes_ratio_zero"] == pytest.approx(0.25, rel=1e-3)  # AdamW's m, v of 1/4 each
     assert 0.25 < result["param_bytes_ratio_tensor"] < 0.27  # the replicated LayerNorms, biases and wpe
     assert grids["D4"]["activation_bytes"] == pytest.approx(grids["1"]["activation_bytes"] / 4, rel=0.05)
-    # model.recompute = "gelu": each block keeps no (B, T, 4C) float32 GELU output, to the byte
+    # model.recompute: each block keeps no (B, T, 4C) float32 GELU output ("gelu") and no two
+    # (B, T, C) LayerNorm outputs either ("gelu+ln"), to the byte
     m = result["model"]
-    gelu_outputs = m["n_layer"] * result["batch"] * m["block_size"] * 4 * m["n_embd"] * 4
-    assert grids["1"]["activation_bytes"] - grids["1_gelu"]["activation_bytes"] == gelu_outputs
+    values_per_c = m["n_layer"] * result["batch"] * m["block_size"] * m["n_embd"]
+    assert grids["1"]["activation_bytes"] - grids["1_gelu"]["activation_bytes"] == 4 * values_per_c * 4
+    assert grids["1"]["activation_bytes"] - grids["1_gelu_ln"]["activation_bytes"] == 6 * values_per_c * 4
     assert all(g["rss_bytes"] > g["total_bytes"] for g in grids.values())
 
 

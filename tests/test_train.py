@@ -65,15 +65,16 @@ def test_micro_batches_overlap_and_threads_match_plain_steps(tmp_path, corpus):
 
 
 def test_resume_is_bitwise_identical(tmp_path, corpus):
-    """...and stays so when the resumed run recomputes the GELU outputs (model.recompute = "gelu",
-    which a checkpoint does not pin: it changes how backward gets its inputs, not one bit)."""
+    """A crashed run resumed from its checkpoint has the whole run's losses bitwise, also when the
+    resumed part recomputes the GELU and LayerNorm outputs (model.recompute, which a checkpoint does
+    not pin: it changes how backward gets its inputs, not one bit)."""
     train(tmp_path, corpus, "--set", "train.ckpt_interval=5", np=2, name="whole")
     crashed = train(tmp_path, corpus, "--set", "train.ckpt_interval=5", np=2, name="cut", check=False,
                     env=clean_env(LLMPI_FAULT="1:7"))
     assert crashed.returncode != 0
     assert os.path.exists(os.path.join(str(tmp_path), "runs", "cut", "ckpt_0000005.h5"))
-    train(tmp_path, corpus, "--set", "train.ckpt_interval=5", "--set", "model.recompute=gelu", "--resume", np=2,
-          name="cut")
+    train(tmp_path, corpus, "--set", "train.ckpt_interval=5", "--set", "model.recompute=gelu+ln", "--resume",
+          np=2, name="cut")
     whole, cut = steps(tmp_path, "whole"), steps(tmp_path, "cut")
     np.testing.assert_array_equal(whole["step"], cut["step"])
     assert whole["loss"].tobytes() == cut["loss"].tobytes()

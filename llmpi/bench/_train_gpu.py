@@ -97,7 +97,7 @@ def _llmpi_child(s, batch, warmup, steps, precision, recompute="none"):
         losses.append(loss)
 
     t = _time_steps(step, backend.synchronize, warmup, steps)
-    peak = cp.get_default_memory_pool().total_bytes()
+    peak = cp.get_default_memory_pool().total_bytes()  # what the pool holds: it keeps freed blocks, so its peak
     # then a few steps with CUDA events around every op, for the breakdown
     n = min(steps, PROFILED_STEPS)
     with _profile.timed_ops(m, _profile.EventClock(cp)) as clock:

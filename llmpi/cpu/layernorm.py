@@ -29,6 +29,16 @@ def _forward(x, w, b, out, mean, rstd):
 
 
 @kernel
+def _recompute(x, w, b, mean, rstd, out):
+    """out (N, C) from x (N, C) and the rows' statistics, as _forward writes it."""
+    N, C = x.shape
+    for i in range(N):
+        m, r = mean[i], rstd[i]
+        for j in range(C):
+            out[i, j] = (x[i, j] - m) * r * w[j] + b[j]
+
+
+@kernel
 def _backward(dout, x, w, mean, rstd, dw, db, dx, accumulate):
     """dx (N, C) = (or += with accumulate) the input gradient; dw, db (C,) += their gradients."""
     N, C = x.shape
@@ -65,6 +75,14 @@ def forward(x, w, b):
     rstd = np.empty(x2.shape[0], x.dtype)
     _forward(x2, w, b, out, mean, rstd)
     return out.reshape(x.shape), (x2, w, mean, rstd)
+
+
+def recompute(cache, b):
+    """forward's output again from its cache and the bias b (model.recompute = "gelu+ln")."""
+    x2, w, mean, rstd = cache
+    out = np.empty_like(x2)
+    _recompute(x2, w, b, mean, rstd, out)
+    return out
 
 
 def backward(dout, cache, dw, db, dx=None):

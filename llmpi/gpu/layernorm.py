@@ -1,10 +1,10 @@
 """kernels/layernorm.cu: LayerNorm, the twin of llmpi.model.layers.layernorm, on float32 or bf16
 (uint16) activations; statistics, weights and their gradients float32. `residual_forward`: the
-residual add fused into the LayerNorm after it (bf16)."""
+residual add fused into the LayerNorm after it (bf16); `recompute`: a forward's output again."""
 import numpy as np
 
 from ..backend import address, array_module
-from .common import MAX_GRID_Y, THREADS, check_f32, i32, launch, storage
+from .common import MAX_GRID_Y, THREADS, check_f32, grid, i32, launch, storage
 
 LN_EPS = 1e-5  # llmpi.model.layers.layernorm.EPS
 LN_ROWS = 32  # rows per partial sum of the LayerNorm parameter gradients
@@ -34,6 +34,19 @@ def residual_forward(x, fx, w, b):
     launch("layernorm.cu", "residual_layernorm_forward_bf16", (-(-N // (THREADS // 32)),), (THREADS,),
            fx, out, mean, rstd, x, fx, w, b, i32(N), i32(C), np.float32(LN_EPS))
     return fx, out, (fx, w, mean, rstd)
+
+
+def recompute(cache, b):
+    """forward's (or residual_forward's) output again from its cache and the bias b, the same bits
+    (model.recompute = "gelu+ln")."""
+    x, w, mean, rstd = cache
+    suffix = storage(x)
+    check_f32(w, b, mean, rstd)
+    out = array_module(x).empty_like(x)
+    C = x.shape[-1]
+    launch("layernorm.cu", f"layernorm_recompute{suffix}", grid(x.size), (THREADS,), out, x, w, b, mean, rstd,
+           i32(x.size // C), i32(C))
+    return out
 
 
 def _outputs(x):

@@ -19,7 +19,7 @@ def module():
     except ImportError:
         nccl = None
     if nccl is None or not getattr(nccl, "available", True):
-        raise UserError("allreduce 'nccl' needs CuPy with NCCL (pip install cupy-cuda12x and the NCCL "
+        raise UserError("allreduce 'nccl' needs CuPy with NCCL (cupy-cuda12x or cupy-cuda13x and that CUDA's NCCL "
                         "library); use allreduce 'mpi' instead")
     return nccl
 
@@ -31,7 +31,7 @@ def communicator(comm):
     if entry is not None:
         return entry[1]
     nccl = module()
-    # CuPy < 13 gives the id as a tuple of 128 signed chars, later CuPy as 128 bytes; the last
+    # CuPy < 14 gives the id as a tuple of 128 signed chars, later CuPy as 128 bytes; the last
     # element says which, so every rank rebuilds the type its CuPy expects
     wire = np.zeros(ID_BYTES + 1, dtype=np.int64)
     if comm.Get_rank() == 0:

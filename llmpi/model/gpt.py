@@ -54,10 +54,12 @@ def gpt2_layout(cfg):
 def block_activation_bytes(cfg, K=1):
     """Bytes per token one block caches for backward (see GPT.activation_bytes_per_token); on one of
     K tensor shards the per-head and per-channel parts (qkv, probs, attention out, fc and gelu out)
-    are 1/K, the LayerNorms' inputs and outputs whole; model.recompute = "gelu" keeps no gelu out."""
+    are 1/K, the LayerNorms' inputs and outputs whole; model.recompute = "gelu" keeps no gelu out,
+    "gelu+ln" no LayerNorm out either."""
     C, NH, T = cfg.n_embd, cfg.n_head, cfg.block_size
-    sharded = (8 if cfg.recompute == "gelu" else 12) * C + NH * T
-    return (4 * C + sharded // K + 4) * np.dtype(DTYPES[cfg.dtype]).itemsize
+    whole = (2 if cfg.recompute == "gelu+ln" else 4) * C
+    sharded = (12 if cfg.recompute == "none" else 8) * C + NH * T
+    return (whole + sharded // K + 4) * np.dtype(DTYPES[cfg.dtype]).itemsize
 
 
 def head_activation_bytes(cfg, K=1):
@@ -164,7 +166,8 @@ class GPT:
         ln_1 input x (C) + mean, rstd (2) + ln_1 out (C) + qkv (3C) + attention probs (NH*T)
         + attention out (C) + residual x (C) + ln_2 mean, rstd (2) + ln_2 out (C)
         + fc out (4C) + gelu out (4C) = (16C + NH*T + 4) * itemsize per layer, T = block_size
-        (12C + NH*T + 4 with model.recompute = "gelu", which keeps no gelu out).
+        (12C + NH*T + 4 with model.recompute = "gelu", which keeps no gelu out; 10C + NH*T + 4 with
+        "gelu+ln", which keeps no ln_1 or ln_2 out either).
         (The head adds (2C + 2 + V) * itemsize per token once; it is left out so that
         dividing by the block count gives the per-layer figure exactly.)
         """

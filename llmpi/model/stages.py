@@ -24,6 +24,8 @@ RECOMPUTE = {
     "none": "backward reads everything forward kept",
     "gelu": "the MLP's GELU output is not kept; backward recomputes it from the pre-activation (4C fewer "
             "values per token and block)",
+    "gelu+ln": "as gelu, and the blocks' LayerNorm outputs are not kept either; backward recomputes them "
+               "from their inputs and statistics (6C fewer values per token and block)",
 }
 
 
@@ -64,7 +66,8 @@ class Blocks:
         follows each row-parallel product and each column-parallel input gradient; recompute: a
         key of RECOMPUTE."""
         self.ops, self.n_head, self.first, self.last, self.reduce = ops, n_head, first, last, reduce
-        self.recompute_gelu = recompute == "gelu"
+        self.recompute_gelu = recompute in ("gelu", "gelu+ln")
+        self.recompute_ln = recompute == "gelu+ln"
         self.names = [{name: f"h.{i}.{name}" for name, _ in BLOCK_PARAMS} for i in range(first, last)]
         self.params, self.grads = params.views, params.grad_views
 
@@ -86,7 +89,9 @@ class Blocks:
             mlp, c_mlp = self._row_parallel(act, weights[n["mlp.c_proj.weight"]], p[n["mlp.c_proj.bias"]])
             if self.recompute_gelu:  # c_proj's cache lets go of the (B, T, 4C) activation
                 c_mlp = (None, *c_mlp[1:])
-            del act
+            if self.recompute_ln:  # and c_attn's and c_fc's of the LayerNorms' (B, T, C) outputs
+                c_qkv, c_fc = (None, *c_qkv[1:]), (None, *c_fc[1:])
+            del act, ln1, ln2
             caches.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mlp))
             if i + 1 < len(self.names):
                 nxt = self.names[i + 1]
@@ -108,17 +113,28 @@ class Blocks:
             dact = ops.linear.backward(dmlp, c_mlp, g[n["mlp.c_proj.weight"]], g[n["mlp.c_proj.bias"]])
             del c_mlp  # a recomputed activation is freed before the next block's
             dfc = ops.bias_gelu.backward(dact, c_gelu)
+            if self.recompute_ln:
+                c_fc = self._with_layernorm_output(c_fc, c_ln2, n["ln_2.bias"], dx.shape)
             dln2 = self._gathered(ops.linear.backward(dfc, c_fc, g[n["mlp.c_fc.weight"]], g[n["mlp.c_fc.bias"]]))
+            del c_fc
             dres = ops.layernorm.backward(dln2, c_ln2, g[n["ln_2.weight"]], g[n["ln_2.bias"]], dx=dres)
             dres, dproj = ops.residual.backward(dres, None)
             datt = ops.linear.backward(dproj, c_proj, g[n["attn.c_proj.weight"]], g[n["attn.c_proj.bias"]])
             dqkv = ops.attention.backward(datt, c_att)
+            if self.recompute_ln:
+                c_qkv = self._with_layernorm_output(c_qkv, c_ln1, n["ln_1.bias"], dx.shape)
             dln1 = self._gathered(ops.linear.backward(dqkv, c_qkv, g[n["attn.c_attn.weight"]],
                                                       g[n["attn.c_attn.bias"]]))
             dx = ops.layernorm.backward(dln1, c_ln1, g[n["ln_1.weight"]], g[n["ln_1.bias"]], dx=dres)
             if on_block_done is not None:
                 on_block_done(i)
         return dx
+
+    def _with_layernorm_output(self, linear_cache, ln_cache, bias_name, shape):
+        """A linear layer's cache whose input, a LayerNorm's (B, T, C) output, was let go: with that
+        output recomputed from the LayerNorm's cache."""
+        out = self.ops.layernorm.recompute(ln_cache, self.params[bias_name]).reshape(shape)
+        return (self.ops.linear_input(out), *linear_cache[1:])
 
     def _row_parallel(self, x, W, b):
         """x @ W + b; over a tensor group the sum of the ranks' partial products, then the bias."""

@@ -11,7 +11,7 @@ def check_memory(run):
     """parallel.memory_limit_mb, and the memory the arrays live in shared by its ranks, against
     llmpi's own accounting of this rank's buffers (collective)."""
     need = run.state_bytes() + run.activation_bytes()
-    recompute = ", model.recompute = 'gelu'" if run.job.model.recompute == "none" else ""
+    recompute = ", model.recompute = 'gelu' or 'gelu+ln'" if run.job.model.recompute == "none" else ""
     node = run.comm.Split_type(MPI.COMM_TYPE_SHARED, key=run.rank)
     ranks_here = node.Get_size()
     node.Free()

@@ -16,6 +16,8 @@ from ..data import Sampler, default_data_path, ensure_prepared, get_batch
 from ..errors import UserError
 from ..gpu.graph import graphs_for
 from ..model.gpt import GPT, block_activation_bytes, head_activation_bytes, parameter_bytes, stage_layout
+
+RECOMPUTED = {"gelu": ", GELU recomputed", "gelu+ln": ", GELU and LayerNorm outputs recomputed"}  # the startup line
 from ..ops import select_cpu_kernels
 from ..parallel.allocate import Balancer
 from ..parallel.tensor import replicated
@@ -257,7 +259,7 @@ class Run:
                f"{f' (optimizer state 1/{self.data_world}: ZeRO-1)' if j.parallel.zero else ''} "
                f"+ {act / 2**20:.1f} MiB activations ({block_activation_bytes(j.model, self._shards()):,} "
                f"B/token/layer x {micro} x {j.model.block_size} tokens"
-               f"{', GELU recomputed' if j.model.recompute == 'gelu' else ''})")
+               f"{RECOMPUTED.get(j.model.recompute, '')})")
         rprint(f"run: {self.run_dir}, {j.train.max_iters} steps of {j.train.batch_size} x "
                f"{j.model.block_size} tokens")
         if self.resume_state is not None:

@@ -17,6 +17,17 @@ def forward(x, w, b):
     return xc, (x, w, mean, rstd)
 
 
+def recompute(cache, b):
+    """forward's output again from its cache and the bias b, the same bits (model.recompute =
+    "gelu+ln": backward rebuilds the output instead of keeping it)."""
+    x, w, mean, rstd = cache
+    xc = x - mean
+    xc *= rstd
+    xc *= w
+    xc += b
+    return xc
+
+
 def backward(dout, cache, dw, db, dx=None):
     """dout (B, T, C) -> dx (B, T, C); adds into dw, db (C,). With `dx` given the input
     gradient is added into it (the residual stream) and it is returned."""
