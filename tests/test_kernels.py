@@ -23,6 +23,7 @@ from llmpi.gpu import adamw as gpu_adamw, attention as gpu_attention, attention_
 from llmpi.gpu import cast as gpu_cast, classifier as gpu_classifier, embedding as gpu_embedding
 from llmpi.gpu import gelu as gpu_gelu, gradnorm as gpu_gradnorm, layernorm as gpu_layernorm, loader
 from llmpi.gpu import residual as gpu_residual
+from llmpi.gpu.common import THREADS, launch
 from llmpi.model.layers import adamw, attention, crossentropy, embedding, gelu, gradnorm, layernorm, residual
 from llmpi.training.optim import AdamW
 
@@ -295,6 +296,19 @@ def test_grad_norm(cp, n):
     factor, limit = cp.ones(1, cp.float32), 0.25 * math.sqrt(ref)
     gpu_gradnorm.clip_factor(dg, limit, factor)  # the device-side clip of a captured step
     assert abs(float(factor[0]) - limit / (clipped + 1e-6)) < 1e-5 * float(factor[0])
+
+
+@pytest.mark.parametrize("n", [1, 1000])
+def test_sumsq_kernels_on_a_few_blocks(cp, n):
+    """sumsq_partial and sumsq_finish on 3 blocks, for the emulator (the wrapper's fixed 1024 blocks are
+    too many for it): the kernels take any grid (a grid-stride loop, then one block over the partials)."""
+    x = np.random.default_rng(9).standard_normal(n).astype(np.float32)
+    partial, total = cp.zeros(3, dtype=cp.float64), cp.zeros(1, dtype=cp.float64)
+    launch("gradnorm.cu", "sumsq_partial", (3,), (THREADS,), partial, f32(cp, x), np.int32(n))
+    launch("gradnorm.cu", "sumsq_finish", (1,), (THREADS,), total, partial, np.int32(3))
+    ref = float(x.astype(np.float64) @ x.astype(np.float64))
+    assert abs(float(total[0]) - ref) <= 1e-12 * ref
+    assert abs(float(partial.sum()) - ref) <= 1e-12 * ref
 
 
 @pytest.mark.parametrize("n", [1, 1000])
