@@ -164,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--precision", choices=("fp32", "tf32", "bf16", "bf16_graph"), default="tf32",
                     help=argparse.SUPPRESS)
     ap.add_argument("--recompute", choices=tuple(RECOMPUTE), default="none",
-                    help="llmpi's model.recompute (gelu: backward recomputes the GELU outputs)")
+                    help="llmpi's model.recompute (gelu, gelu+ln: backward recomputes those outputs)")
     ap.add_argument("--child", choices=(*VARIANTS, "torch", "torch_compile"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 0:

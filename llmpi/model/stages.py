@@ -19,7 +19,7 @@ BLOCK_PARAMS = [  # name inside block i (h.{i}.NAME) and its shape for C channel
 ]
 
 
-# model.recompute: what backward rebuilds instead of keeping from forward (llm.c's -r 1)
+# model.recompute: what backward rebuilds instead of keeping from forward (llm.c's -r 0, 1, 2)
 RECOMPUTE = {
     "none": "backward reads everything forward kept",
     "gelu": "the MLP's GELU output is not kept; backward recomputes it from the pre-activation (4C fewer "
